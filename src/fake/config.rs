@@ -1,0 +1,167 @@
+//! What the fake server accepts and how fast its clocks run: apps, users, TTLs and windows.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Defaults a user can point an unchanged config at (see README).
+pub const DEFAULT_CLIENT_ID: &str = "tokend-demo-client";
+pub const DEFAULT_CLIENT_SECRET: &str = "tokend-demo-secret";
+pub const DEFAULT_JWT: &str = "tokend-demo-jwt";
+
+/// The OAuth grants an app may be allowed to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    Jwt,
+    RefreshToken,
+    AuthorizationCode,
+    Password,
+}
+
+impl GrantKind {
+    /// Maps the `grant_type` form value to a grant.
+    pub fn from_form(value: &str) -> Option<Self> {
+        match value {
+            "urn:ietf:params:oauth:grant-type:jwt-bearer" => Some(Self::Jwt),
+            "refresh_token" => Some(Self::RefreshToken),
+            "authorization_code" => Some(Self::AuthorizationCode),
+            "password" => Some(Self::Password),
+            _ => None,
+        }
+    }
+}
+
+/// A registered application. `client_secret: None` makes it a public (PKCE) app.
+#[derive(Clone, Debug)]
+pub struct App {
+    pub client_id: String,
+    pub client_secret: Option<String>,
+    pub grants: Vec<GrantKind>,
+}
+
+/// A RingCentral user (extension) with the credentials that log it in.
+#[derive(Clone, Debug)]
+pub struct User {
+    /// Sent back as `owner_id`.
+    pub id: String,
+    /// The JWT credential accepted as `assertion`.
+    pub jwt: String,
+    /// Legacy password grant credentials.
+    pub username: String,
+    pub password: String,
+}
+
+/// Auth-group rate limit: `requests` per `window`, then a `penalty` that every request made
+/// during it restarts.
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimit {
+    pub requests: usize,
+    pub window: Duration,
+    pub penalty: Duration,
+}
+
+/// Everything configurable about the fake server. `Default` mirrors production RingCentral.
+#[derive(Clone, Debug)]
+pub struct FakeConfig {
+    pub apps: Vec<App>,
+    pub users: Vec<User>,
+    pub access_ttl_default: u64,
+    pub access_ttl_min: u64,
+    pub access_ttl_max: u64,
+    pub refresh_ttl_default: u64,
+    pub refresh_ttl_min: u64,
+    pub refresh_ttl_max: u64,
+    /// The old refresh token replays for this long after the new access token's first use.
+    pub grace_after_use: Duration,
+    /// ...or for this long after the refresh when the new access token is never used.
+    pub grace_unused: Duration,
+    /// A replaced access token answers "Access token corrupted" (OAU-129) this long, then OAU-213.
+    pub corrupted_window: Duration,
+    pub max_sessions: usize,
+    pub rate_limit: Option<RateLimit>,
+    /// How long an authorization code stays valid.
+    pub code_ttl: Duration,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        Self {
+            apps: vec![App {
+                client_id: DEFAULT_CLIENT_ID.into(),
+                client_secret: Some(DEFAULT_CLIENT_SECRET.into()),
+                grants: vec![GrantKind::Jwt, GrantKind::RefreshToken, GrantKind::AuthorizationCode],
+            }],
+            users: vec![User::numbered(DEFAULT_JWT, 0)],
+            access_ttl_default: 3600,
+            access_ttl_min: 600,
+            access_ttl_max: 3600,
+            refresh_ttl_default: 604_800,
+            refresh_ttl_min: 1,
+            refresh_ttl_max: 2_592_000,
+            grace_after_use: Duration::from_secs(10),
+            grace_unused: Duration::from_secs(3600),
+            corrupted_window: Duration::from_secs(10),
+            max_sessions: 5,
+            rate_limit: Some(RateLimit {
+                requests: 5,
+                window: Duration::from_secs(60),
+                penalty: Duration::from_secs(60),
+            }),
+            code_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+impl User {
+    /// User number `n` of a generated population: owner id `100000+n`, JWT `{jwt}` for 0
+    /// and `{jwt}-{n}` otherwise, username `user{n}` with password `password{n}`.
+    pub fn numbered(jwt: &str, n: usize) -> Self {
+        Self {
+            id: (100_000 + n).to_string(),
+            jwt: if n == 0 { jwt.to_string() } else { format!("{jwt}-{n}") },
+            username: format!("user{n}"),
+            password: format!("password{n}"),
+        }
+    }
+}
+
+impl FakeConfig {
+    /// A config for tests: short clamps allowed and no rate limit, other values as production.
+    pub fn for_tests() -> Self {
+        Self { access_ttl_min: 1, rate_limit: None, ..Self::default() }
+    }
+
+    /// Clamps a requested access token TTL the way RingCentral does (never refuses).
+    pub fn clamp_access_ttl(&self, requested: Option<u64>) -> u64 {
+        requested
+            .unwrap_or(self.access_ttl_default)
+            .clamp(self.access_ttl_min, self.access_ttl_max.max(self.access_ttl_min))
+    }
+
+    /// Clamps a requested refresh TTL; `Some(0)` means "issue no refresh token" (`None`).
+    pub fn clamp_refresh_ttl(&self, requested: Option<u64>) -> Option<u64> {
+        match requested {
+            Some(0) => None,
+            r => Some(
+                r.unwrap_or(self.refresh_ttl_default)
+                    .clamp(self.refresh_ttl_min, self.refresh_ttl_max.max(self.refresh_ttl_min)),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_clamping_matches_ringcentral() {
+        let c = FakeConfig::default();
+        assert_eq!(c.clamp_access_ttl(None), 3600);
+        assert_eq!(c.clamp_access_ttl(Some(10)), 600);
+        assert_eq!(c.clamp_access_ttl(Some(99_999)), 3600);
+        assert_eq!(c.clamp_refresh_ttl(None), Some(604_800));
+        assert_eq!(c.clamp_refresh_ttl(Some(0)), None);
+        assert_eq!(c.clamp_refresh_ttl(Some(99_999_999)), Some(2_592_000));
+    }
+}

@@ -1,0 +1,149 @@
+//! The `tokend` command line: parses arguments, sets up logging, calls the library, maps
+//! errors to exit codes. Nothing else lives here.
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokend::fake::{self, FakeConfig, FakeServer};
+
+#[derive(Parser)]
+#[command(
+    name = "tokend",
+    version,
+    about = "Keeps OAuth tokens alive and publishes them to files other programs read."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A lifecycle-faithful fake RingCentral auth server for tests and demos.
+    ///
+    /// Prints its base URL (http://ADDR) as the first line of stdout, then serves until
+    /// SIGTERM or Ctrl-C. Admin API on the same port, loopback only: GET /__admin/stats,
+    /// GET|POST|DELETE /__admin/faults, GET /__admin/tokens.
+    FakeServer(FakeServerArgs),
+}
+
+#[derive(Args)]
+struct FakeServerArgs {
+    /// Address to listen on; port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// The app's client id.
+    #[arg(long, default_value = fake::DEFAULT_CLIENT_ID)]
+    client_id: String,
+    /// The app's client secret.
+    #[arg(long, default_value = fake::DEFAULT_CLIENT_SECRET)]
+    client_secret: String,
+    /// The JWT credential of user 0; users 1..N get "JWT-1", "JWT-2", ...
+    #[arg(long, default_value = fake::DEFAULT_JWT)]
+    jwt: String,
+    /// How many users (owner ids 100000, 100001, ...; passwords "passwordN" for user "userN").
+    #[arg(long, default_value_t = 1)]
+    users: usize,
+    /// Allow the legacy password grant.
+    #[arg(long)]
+    enable_password: bool,
+    /// Access token TTL when the client asks for none, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    access_ttl: u64,
+    /// Lowest access_token_ttl accepted before clamping (RingCentral: 600).
+    #[arg(long, default_value_t = 600)]
+    access_ttl_min: u64,
+    /// Refresh token TTL when the client asks for none, in seconds.
+    #[arg(long, default_value_t = 604_800)]
+    refresh_ttl: u64,
+    /// Seconds an old refresh token keeps replaying after the new access token's first use.
+    #[arg(long, default_value = "10", value_parser = secs)]
+    grace_after_use: Duration,
+    /// Seconds an old refresh token keeps replaying when the new access token is never used.
+    #[arg(long, default_value = "3600", value_parser = secs)]
+    grace_unused: Duration,
+    /// Seconds a replaced access token answers OAU-129 before OAU-213.
+    #[arg(long, default_value = "10", value_parser = secs)]
+    corrupted_window: Duration,
+    /// Live sessions per user and app before the oldest is dropped.
+    #[arg(long, default_value_t = 5)]
+    max_sessions: usize,
+    /// Token requests per user per window; 0 turns the rate limit off.
+    #[arg(long, default_value_t = 5)]
+    rate_limit: usize,
+    /// The rate-limit window in seconds.
+    #[arg(long, default_value = "60", value_parser = secs)]
+    rate_window: Duration,
+    /// The penalty after the limit is hit, in seconds; each request during it restarts it.
+    #[arg(long, default_value = "60", value_parser = secs)]
+    rate_penalty: Duration,
+    /// A fault for the first token requests: KIND[,key=value...], e.g. "status503,retry_after=2,count=3".
+    /// Kinds: status500 status503 status429 hang(ms=) reset malformed truncated html
+    /// missing_access_token oversized(bytes=) commit_then_drop. Repeatable.
+    #[arg(long = "fault")]
+    faults: Vec<fake::Fault>,
+}
+
+fn secs(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a number of seconds"))
+}
+
+impl FakeServerArgs {
+    fn config(&self) -> FakeConfig {
+        let mut config = FakeConfig {
+            users: (0..self.users.max(1)).map(|n| fake::User::numbered(&self.jwt, n)).collect(),
+            access_ttl_default: self.access_ttl,
+            access_ttl_min: self.access_ttl_min,
+            refresh_ttl_default: self.refresh_ttl,
+            grace_after_use: self.grace_after_use,
+            grace_unused: self.grace_unused,
+            corrupted_window: self.corrupted_window,
+            max_sessions: self.max_sessions,
+            rate_limit: (self.rate_limit > 0).then_some(fake::RateLimit {
+                requests: self.rate_limit,
+                window: self.rate_window,
+                penalty: self.rate_penalty,
+            }),
+            ..FakeConfig::default()
+        };
+        let app = &mut config.apps[0];
+        app.client_id.clone_from(&self.client_id);
+        app.client_secret = Some(self.client_secret.clone());
+        if self.enable_password {
+            app.grants.push(fake::GrantKind::Password);
+        }
+        config
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tokend::logging::init(tokend::logging::LogFormat::Text);
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = match cli.command {
+        Command::FakeServer(args) => runtime.block_on(fake_server(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokend: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn fake_server(args: FakeServerArgs) -> anyhow::Result<()> {
+    let server = FakeServer::bind(args.config(), args.listen).await?;
+    for fault in args.faults {
+        server.inject(fault);
+    }
+    println!("{}", server.url());
+    tokend::shutdown::signalled().await;
+    server.shutdown().await;
+    Ok(())
+}
