@@ -1,7 +1,12 @@
 //! tokend: one dedicated refresher per OAuth token, publishing it to files that every other
 //! program on the machine reads.
 
+pub mod config;
 pub mod fake;
 pub mod logging;
+pub mod oauth;
+pub mod policy;
 pub mod secret;
 pub mod shutdown;
+pub mod store;
+pub mod time;

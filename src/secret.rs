@@ -51,8 +51,8 @@ secret_type!(
 
 /// First 8 hex digits of SHA-256: enough to tell tokens apart in logs, useless to an attacker.
 pub fn fingerprint(value: &str) -> String {
-    let digest = Sha256::digest(value.as_bytes());
     use std::fmt::Write;
+    let digest = Sha256::digest(value.as_bytes());
     digest[..4].iter().fold(String::with_capacity(8), |mut out, b| {
         let _ = write!(out, "{b:02x}");
         out

@@ -1,0 +1,233 @@
+//! The TOML config in two stages: a raw serde schema that refuses unknown keys, then a
+//! validated `Config` of proper types. Every error names the file, the line and the key.
+
+mod raw;
+mod secret_source;
+
+use crate::logging::LogFormat;
+use crate::secret::Secret;
+use chrono::{DateTime, Utc};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use secret_source::SecretSource;
+
+/// The default config path of `tokend run`.
+pub const DEFAULT_PATH: &str = "/etc/tokend/config.toml";
+/// The default schedule: every 30 minutes, on the minute.
+pub const DEFAULT_SCHEDULE: &str = "0 */30 * * * *";
+
+/// A config error: where it is and what would be valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    /// Dotted key path, e.g. `token[0].schedule` (or `token "main" .schedule`).
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": key `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The whole validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub log_format: LogFormat,
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// How a token logs in when there is no state (and after a dead refresh chain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    Jwt {
+        assertion: Secret,
+    },
+    /// Bootstrap from a refresh token obtained elsewhere; usable once.
+    RefreshToken {
+        refresh_token: Secret,
+    },
+    /// Legacy; RingCentral is switching it off.
+    Password {
+        username: String,
+        password: Secret,
+        extension: Option<String>,
+    },
+    /// Interactive: `tokend login` writes the first state.
+    AuthorizationCode {
+        redirect_uri: Option<String>,
+    },
+}
+
+impl Grant {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Grant::Jwt { .. } => "jwt",
+            Grant::RefreshToken { .. } => "refresh_token",
+            Grant::Password { .. } => "password",
+            Grant::AuthorizationCode { .. } => "authorization_code",
+        }
+    }
+
+    /// Whether the daemon can start a new session on its own.
+    pub fn can_relogin(&self) -> bool {
+        matches!(self, Grant::Jwt { .. } | Grant::Password { .. })
+    }
+}
+
+/// A cron schedule with a seconds field, kept with its source text.
+#[derive(Clone)]
+pub struct Schedule {
+    pub expr: String,
+    cron: croner::Cron,
+}
+
+impl fmt::Debug for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Schedule({:?})", self.expr)
+    }
+}
+
+impl PartialEq for Schedule {
+    fn eq(&self, other: &Self) -> bool {
+        self.expr == other.expr
+    }
+}
+
+impl Schedule {
+    pub fn parse(expr: &str) -> Result<Self, String> {
+        let cron = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Required)
+            .dom_and_dow(true)
+            .build()
+            .parse(expr)
+            .map_err(|e| {
+                format!(
+                    "{expr:?} is not a cron expression with a seconds field ({e}); \
+                     e.g. \"0 */30 * * * *\" for every 30 minutes"
+                )
+            })?;
+        let s = Self { expr: expr.to_string(), cron };
+        s.next_after(Utc::now()).ok_or_else(|| format!("{expr:?} never fires"))?;
+        Ok(s)
+    }
+
+    /// The first tick strictly after `t`.
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cron.find_next_occurrence(&t, false).ok()
+    }
+
+    /// The shortest gap between ticks over the next few occurrences: bounds the jitter.
+    pub fn min_interval(&self) -> Duration {
+        let Some(mut t) = self.next_after(Utc::now()) else { return Duration::from_secs(3600) };
+        let mut min = Duration::MAX;
+        for _ in 0..8 {
+            let Some(next) = self.next_after(t) else { break };
+            min = min.min((next - t).to_std().unwrap_or_default());
+            t = next;
+        }
+        if min == Duration::MAX { Duration::from_secs(3600) } else { min }
+    }
+}
+
+/// One reader-facing file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkConfig {
+    pub path: PathBuf,
+    pub format: SinkFormat,
+    pub mode: u32,
+    pub include_refresh_token: bool,
+}
+
+/// The two sink formats of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFormat {
+    Json,
+    Raw,
+}
+
+/// A command run after each refresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    pub argv: Vec<String>,
+    pub timeout: Duration,
+}
+
+/// Retry behaviour after transient errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+/// RingCentral's auth group budget that this token's requests must stay inside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateBudget {
+    pub requests: usize,
+    pub window: Duration,
+}
+
+/// One token, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenConfig {
+    pub name: String,
+    pub server: reqwest::Url,
+    pub token_url: reqwest::Url,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub grant: Grant,
+    pub state_file: PathBuf,
+    pub schedule: Schedule,
+    /// Upper bound of the random delay after each tick.
+    pub jitter: Duration,
+    pub access_token_ttl: Option<u64>,
+    pub refresh_token_ttl: Option<u64>,
+    /// Refresh before the published access token comes this close to expiry.
+    pub safety_margin: Duration,
+    pub retry: RetryPolicy,
+    pub rate: RateBudget,
+    pub request_timeout: Duration,
+    pub scope: Option<String>,
+    pub on_refresh: Option<Hook>,
+    pub sinks: Vec<SinkConfig>,
+}
+
+impl Config {
+    /// Reads, parses, validates and resolves secrets.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses `text` as if read from `path` (relative paths in it resolve against its directory).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        raw::parse(path, text)
+    }
+
+    pub fn token(&self, name: &str) -> Option<&TokenConfig> {
+        self.tokens.iter().find(|t| t.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,412 @@
+//! Stage one: the raw serde schema (unknown keys refused), and its validation into `Config`.
+
+use super::secret_source::{RawSecret, SecretSource};
+use super::{
+    Config, ConfigError, DEFAULT_SCHEDULE, Grant, Hook, RateBudget, RetryPolicy, Schedule,
+    SinkConfig, SinkFormat, TokenConfig,
+};
+use crate::logging::LogFormat;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    log: Option<RawLog>,
+    #[serde(default)]
+    token: Vec<RawToken>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: Spanned<String>,
+    server: Spanned<String>,
+    token_url: Option<Spanned<String>>,
+    client_id: Spanned<String>,
+    client_secret: Option<Spanned<RawSecret>>,
+    grant: Spanned<String>,
+    jwt: Option<Spanned<RawSecret>>,
+    refresh_token: Option<Spanned<RawSecret>>,
+    username: Option<Spanned<String>>,
+    password: Option<Spanned<RawSecret>>,
+    extension: Option<String>,
+    redirect_uri: Option<String>,
+    state_file: Spanned<String>,
+    schedule: Option<Spanned<String>>,
+    jitter: Option<Spanned<String>>,
+    access_token_ttl: Option<Spanned<u64>>,
+    refresh_token_ttl: Option<Spanned<u64>>,
+    safety_margin: Option<Spanned<String>>,
+    retry_initial: Option<Spanned<String>>,
+    retry_max: Option<Spanned<String>>,
+    rate_limit: Option<Spanned<usize>>,
+    rate_window: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
+    scope: Option<String>,
+    on_refresh: Option<Spanned<Vec<String>>>,
+    on_refresh_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    sink: Vec<RawSink>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    path: Spanned<String>,
+    format: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    include_refresh_token: bool,
+}
+
+/// Turns byte offsets into line numbers and builds errors for one file.
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+    }
+
+    fn err<T>(&self, spanned: &Spanned<T>, key: String, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: Some(self.line_of(spanned.span().start)),
+            key,
+            message: message.into(),
+        }
+    }
+
+    fn err_at(
+        &self,
+        offset: Option<usize>,
+        key: String,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: offset.map(|o| self.line_of(o)),
+            key,
+            message: message.into(),
+        }
+    }
+
+    /// A relative path in the config resolves against the config's directory.
+    fn path(&self, p: &str) -> PathBuf {
+        let p = PathBuf::from(p);
+        if p.is_absolute() {
+            return p;
+        }
+        let dir = self.file.parent().unwrap_or(Path::new("."));
+        std::path::absolute(dir.join(&p)).unwrap_or_else(|_| dir.join(p))
+    }
+
+    /// The dotted key a serde error at `offset` refers to: the enclosing table header plus the
+    /// key that starts the line.
+    fn key_at(&self, offset: usize) -> String {
+        let before = &self.text[..offset.min(self.text.len())];
+        let header = before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let rest = &self.text[line_start..];
+        let key = rest.split(['=', '\n']).next().unwrap_or("").trim();
+        let key = if key.starts_with('[') { "" } else { key };
+        match (header, key.is_empty()) {
+            (Some(h), false) => format!("{h}.{key}"),
+            (Some(h), true) => h,
+            (None, _) => key.to_string(),
+        }
+    }
+}
+
+pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+    let ctx = Ctx { file, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let offset = e.span().map(|s| s.start);
+        let key = offset.map(|o| ctx.key_at(o)).unwrap_or_default();
+        ctx.err_at(offset, key, e.message().trim().to_string())
+    })?;
+    let log_format = match raw.log.and_then(|l| l.format) {
+        None => LogFormat::Text,
+        Some(f) => match f.get_ref().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ctx.err(
+                    &f,
+                    "log.format".into(),
+                    format!("{other:?} is not a log format; valid: \"text\", \"json\""),
+                ));
+            }
+        },
+    };
+    if raw.token.is_empty() {
+        return Err(ctx.err_at(None, "token".into(), "no [[token]] table: nothing to keep alive"));
+    }
+    let mut names = HashSet::new();
+    let mut state_files = HashSet::new();
+    let mut sink_paths = HashSet::new();
+    let mut tokens = Vec::new();
+    for t in raw.token {
+        let token = validate_token(&ctx, t)?;
+        let key = |k: &str| format!("token \"{}\".{k}", token.name);
+        if !names.insert(token.name.clone()) {
+            return Err(ctx.err_at(
+                None,
+                key("name"),
+                "duplicate token name; names must be unique",
+            ));
+        }
+        if !state_files.insert(token.state_file.clone()) {
+            return Err(ctx.err_at(
+                None,
+                key("state_file"),
+                "another token already uses this state file",
+            ));
+        }
+        for s in &token.sinks {
+            if !sink_paths.insert(s.path.clone()) || state_files.contains(&s.path) {
+                return Err(ctx.err_at(
+                    None,
+                    key("sink.path"),
+                    format!("{} is written by another sink or is a state file", s.path.display()),
+                ));
+            }
+        }
+        tokens.push(token);
+    }
+    Ok(Config { path: file.to_path_buf(), log_format, tokens })
+}
+
+fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError> {
+    let name = t.name.get_ref().clone();
+    let valid_name = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !valid_name {
+        return Err(ctx.err(
+            &t.name,
+            "token.name".into(),
+            format!("{name:?} is not a valid name; use [a-z0-9_-]+"),
+        ));
+    }
+    let key = |k: &str| format!("token \"{name}\".{k}");
+    let server = url(ctx, &t.server, key("server"))?;
+    let token_url = match &t.token_url {
+        Some(u) => url(ctx, u, key("token_url"))?,
+        None => server.join("/restapi/oauth/token").expect("static path joins"),
+    };
+    let resolve = |s: &Spanned<RawSecret>, k: &str| -> Result<_, ConfigError> {
+        SecretSource::from_raw(s.get_ref().clone()).resolve().map_err(|m| ctx.err(s, key(k), m))
+    };
+    let client_secret =
+        t.client_secret.as_ref().map(|s| resolve(s, "client_secret")).transpose()?;
+    let grant = match t.grant.get_ref().as_str() {
+        "jwt" => {
+            let jwt = t.jwt.as_ref().ok_or_else(|| {
+                ctx.err(&t.grant, key("jwt"), "grant = \"jwt\" needs a `jwt` secret")
+            })?;
+            Grant::Jwt { assertion: resolve(jwt, "jwt")? }
+        }
+        "refresh_token" => {
+            let rt = t.refresh_token.as_ref().ok_or_else(|| {
+                ctx.err(
+                    &t.grant,
+                    key("refresh_token"),
+                    "grant = \"refresh_token\" needs a `refresh_token` secret to bootstrap from",
+                )
+            })?;
+            Grant::RefreshToken { refresh_token: resolve(rt, "refresh_token")? }
+        }
+        "password" => {
+            let (Some(user), Some(pw)) = (&t.username, &t.password) else {
+                return Err(ctx.err(
+                    &t.grant,
+                    key("password"),
+                    "grant = \"password\" needs `username` and `password`",
+                ));
+            };
+            Grant::Password {
+                username: user.get_ref().clone(),
+                password: resolve(pw, "password")?,
+                extension: t.extension.clone(),
+            }
+        }
+        "authorization_code" => Grant::AuthorizationCode { redirect_uri: t.redirect_uri.clone() },
+        other => {
+            return Err(ctx.err(&t.grant, key("grant"), format!("{other:?} is not a grant; valid: \"jwt\", \"authorization_code\", \"refresh_token\", \"password\"")));
+        }
+    };
+    let schedule_text = t.schedule.as_ref().map_or(DEFAULT_SCHEDULE, |s| s.get_ref().as_str());
+    let schedule = Schedule::parse(schedule_text).map_err(|m| match &t.schedule {
+        Some(s) => ctx.err(s, key("schedule"), m),
+        None => ctx.err_at(None, key("schedule"), m),
+    })?;
+    // Jitter: default up to 2 minutes, never more than a tenth of the gap between ticks.
+    let jitter_cap = schedule.min_interval() / 10;
+    let jitter = match &t.jitter {
+        Some(j) => {
+            let d = duration(ctx, j, key("jitter"))?;
+            if d > jitter_cap {
+                return Err(ctx.err(j, key("jitter"), format!("{} is more than a tenth of the time between two ticks ({}); use at most {}", fmt_d(d), fmt_d(schedule.min_interval()), fmt_d(jitter_cap))));
+            }
+            d
+        }
+        None => Duration::from_secs(120).min(jitter_cap),
+    };
+    let opt_duration = |s: &Option<Spanned<String>>,
+                        k: &str,
+                        default: Duration|
+     -> Result<Duration, ConfigError> {
+        s.as_ref().map_or(Ok(default), |s| duration(ctx, s, key(k)))
+    };
+    let retry = RetryPolicy {
+        initial: opt_duration(&t.retry_initial, "retry_initial", Duration::from_secs(1))?,
+        max: opt_duration(&t.retry_max, "retry_max", Duration::from_secs(300))?,
+    };
+    let rate = RateBudget {
+        requests: t.rate_limit.as_ref().map_or(5, |r| *r.get_ref()).max(1),
+        window: opt_duration(&t.rate_window, "rate_window", Duration::from_secs(60))?,
+    };
+    let sinks = t.sink.iter().map(|s| sink(ctx, s, &key)).collect::<Result<Vec<_>, _>>()?;
+    let on_refresh = match &t.on_refresh {
+        Some(argv) if argv.get_ref().is_empty() => {
+            return Err(ctx.err(
+                argv,
+                key("on_refresh"),
+                "an empty command; give argv like [\"/usr/bin/systemctl\", \"reload\", \"myapp\"]",
+            ));
+        }
+        Some(argv) => Some(Hook {
+            argv: argv.get_ref().clone(),
+            timeout: opt_duration(
+                &t.on_refresh_timeout,
+                "on_refresh_timeout",
+                Duration::from_secs(30),
+            )?,
+        }),
+        None => None,
+    };
+    Ok(TokenConfig {
+        state_file: ctx.path(t.state_file.get_ref()),
+        server,
+        token_url,
+        client_id: t.client_id.get_ref().clone(),
+        client_secret,
+        grant,
+        schedule,
+        jitter,
+        access_token_ttl: t.access_token_ttl.map(Spanned::into_inner),
+        refresh_token_ttl: t.refresh_token_ttl.map(Spanned::into_inner),
+        safety_margin: opt_duration(&t.safety_margin, "safety_margin", Duration::from_secs(300))?,
+        retry,
+        rate,
+        request_timeout: opt_duration(
+            &t.request_timeout,
+            "request_timeout",
+            Duration::from_secs(30),
+        )?,
+        scope: t.scope,
+        on_refresh,
+        sinks,
+        name,
+    })
+}
+
+fn sink(
+    ctx: &Ctx<'_>,
+    s: &RawSink,
+    key: &dyn Fn(&str) -> String,
+) -> Result<SinkConfig, ConfigError> {
+    let format = match s.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
+        None | Some((_, "json")) => SinkFormat::Json,
+        Some((_, "raw")) => SinkFormat::Raw,
+        Some((f, other)) => {
+            return Err(ctx.err(
+                f,
+                key("sink.format"),
+                format!("{other:?} is not a sink format; valid: \"json\", \"raw\""),
+            ));
+        }
+    };
+    let mode = match &s.mode {
+        None => 0o640,
+        Some(m) => {
+            u32::from_str_radix(m.get_ref(), 8).ok().filter(|v| *v <= 0o777).ok_or_else(|| {
+                ctx.err(
+                    m,
+                    key("sink.mode"),
+                    format!("{:?} is not an octal file mode like \"0640\"", m.get_ref()),
+                )
+            })?
+        }
+    };
+    if s.include_refresh_token && mode & 0o077 != 0 {
+        return Err(ctx.err(&s.path, key("sink.mode"), format!("include_refresh_token = true needs a private mode (0600 or stricter), not {mode:04o}")));
+    }
+    if s.include_refresh_token && format == SinkFormat::Raw {
+        return Err(ctx.err(
+            &s.path,
+            key("sink.include_refresh_token"),
+            "a raw sink holds only the access token",
+        ));
+    }
+    Ok(SinkConfig {
+        path: ctx.path(s.path.get_ref()),
+        format,
+        mode,
+        include_refresh_token: s.include_refresh_token,
+    })
+}
+
+fn url(ctx: &Ctx<'_>, s: &Spanned<String>, key: String) -> Result<reqwest::Url, ConfigError> {
+    let u = reqwest::Url::parse(s.get_ref()).map_err(|e| {
+        ctx.err(
+            s,
+            key.clone(),
+            format!(
+                "{:?} is not a URL ({e}); e.g. \"https://platform.ringcentral.com\"",
+                s.get_ref()
+            ),
+        )
+    })?;
+    if !matches!(u.scheme(), "https" | "http") {
+        return Err(ctx.err(
+            s,
+            key,
+            "only https:// (or http:// for a local fake server) is supported",
+        ));
+    }
+    Ok(u)
+}
+
+fn duration(ctx: &Ctx<'_>, s: &Spanned<String>, key: String) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s.get_ref()).map_err(|e| {
+        ctx.err(
+            s,
+            key,
+            format!("{:?} is not a duration ({e}); e.g. \"2m\", \"30s\", \"500ms\"", s.get_ref()),
+        )
+    })
+}
+
+fn fmt_d(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string()
+}

@@ -1,0 +1,105 @@
+//! Where a secret comes from: a literal, `{ env }`, `{ file }` or `{ credential }` (systemd
+//! `LoadCredential=`), and reading it.
+
+use crate::secret::Secret;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use std::fmt;
+use std::path::PathBuf;
+
+/// The raw TOML value: a string or a one-key table. Its `Debug` never shows a literal.
+#[derive(Clone)]
+pub(super) enum RawSecret {
+    Literal(Secret),
+    Env(String),
+    File(String),
+    Credential(String),
+}
+
+impl<'de> Deserialize<'de> for RawSecret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(RawSecretVisitor)
+    }
+}
+
+struct RawSecretVisitor;
+
+impl<'de> Visitor<'de> for RawSecretVisitor {
+    type Value = RawSecret;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string, or a table with one of `env`, `file`, `credential`")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSecret, E> {
+        Ok(RawSecret::Literal(Secret::new(v)))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawSecret, A::Error> {
+        let Some((key, value)) = map.next_entry::<String, String>()? else {
+            return Err(de::Error::custom(
+                "empty secret table; use { env = \"VAR\" }, { file = \"/path\" } or { credential = \"name\" }",
+            ));
+        };
+        if map.next_key::<String>()?.is_some() {
+            return Err(de::Error::custom(
+                "a secret table takes exactly one of `env`, `file`, `credential`",
+            ));
+        }
+        match key.as_str() {
+            "env" => Ok(RawSecret::Env(value)),
+            "file" => Ok(RawSecret::File(value)),
+            "credential" => Ok(RawSecret::Credential(value)),
+            other => Err(de::Error::custom(format!(
+                "unknown secret source `{other}`; valid: `env`, `file`, `credential`"
+            ))),
+        }
+    }
+}
+
+/// A validated secret source, resolvable again on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Literal(Secret),
+    Env(String),
+    File(PathBuf),
+    Credential(String),
+}
+
+impl SecretSource {
+    pub(super) fn from_raw(raw: RawSecret) -> Self {
+        match raw {
+            RawSecret::Literal(s) => Self::Literal(s),
+            RawSecret::Env(v) => Self::Env(v),
+            RawSecret::File(p) => Self::File(p.into()),
+            RawSecret::Credential(n) => Self::Credential(n),
+        }
+    }
+
+    /// Reads the secret. Errors say where it was looked for, never what was found.
+    pub fn resolve(&self) -> Result<Secret, String> {
+        let value = match self {
+            Self::Literal(s) => return non_empty(s.expose().to_string(), "the literal"),
+            Self::Env(var) => std::env::var(var)
+                .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
+            Self::File(path) => read(path)?,
+            Self::Credential(name) => {
+                let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                    format!("credential {name:?} needs $CREDENTIALS_DIRECTORY (set by systemd LoadCredential=)")
+                })?;
+                read(&PathBuf::from(dir).join(name))?
+            }
+        };
+        non_empty(value, "the secret")
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
+fn non_empty(value: String, what: &str) -> Result<Secret, String> {
+    if value.trim().is_empty() { Err(format!("{what} is empty")) } else { Ok(Secret::new(value)) }
+}

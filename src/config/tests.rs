@@ -1,0 +1,111 @@
+//! Config validation: every error names the file, the line and the key.
+
+use super::*;
+
+const GOOD: &str = r#"
+[log]
+format = "json"
+
+[[token]]
+name = "main"
+server = "https://platform.ringcentral.com"
+client_id = "id"
+client_secret = "literal-secret"
+grant = "jwt"
+jwt = { env = "TOKEND_TEST_JWT_UNSET_XYZ" }
+state_file = "/var/lib/tokend/main.state.json"
+
+[[token.sink]]
+path = "/run/tokend/main.json"
+format = "json"
+mode = "0640"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("/etc/tokend/config.toml"), text)
+}
+
+fn with_jwt(text: &str) -> String {
+    text.replace(r#"{ env = "TOKEND_TEST_JWT_UNSET_XYZ" }"#, r#""jwt-literal""#)
+}
+
+#[test]
+fn good_config_resolves_defaults() {
+    let c = parse(&with_jwt(GOOD)).unwrap();
+    assert_eq!(c.log_format, LogFormat::Json);
+    let t = &c.tokens[0];
+    assert_eq!(t.schedule.expr, DEFAULT_SCHEDULE);
+    assert_eq!(t.jitter, Duration::from_secs(120));
+    assert_eq!(t.token_url.as_str(), "https://platform.ringcentral.com/restapi/oauth/token");
+    assert_eq!(t.sinks[0].mode, 0o640);
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("literal-secret") && !debug.contains("jwt-literal"), "{debug}");
+}
+
+fn err(text: &str) -> ConfigError {
+    parse(text).unwrap_err()
+}
+
+#[test]
+fn errors_name_line_and_key() {
+    let cases: &[(&str, &str, usize, &str, &str)] = &[
+        // (replace, with, expected line, key contains, message contains)
+        ("format = \"json\"", "format = \"yaml\"", 3, "log.format", "valid: \"text\", \"json\""),
+        ("mode = \"0640\"", "mode = \"rw-r\"", 17, "sink.mode", "octal"),
+        ("mode = \"0640\"", "colour = \"red\"", 17, "token.sink.colour", "unknown field"),
+        ("grant = \"jwt\"", "grant = \"magic\"", 10, "grant", "valid: \"jwt\""),
+        ("name = \"main\"", "name = \"Main!\"", 6, "token.name", "[a-z0-9_-]+"),
+        (
+            "server = \"https://platform.ringcentral.com\"",
+            "server = \"not a url\"",
+            7,
+            "server",
+            "not a URL",
+        ),
+        ("[log]", "[log]\nschedule = 1", 3, "log.schedule", "unknown field"),
+    ];
+    for (from, to, line, key, msg) in cases {
+        let e = err(&with_jwt(GOOD).replace(from, to));
+        assert_eq!(e.line, Some(*line), "{e}");
+        assert!(e.key.contains(key), "key {key:?} not in: {e}");
+        assert!(e.message.contains(msg), "message {msg:?} not in: {e}");
+        assert!(e.to_string().starts_with("/etc/tokend/config.toml:"), "{e}");
+    }
+}
+
+#[test]
+fn schedule_and_jitter_are_checked() {
+    let text =
+        with_jwt(GOOD).replace("grant = \"jwt\"", "grant = \"jwt\"\nschedule = \"*/5 * * *\"");
+    let e = err(&text);
+    assert!(e.key.ends_with("schedule") && e.message.contains("seconds field"), "{e}");
+    let text = with_jwt(GOOD).replace(
+        "grant = \"jwt\"",
+        "grant = \"jwt\"\nschedule = \"*/10 * * * * *\"\njitter = \"5s\"",
+    );
+    let e = err(&text);
+    assert!(e.message.contains("tenth"), "{e}");
+    let text =
+        with_jwt(GOOD).replace("grant = \"jwt\"", "grant = \"jwt\"\nschedule = \"*/10 * * * * *\"");
+    assert_eq!(parse(&text).unwrap().tokens[0].jitter, Duration::from_secs(1));
+}
+
+#[test]
+fn secret_sources_say_where_they_looked() {
+    let e = err(GOOD);
+    assert!(e.message.contains("TOKEND_TEST_JWT_UNSET_XYZ") && e.key.ends_with("jwt"), "{e}");
+    let text = GOOD
+        .replace(r#"{ env = "TOKEND_TEST_JWT_UNSET_XYZ" }"#, r#"{ file = "/nonexistent/jwt" }"#);
+    assert!(err(&text).message.contains("/nonexistent/jwt"));
+    let text = GOOD.replace(r#"{ env = "TOKEND_TEST_JWT_UNSET_XYZ" }"#, r#"{ vault = "x" }"#);
+    assert!(err(&text).message.contains("unknown secret source"), "{}", err(&text));
+}
+
+#[test]
+fn duplicates_and_missing_tokens() {
+    assert!(err("").message.contains("no [[token]]"));
+    let one = with_jwt(GOOD);
+    let tail = &one[one.find("[[token]]").unwrap()..];
+    let e = err(&format!("{one}\n{tail}"));
+    assert!(e.message.contains("duplicate"), "{e}");
+}

@@ -1,0 +1,375 @@
+//! The token endpoint client: builds grant requests, parses replies, and classifies every
+//! failure as transient (retry) or permanent (re-login or stop). It knows how to talk, never when.
+
+use crate::config::{Grant, TokenConfig};
+use crate::secret::{AccessToken, RefreshToken};
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Replies larger than this are refused (a token reply is under 2 KiB).
+pub const MAX_BODY: usize = 256 * 1024;
+
+/// A successful token reply.
+#[derive(Debug, Clone)]
+pub struct TokenSet {
+    pub access_token: AccessToken,
+    pub token_type: String,
+    pub expires_in: u64,
+    pub refresh_token: Option<RefreshToken>,
+    pub refresh_token_expires_in: Option<u64>,
+    pub scope: Option<String>,
+    pub owner_id: Option<String>,
+    pub endpoint_id: Option<String>,
+    pub session_id: Option<String>,
+}
+
+/// A failed token request, split the way the caller decides.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OAuthError {
+    /// Connect, TLS, timeout, reset: the server may or may not have acted.
+    #[error("network error: {message}")]
+    Transport { message: String, timeout: bool },
+    /// The server answered with an error status.
+    #[error("server said {status}{}{}", .error.as_deref().map(|e| format!(" {e}")).unwrap_or_default(), .code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Server {
+        status: u16,
+        error: Option<String>,
+        code: Option<String>,
+        description: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    /// A reply we could not use (not JSON, truncated, missing fields, too large).
+    /// The body itself is never kept: it might hold a token.
+    #[error("unusable reply (HTTP {status}, {len} bytes): {reason}")]
+    Body { status: u16, len: usize, reason: String },
+}
+
+impl OAuthError {
+    /// Worth retrying with the same request (and the same refresh token).
+    ///
+    /// An unusable 200 is transient: the server may have rotated the pair, and a replay of the
+    /// same refresh token inside the grace window returns it again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transport { .. } | Self::Body { .. } => true,
+            Self::Server { status, .. } => matches!(status, 408 | 429 | 500..=599),
+        }
+    }
+
+    /// The refresh chain or the credentials are dead: only a new login helps.
+    pub fn is_invalid_grant(&self) -> bool {
+        matches!(self, Self::Server { error: Some(e), .. } if e == "invalid_grant")
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Server { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A short code for logs, status and metrics: errorCode, else OAuth error, else status.
+    pub fn code(&self) -> String {
+        match self {
+            Self::Transport { timeout: true, .. } => "timeout".into(),
+            Self::Transport { .. } => "network".into(),
+            Self::Server { code: Some(c), .. } => c.clone(),
+            Self::Server { error: Some(e), .. } => e.clone(),
+            Self::Server { status, .. } => format!("http-{status}"),
+            Self::Body { .. } => "bad-reply".into(),
+        }
+    }
+}
+
+/// Talks to one token endpoint.
+#[derive(Clone)]
+pub struct OAuthClient {
+    http: reqwest::Client,
+}
+
+impl OAuthClient {
+    pub fn new(request_timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(request_timeout.min(Duration::from_secs(10)))
+            .timeout(request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("TLS backend initialises");
+        Self { http }
+    }
+
+    /// Logs in with the token's configured grant (a new session).
+    pub async fn login(&self, cfg: &TokenConfig) -> Result<TokenSet, OAuthError> {
+        let mut form: Vec<(&str, String)> = match &cfg.grant {
+            Grant::Jwt { assertion } => vec![
+                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer".into()),
+                ("assertion", assertion.expose().into()),
+            ],
+            Grant::Password { username, password, extension } => {
+                let mut f = vec![
+                    ("grant_type", "password".into()),
+                    ("username", username.clone()),
+                    ("password", password.expose().into()),
+                ];
+                if let Some(ext) = extension {
+                    f.push(("extension", ext.clone()));
+                }
+                f
+            }
+            Grant::RefreshToken { refresh_token } => {
+                vec![
+                    ("grant_type", "refresh_token".into()),
+                    ("refresh_token", refresh_token.expose().into()),
+                ]
+            }
+            Grant::AuthorizationCode { .. } => {
+                return Err(OAuthError::Body {
+                    status: 0,
+                    len: 0,
+                    reason: "authorization_code needs `tokend login`".into(),
+                });
+            }
+        };
+        add_options(cfg, &mut form);
+        self.post(cfg, &form).await
+    }
+
+    /// Refreshes with `refresh_token`.
+    pub async fn refresh(
+        &self,
+        cfg: &TokenConfig,
+        refresh_token: &RefreshToken,
+    ) -> Result<TokenSet, OAuthError> {
+        let mut form = vec![
+            ("grant_type", "refresh_token".into()),
+            ("refresh_token", refresh_token.expose().into()),
+        ];
+        add_options(cfg, &mut form);
+        self.post(cfg, &form).await
+    }
+
+    /// Exchanges an authorization code (with its PKCE verifier).
+    pub async fn exchange_code(
+        &self,
+        cfg: &TokenConfig,
+        code: &str,
+        redirect_uri: &str,
+        verifier: &str,
+    ) -> Result<TokenSet, OAuthError> {
+        let mut form = vec![
+            ("grant_type", "authorization_code".into()),
+            ("code", code.into()),
+            ("redirect_uri", redirect_uri.into()),
+            ("code_verifier", verifier.into()),
+        ];
+        add_options(cfg, &mut form);
+        self.post(cfg, &form).await
+    }
+
+    async fn post(
+        &self,
+        cfg: &TokenConfig,
+        form: &[(&str, String)],
+    ) -> Result<TokenSet, OAuthError> {
+        let mut form = form.to_vec();
+        if cfg.client_secret.is_none() {
+            // A public (PKCE) app identifies itself in the body.
+            form.push(("client_id", cfg.client_id.clone()));
+        }
+        let mut req = self.http.post(cfg.token_url.clone()).form(&form);
+        if let Some(secret) = &cfg.client_secret {
+            req = req.basic_auth(&cfg.client_id, Some(secret.expose()));
+        }
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = read_capped(resp).await?;
+        parse_reply(status, &body, retry_after)
+    }
+}
+
+fn add_options(cfg: &TokenConfig, form: &mut Vec<(&str, String)>) {
+    if let Some(ttl) = cfg.access_token_ttl {
+        form.push(("access_token_ttl", ttl.to_string()));
+    }
+    if let Some(ttl) = cfg.refresh_token_ttl {
+        form.push(("refresh_token_ttl", ttl.to_string()));
+    }
+    if let Some(scope) = &cfg.scope {
+        form.push(("scope", scope.clone()));
+    }
+}
+
+fn transport(e: reqwest::Error) -> OAuthError {
+    // reqwest's Display never includes the form body; drop the URL too and add the root cause.
+    let timeout = e.is_timeout();
+    let e = e.without_url();
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        if s.source().is_none() {
+            message = format!("{message}: {s}");
+        }
+        source = s.source();
+    }
+    OAuthError::Transport { message, timeout }
+}
+
+async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, OAuthError> {
+    let status = resp.status().as_u16();
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(OAuthError::Body {
+                status,
+                len: body.len() + chunk.len(),
+                reason: format!("larger than {MAX_BODY} bytes"),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `Retry-After` in seconds (HTTP dates are not used by RingCentral).
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+#[derive(Deserialize)]
+struct RawReply {
+    access_token: Option<String>,
+    token_type: Option<String>,
+    expires_in: Option<u64>,
+    refresh_token: Option<String>,
+    refresh_token_expires_in: Option<u64>,
+    scope: Option<String>,
+    owner_id: Option<serde_json::Value>,
+    endpoint_id: Option<String>,
+    session_id: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawError {
+    error: Option<String>,
+    error_description: Option<String>,
+    #[serde(rename = "errorCode")]
+    error_code: Option<String>,
+    message: Option<String>,
+    #[serde(default)]
+    errors: Vec<RawErrorItem>,
+}
+
+#[derive(Deserialize)]
+struct RawErrorItem {
+    #[serde(rename = "errorCode")]
+    error_code: Option<String>,
+}
+
+/// Turns a status and body into a token set or a classified error. Pure; property-tested.
+pub fn parse_reply(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+) -> Result<TokenSet, OAuthError> {
+    let bad = |reason: String| OAuthError::Body { status, len: body.len(), reason };
+    if !(200..300).contains(&status) {
+        let parsed: Option<RawError> = serde_json::from_slice(body).ok();
+        let (error, code, description) = parsed.map_or((None, None, None), |e| {
+            let code = e.errors.into_iter().find_map(|i| i.error_code).or(e.error_code);
+            (e.error, code, e.error_description.or(e.message))
+        });
+        // RingCentral: without Retry-After on 429/503, wait at least 30 s.
+        let retry_after =
+            retry_after.or(matches!(status, 429 | 503).then_some(Duration::from_secs(30)));
+        return Err(OAuthError::Server { status, error, code, description, retry_after });
+    }
+    let raw: RawReply = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("not a JSON token reply: {}", e.classify_str())))?;
+    let access_token =
+        raw.access_token.filter(|t| !t.is_empty()).ok_or_else(|| bad("no access_token".into()))?;
+    let expires_in = raw.expires_in.ok_or_else(|| bad("no expires_in".into()))?;
+    Ok(TokenSet {
+        access_token: AccessToken::new(access_token),
+        token_type: raw.token_type.unwrap_or_else(|| "bearer".into()),
+        expires_in,
+        refresh_token: raw.refresh_token.filter(|t| !t.is_empty()).map(RefreshToken::new),
+        refresh_token_expires_in: raw.refresh_token_expires_in,
+        scope: raw.scope,
+        owner_id: raw.owner_id.map(value_string),
+        endpoint_id: raw.endpoint_id,
+        session_id: raw.session_id.map(value_string),
+    })
+}
+
+fn value_string(v: serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
+trait ClassifyStr {
+    fn classify_str(&self) -> &'static str;
+}
+
+impl ClassifyStr for serde_json::Error {
+    /// serde_json's messages can quote input; name only the kind of failure.
+    fn classify_str(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "I/O error",
+            serde_json::error::Category::Syntax => "syntax error",
+            serde_json::error::Category::Data => "wrong field types",
+            serde_json::error::Category::Eof => "truncated",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_ringcentral_errors() {
+        let body = br#"{"error":"invalid_grant","error_description":"Token not found","errors":[{"errorCode":"OAU-213","message":"Token not found"}]}"#;
+        let e = parse_reply(400, body, None).unwrap_err();
+        assert!(e.is_invalid_grant() && !e.is_transient());
+        assert_eq!(e.code(), "OAU-213");
+        let e = parse_reply(429, br#"{"errorCode":"CMN-301"}"#, Some(Duration::from_secs(60)))
+            .unwrap_err();
+        assert!(e.is_transient());
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(60)));
+        assert_eq!(e.code(), "CMN-301");
+        let e = parse_reply(503, b"<html>", None).unwrap_err();
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(30)));
+        assert!(parse_reply(502, b"<html></html>", None).unwrap_err().is_transient());
+        let e = parse_reply(401, br#"{"error":"invalid_client"}"#, None).unwrap_err();
+        assert!(!e.is_transient() && e.code() == "invalid_client");
+    }
+
+    #[test]
+    fn bad_bodies_never_quote_the_body() {
+        for body in [
+            &b"this is { not json"[..],
+            br#"{"access_token":"SECRET-AT","#,
+            br#"{"expires_in":5,"refresh_token":"SECRET-RT"}"#,
+        ] {
+            let e = parse_reply(200, body, None).unwrap_err();
+            assert!(e.is_transient());
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("SECRET"), "{text}");
+        }
+    }
+
+    #[test]
+    fn tolerates_unknown_fields() {
+        let body = br#"{"access_token":"a","token_type":"bearer","expires_in":3599,"refresh_token":"r","refresh_token_expires_in":604799,"owner_id":"1","session_idle_timeout":5,"id_token":"x"}"#;
+        let t = parse_reply(200, body, None).unwrap();
+        assert_eq!((t.expires_in, t.owner_id.as_deref()), (3599, Some("1")));
+    }
+}

@@ -1,0 +1,12 @@
+//! Durable, atomic files: the private state file (which holds the refresh token), the
+//! reader-facing sinks, and the lock that makes one daemon the only writer of a token.
+
+mod atomic;
+mod lock;
+mod sink;
+mod state;
+
+pub use atomic::{check_dir_writable, write_atomic};
+pub use lock::{LockError, StateLock};
+pub use sink::{SinkDoc, render_sink};
+pub use state::{ErrorRecord, STATE_VERSION, State, StateError, Status};

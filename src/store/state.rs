@@ -1,0 +1,171 @@
+//! The private per-token state file (refresh token, expiries, generation, session facts),
+//! and the non-secret status file beside it that `tokend status` reads.
+
+use super::atomic::write_atomic;
+use crate::secret::{AccessToken, RefreshToken};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Bumped when the layout changes incompatibly.
+pub const STATE_VERSION: u32 = 1;
+
+/// Everything needed to resume a token without a new login. Mode 0600.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub name: String,
+    /// Grows by one with every new access token; never goes back.
+    pub generation: u64,
+    pub access_token: AccessToken,
+    pub token_type: String,
+    #[serde(with = "crate::time::rfc3339")]
+    pub access_expires_at: DateTime<Utc>,
+    pub refresh_token: Option<RefreshToken>,
+    #[serde(with = "crate::time::rfc3339_opt", default)]
+    pub refresh_expires_at: Option<DateTime<Utc>>,
+    #[serde(with = "crate::time::rfc3339")]
+    pub refreshed_at: DateTime<Utc>,
+    #[serde(with = "crate::time::rfc3339")]
+    pub session_started_at: DateTime<Utc>,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub owner_id: Option<String>,
+    #[serde(default)]
+    pub endpoint_id: Option<String>,
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// Why a state file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read state file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("state file {path} is corrupt: {message}")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+impl State {
+    /// Reads a state file; `Ok(None)` when there is none yet.
+    pub fn load(path: &Path) -> Result<Option<Self>, StateError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path: path.into(), source }),
+        };
+        // serde_json's messages quote no input values, only positions and field names.
+        let state: Self = serde_json::from_slice(&bytes)
+            .map_err(|e| StateError::Corrupt { path: path.into(), message: e.to_string() })?;
+        if state.version != STATE_VERSION {
+            return Err(StateError::Corrupt {
+                path: path.into(),
+                message: format!("version {} is not {STATE_VERSION}", state.version),
+            });
+        }
+        Ok(Some(state))
+    }
+
+    /// Durably replaces the state file (mode 0600).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).expect("state serializes");
+        write_atomic(path, &bytes, 0o600)
+    }
+
+    /// Moves a corrupt state file aside so it is kept, not silently overwritten.
+    pub fn quarantine(path: &Path) -> std::io::Result<PathBuf> {
+        let stamp = Utc::now().format("%Y%m%dT%H%M%SZ");
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".corrupt-{stamp}"));
+        let aside = path.with_file_name(name);
+        std::fs::rename(path, &aside)?;
+        Ok(aside)
+    }
+}
+
+/// The last failure, as `tokend status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    #[serde(with = "crate::time::rfc3339")]
+    pub at: DateTime<Utc>,
+    /// RingCentral's errorCode, the OAuth error, an HTTP status or "network".
+    pub code: String,
+    pub message: String,
+    pub permanent: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> State {
+        let now = Utc::now();
+        State {
+            version: STATE_VERSION,
+            name: "main".into(),
+            generation: 3,
+            access_token: AccessToken::new("at"),
+            token_type: "bearer".into(),
+            access_expires_at: now,
+            refresh_token: Some(RefreshToken::new("rt")),
+            refresh_expires_at: Some(now),
+            refreshed_at: now,
+            session_started_at: now,
+            scope: None,
+            owner_id: Some("1".into()),
+            endpoint_id: None,
+            session_id: None,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_detects_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        assert!(State::load(&path).unwrap().is_none());
+        let s = sample();
+        s.save(&path).unwrap();
+        let back = State::load(&path).unwrap().unwrap();
+        assert_eq!(back.generation, 3);
+        assert_eq!(back.refresh_token, s.refresh_token);
+        std::fs::write(&path, b"{\"version\":1,").unwrap();
+        let err = State::load(&path).unwrap_err().to_string();
+        assert!(err.contains("corrupt") && err.contains("s.json"), "{err}");
+        let aside = State::quarantine(&path).unwrap();
+        assert!(aside.exists() && !path.exists());
+    }
+}
+
+/// Non-secret facts for `tokend status`, beside the state file as `<state>.status.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub needs_login: bool,
+    pub last_error: Option<ErrorRecord>,
+    #[serde(with = "crate::time::rfc3339_opt", default)]
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    #[serde(with = "crate::time::rfc3339_opt", default)]
+    pub last_success_at: Option<DateTime<Utc>>,
+    #[serde(with = "crate::time::rfc3339_opt", default)]
+    pub next_refresh_at: Option<DateTime<Utc>>,
+    /// The daemon that wrote this.
+    pub pid: u32,
+}
+
+impl Status {
+    pub fn path_for(state_file: &Path) -> PathBuf {
+        let mut name = state_file.file_name().unwrap_or_default().to_os_string();
+        name.push(".status");
+        state_file.with_file_name(name)
+    }
+
+    pub fn load(state_file: &Path) -> Option<Self> {
+        let bytes = std::fs::read(Self::path_for(state_file)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn save(&self, state_file: &Path) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).expect("status serializes");
+        write_atomic(&Self::path_for(state_file), &bytes, 0o644)
+    }
+}
