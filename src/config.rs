@@ -1,6 +1,7 @@
 //! The TOML config in two stages: a raw serde schema that refuses unknown keys, then a
 //! validated `Config` of proper types. Every error names the file, the line and the key.
 
+mod plan;
 mod raw;
 mod secret_source;
 

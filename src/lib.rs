@@ -2,10 +2,14 @@
 //! program on the machine reads.
 
 pub mod config;
+pub mod daemon;
 pub mod fake;
+pub mod hook;
 pub mod logging;
+pub mod notify;
 pub mod oauth;
 pub mod policy;
+pub mod refresher;
 pub mod secret;
 pub mod shutdown;
 pub mod store;

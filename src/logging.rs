@@ -15,7 +15,9 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. A second call (SIGHUP changing the format) is ignored.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // tokio-cron-scheduler logs its own plumbing at info (and a spurious error on shutdown).
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,tokio_cron_scheduler=off"));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -3,9 +3,13 @@
 
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use tokend::config::Config;
+use tokend::daemon;
 use tokend::fake::{self, FakeConfig, FakeServer};
+use tokend::logging::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -20,12 +24,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: keep every configured token alive and publish it to its sinks.
+    ///
+    /// Signals: SIGTERM/SIGINT stop gracefully, SIGHUP reloads config and secrets, SIGUSR1
+    /// refreshes every token now. Exit codes: 78 config error, 73 directory not writable,
+    /// 75 another tokend holds a token's lock.
+    Run(ConfigArg),
+    /// Validate the config and print the resolved plan (no secrets). Exit 0 when valid, 78 when not.
+    Check(ConfigArg),
     /// A lifecycle-faithful fake RingCentral auth server for tests and demos.
     ///
     /// Prints its base URL (http://ADDR) as the first line of stdout, then serves until
     /// SIGTERM or Ctrl-C. Admin API on the same port, loopback only: GET /__admin/stats,
     /// GET|POST|DELETE /__admin/faults, GET /__admin/tokens.
-    FakeServer(FakeServerArgs),
+    FakeServer(Box<FakeServerArgs>),
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The config file.
+    #[arg(long, short, default_value = tokend::config::DEFAULT_PATH, env = "TOKEND_CONFIG")]
+    config: PathBuf,
 }
 
 #[derive(Args)]
@@ -121,20 +140,53 @@ impl FakeServerArgs {
     }
 }
 
+/// A failure with the exit code it maps to.
+struct Failure(u8, String);
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Self(1, format!("{e:#}"))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tokend::logging::init(tokend::logging::LogFormat::Text);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = match cli.command {
-        Command::FakeServer(args) => runtime.block_on(fake_server(args)),
+        Command::Run(args) => runtime.block_on(run(&args.config)),
+        Command::Check(args) => check(&args.config),
+        Command::FakeServer(args) => {
+            init_logging(LogFormat::Text);
+            runtime.block_on(fake_server(*args)).map_err(Failure::from)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tokend: {e:#}");
-            ExitCode::FAILURE
+        Err(Failure(code, message)) => {
+            eprintln!("tokend: {message}");
+            ExitCode::from(code)
         }
     }
+}
+
+fn init_logging(format: LogFormat) {
+    tokend::logging::init(format);
+}
+
+fn load(path: &std::path::Path) -> Result<Config, Failure> {
+    Config::load(path).map_err(|e| Failure(78, e.to_string()))
+}
+
+async fn run(path: &std::path::Path) -> Result<(), Failure> {
+    let config = load(path)?;
+    init_logging(config.log_format);
+    let controls = daemon::signal_controls().map_err(|e| Failure(1, format!("signals: {e}")))?;
+    daemon::run(config, controls).await.map_err(|e| Failure(e.exit_code(), e.to_string()))
+}
+
+fn check(path: &std::path::Path) -> Result<(), Failure> {
+    print!("{}", load(path)?.plan());
+    Ok(())
 }
 
 async fn fake_server(args: FakeServerArgs) -> anyhow::Result<()> {

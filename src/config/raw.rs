@@ -218,42 +218,7 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
     };
     let client_secret =
         t.client_secret.as_ref().map(|s| resolve(s, "client_secret")).transpose()?;
-    let grant = match t.grant.get_ref().as_str() {
-        "jwt" => {
-            let jwt = t.jwt.as_ref().ok_or_else(|| {
-                ctx.err(&t.grant, key("jwt"), "grant = \"jwt\" needs a `jwt` secret")
-            })?;
-            Grant::Jwt { assertion: resolve(jwt, "jwt")? }
-        }
-        "refresh_token" => {
-            let rt = t.refresh_token.as_ref().ok_or_else(|| {
-                ctx.err(
-                    &t.grant,
-                    key("refresh_token"),
-                    "grant = \"refresh_token\" needs a `refresh_token` secret to bootstrap from",
-                )
-            })?;
-            Grant::RefreshToken { refresh_token: resolve(rt, "refresh_token")? }
-        }
-        "password" => {
-            let (Some(user), Some(pw)) = (&t.username, &t.password) else {
-                return Err(ctx.err(
-                    &t.grant,
-                    key("password"),
-                    "grant = \"password\" needs `username` and `password`",
-                ));
-            };
-            Grant::Password {
-                username: user.get_ref().clone(),
-                password: resolve(pw, "password")?,
-                extension: t.extension.clone(),
-            }
-        }
-        "authorization_code" => Grant::AuthorizationCode { redirect_uri: t.redirect_uri.clone() },
-        other => {
-            return Err(ctx.err(&t.grant, key("grant"), format!("{other:?} is not a grant; valid: \"jwt\", \"authorization_code\", \"refresh_token\", \"password\"")));
-        }
-    };
+    let grant = grant(ctx, &t, &key)?;
     let schedule_text = t.schedule.as_ref().map_or(DEFAULT_SCHEDULE, |s| s.get_ref().as_str());
     let schedule = Schedule::parse(schedule_text).map_err(|m| match &t.schedule {
         Some(s) => ctx.err(s, key("schedule"), m),
@@ -328,6 +293,49 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
         sinks,
         name,
     })
+}
+
+fn grant(ctx: &Ctx<'_>, t: &RawToken, key: &dyn Fn(&str) -> String) -> Result<Grant, ConfigError> {
+    let resolve = |s: &Spanned<RawSecret>, k: &str| -> Result<_, ConfigError> {
+        SecretSource::from_raw(s.get_ref().clone()).resolve().map_err(|m| ctx.err(s, key(k), m))
+    };
+    let grant = match t.grant.get_ref().as_str() {
+        "jwt" => {
+            let jwt = t.jwt.as_ref().ok_or_else(|| {
+                ctx.err(&t.grant, key("jwt"), "grant = \"jwt\" needs a `jwt` secret")
+            })?;
+            Grant::Jwt { assertion: resolve(jwt, "jwt")? }
+        }
+        "refresh_token" => {
+            let rt = t.refresh_token.as_ref().ok_or_else(|| {
+                ctx.err(
+                    &t.grant,
+                    key("refresh_token"),
+                    "grant = \"refresh_token\" needs a `refresh_token` secret to bootstrap from",
+                )
+            })?;
+            Grant::RefreshToken { refresh_token: resolve(rt, "refresh_token")? }
+        }
+        "password" => {
+            let (Some(user), Some(pw)) = (&t.username, &t.password) else {
+                return Err(ctx.err(
+                    &t.grant,
+                    key("password"),
+                    "grant = \"password\" needs `username` and `password`",
+                ));
+            };
+            Grant::Password {
+                username: user.get_ref().clone(),
+                password: resolve(pw, "password")?,
+                extension: t.extension.clone(),
+            }
+        }
+        "authorization_code" => Grant::AuthorizationCode { redirect_uri: t.redirect_uri.clone() },
+        other => {
+            return Err(ctx.err(&t.grant, key("grant"), format!("{other:?} is not a grant; valid: \"jwt\", \"authorization_code\", \"refresh_token\", \"password\"")));
+        }
+    };
+    Ok(grant)
 }
 
 fn sink(

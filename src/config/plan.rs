@@ -1,0 +1,79 @@
+//! `tokend check`'s resolved plan: what the daemon would do, with no secret in it.
+
+use super::{Config, Grant, TokenConfig};
+use chrono::Utc;
+use std::fmt::Write;
+
+impl Config {
+    /// A human-readable plan of every token.
+    pub fn plan(&self) -> String {
+        let mut out =
+            format!("config {}: OK, {} token(s)\n", self.path.display(), self.tokens.len());
+        for t in &self.tokens {
+            token_plan(&mut out, t);
+        }
+        out
+    }
+}
+
+fn token_plan(out: &mut String, t: &TokenConfig) {
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let _ = writeln!(out, "\ntoken \"{}\"", t.name);
+    let _ = writeln!(out, "  token endpoint  {}", t.token_url);
+    let _ = writeln!(out, "  client_id       {}", t.client_id);
+    let secret = if t.client_secret.is_some() { "set" } else { "none (public app)" };
+    let _ = writeln!(out, "  client_secret   {secret}");
+    let grant = match &t.grant {
+        Grant::Password { username, .. } => format!("password (legacy) as {username}"),
+        Grant::AuthorizationCode { .. } => {
+            "authorization_code (first state from `tokend login`)".into()
+        }
+        g => format!("{} (secret set)", g.name()),
+    };
+    let _ = writeln!(out, "  grant           {grant}");
+    let _ = writeln!(out, "  state_file      {}", t.state_file.display());
+    let next = t
+        .schedule
+        .next_after(Utc::now())
+        .map(|n| n.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    let _ = writeln!(
+        out,
+        "  schedule        {} (next {}, every {} at least)",
+        t.schedule.expr,
+        next.unwrap_or_default(),
+        d(t.schedule.min_interval())
+    );
+    let _ = writeln!(out, "  jitter          up to {}", d(t.jitter));
+    let _ = writeln!(out, "  safety margin   {} before access token expiry", d(t.safety_margin));
+    let ttl = |v: Option<u64>| v.map_or_else(|| "server default".into(), |s| format!("{s} s"));
+    let _ = writeln!(
+        out,
+        "  ttls            access {}, refresh {}",
+        ttl(t.access_token_ttl),
+        ttl(t.refresh_token_ttl)
+    );
+    let _ = writeln!(
+        out,
+        "  retries         backoff {} to {}, at most {} token requests per {}",
+        d(t.retry.initial),
+        d(t.retry.max),
+        t.rate.requests,
+        d(t.rate.window)
+    );
+    for s in &t.sinks {
+        let rt = if s.include_refresh_token { ", with refresh token" } else { "" };
+        let _ = writeln!(
+            out,
+            "  sink            {} ({}, mode {:04o}{rt})",
+            s.path.display(),
+            format!("{:?}", s.format).to_lowercase(),
+            s.mode
+        );
+    }
+    if t.sinks.is_empty() {
+        let _ = writeln!(out, "  sink            none (state file only)");
+    }
+    if let Some(h) = &t.on_refresh {
+        let _ = writeln!(out, "  on_refresh      {:?} (timeout {})", h.argv, d(h.timeout));
+    }
+}

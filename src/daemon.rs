@@ -1,0 +1,254 @@
+//! All tokens of one config: locks, the cron scheduler, control (signals), reload, readiness
+//! and graceful shutdown. Each token runs in its own refresher task, so one failing never
+//! delays another.
+
+use crate::config::{Config, ConfigError, TokenConfig};
+use crate::refresher::{Command, Refresher};
+use crate::store::{LockError, StateLock, check_dir_writable};
+use futures_util::StreamExt;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tracing::{error, info, warn};
+
+/// What the outside world asks of the daemon (signals in production, channels in tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// SIGHUP: reload config and secrets.
+    Reload,
+    /// SIGUSR1: refresh every token now.
+    RefreshAll,
+    /// SIGTERM/SIGINT: stop gracefully.
+    Stop,
+}
+
+/// Why the daemon could not start (each maps to its own exit code in `main`).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Lock(#[from] LockError),
+    #[error("{path} is not writable: {source}")]
+    NotWritable { path: PathBuf, source: std::io::Error },
+    #[error("scheduler: {0}")]
+    Scheduler(String),
+}
+
+impl DaemonError {
+    /// Exit codes: sysexits.h values, so systemd's `RestartPreventExitStatus=` can tell a
+    /// config error (78) from a transient one.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) => 78,
+            Self::NotWritable { .. } => 73,
+            Self::Lock(_) => 75,
+            Self::Scheduler(_) => 70,
+        }
+    }
+}
+
+/// How long a stopping refresher may take to finish an in-flight refresh.
+const STOP_GRACE: Duration = Duration::from_secs(90);
+
+struct TokenHandle {
+    cfg: TokenConfig,
+    tx: mpsc::Sender<Command>,
+    task: JoinHandle<()>,
+    job: uuid::Uuid,
+    _lock: StateLock,
+}
+
+/// A running daemon.
+pub struct Daemon {
+    config: Config,
+    scheduler: JobScheduler,
+    tokens: BTreeMap<String, TokenHandle>,
+}
+
+/// Installs SIGTERM/SIGINT/SIGHUP/SIGUSR1 handlers that feed a control channel.
+pub fn signal_controls() -> std::io::Result<mpsc::Receiver<Control>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])?;
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Some(sig) = signals.next().await {
+            let control = match sig {
+                SIGHUP => Control::Reload,
+                SIGUSR1 => Control::RefreshAll,
+                _ => Control::Stop,
+            };
+            if tx.send(control).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Runs the daemon until `Control::Stop` or the channel closes.
+pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result<(), DaemonError> {
+    let mut daemon = Daemon::start(config).await?;
+    let mut watchdog = crate::notify::Watchdog::from_env();
+    loop {
+        tokio::select! {
+            c = control.recv() => match c {
+                None | Some(Control::Stop) => break,
+                Some(Control::Reload) => daemon.reload().await,
+                Some(Control::RefreshAll) => daemon.refresh_all(),
+            },
+            () = watchdog.tick() => {}
+        }
+    }
+    crate::notify::stopping();
+    daemon.stop().await;
+    Ok(())
+}
+
+impl Daemon {
+    /// Takes every lock, checks every directory, starts every refresher and waits until each
+    /// has published from its state (or reported its failure). Then tells systemd READY=1.
+    pub async fn start(config: Config) -> Result<Self, DaemonError> {
+        let scheduler =
+            JobScheduler::new().await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+        scheduler.start().await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+        let mut daemon = Self { config: config.clone(), scheduler, tokens: BTreeMap::new() };
+        let mut prepared = Vec::new();
+        for cfg in &config.tokens {
+            prepared.push((cfg.clone(), prepare(cfg)?));
+        }
+        let mut readies = Vec::new();
+        for (cfg, lock) in prepared {
+            readies.push(daemon.spawn(cfg, lock).await?);
+        }
+        for ready in readies {
+            let _ = ready.await;
+        }
+        info!(tokens = daemon.tokens.len(), config = %config.path.display(), "tokend ready");
+        crate::notify::ready(&daemon.summary());
+        Ok(daemon)
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} token(s): {}",
+            self.tokens.len(),
+            self.tokens.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    }
+
+    async fn spawn(
+        &mut self,
+        cfg: TokenConfig,
+        lock: StateLock,
+    ) -> Result<oneshot::Receiver<()>, DaemonError> {
+        let (tx, rx) = mpsc::channel(8);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let tick_tx = tx.clone();
+        let job = Job::new_async(cfg.schedule.expr.as_str(), move |_, _| {
+            let tx = tick_tx.clone();
+            Box::pin(async move {
+                // A full queue means a tick is already waiting: dropping this one is right.
+                let _ = tx.try_send(Command::Tick);
+            })
+        })
+        .map_err(|e| DaemonError::Scheduler(format!("token {}: {e}", cfg.name)))?;
+        let job =
+            self.scheduler.add(job).await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+        let task = tokio::spawn(Refresher::new(cfg.clone()).run(rx, ready_tx));
+        info!(token = %cfg.name, schedule = %cfg.schedule.expr, sinks = cfg.sinks.len(), "token started");
+        self.tokens.insert(cfg.name.clone(), TokenHandle { cfg, tx, task, job, _lock: lock });
+        Ok(ready_rx)
+    }
+
+    fn refresh_all(&self) {
+        info!(tokens = self.tokens.len(), "SIGUSR1: refreshing every token now");
+        for t in self.tokens.values() {
+            let _ = t.tx.try_send(Command::RefreshNow);
+        }
+    }
+
+    /// SIGHUP: a new config replaces the old only if it is valid; tokens that changed restart.
+    async fn reload(&mut self) {
+        let new = match Config::load(&self.config.path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(error = %e, "config reload failed; keeping the running config");
+                return;
+            }
+        };
+        let old: Vec<String> = self.tokens.keys().cloned().collect();
+        for name in old {
+            let same = new.token(&name).is_some_and(|c| *c == self.tokens[&name].cfg);
+            if !same {
+                self.stop_token(&name).await;
+            }
+        }
+        for cfg in &new.tokens {
+            if self.tokens.contains_key(&cfg.name) {
+                continue;
+            }
+            let started = match prepare(cfg) {
+                Ok(lock) => self.spawn(cfg.clone(), lock).await,
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(ready) => {
+                    let _ = ready.await;
+                }
+                Err(e) => error!(token = %cfg.name, error = %e, "cannot start token after reload"),
+            }
+        }
+        if new.log_format != self.config.log_format {
+            warn!("log format changes take effect on restart");
+        }
+        self.config = new;
+        info!(tokens = self.tokens.len(), "config reloaded");
+        crate::notify::status(&self.summary());
+    }
+
+    async fn stop_token(&mut self, name: &str) {
+        let Some(handle) = self.tokens.remove(name) else { return };
+        let _ = self.scheduler.remove(&handle.job).await;
+        let _ = handle.tx.send(Command::Stop).await;
+        if tokio::time::timeout(STOP_GRACE, handle.task).await.is_err() {
+            error!(token = %name, "refresher did not stop in time");
+        }
+        info!(token = %name, "token stopped");
+    }
+
+    /// Stops every refresher; each finishes and persists an in-flight refresh first.
+    pub async fn stop(mut self) {
+        info!("stopping");
+        let names: Vec<String> = self.tokens.keys().cloned().collect();
+        for h in self.tokens.values() {
+            let _ = h.tx.try_send(Command::Stop);
+        }
+        for name in names {
+            self.stop_token(&name).await;
+        }
+        let _ = self.scheduler.shutdown().await;
+        info!("stopped");
+    }
+}
+
+/// Everything a token needs before it may start: its lock and writable directories.
+fn prepare(cfg: &TokenConfig) -> Result<StateLock, DaemonError> {
+    let state_dir = parent(&cfg.state_file);
+    check_dir_writable(state_dir)
+        .map_err(|source| DaemonError::NotWritable { path: state_dir.into(), source })?;
+    let lock = StateLock::acquire(&cfg.state_file)?;
+    for sink in &cfg.sinks {
+        let dir = parent(&sink.path);
+        check_dir_writable(dir)
+            .map_err(|source| DaemonError::NotWritable { path: dir.into(), source })?;
+    }
+    Ok(lock)
+}
+
+fn parent(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}

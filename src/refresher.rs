@@ -1,0 +1,455 @@
+//! One token's lifecycle: when to refresh (ticks, the expiry deadline, retries, the rate
+//! budget), what to do with each outcome, and persisting then publishing. The only place that
+//! decides *when*.
+
+use crate::config::{Grant, TokenConfig};
+use crate::hook;
+use crate::oauth::{OAuthClient, OAuthError, TokenSet};
+use crate::policy::{RequestBudget, backoff, refresh_deadline};
+use crate::store::{ErrorRecord, STATE_VERSION, State, StateError, Status, render_sink};
+use chrono::{DateTime, Utc};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+/// What the daemon tells a refresher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// A cron tick: refresh after this token's jitter.
+    Tick,
+    /// SIGUSR1: refresh now.
+    RefreshNow,
+    /// Finish any in-flight refresh, persist, and return.
+    Stop,
+}
+
+/// Longest single sleep: wall-clock deadlines are re-checked at least this often, so a
+/// suspended machine or a clock jump is noticed.
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+/// One token's refresher. Owns its state; nothing else writes this token's files.
+pub struct Refresher {
+    cfg: TokenConfig,
+    client: OAuthClient,
+    state: Option<State>,
+    status: Status,
+    /// The in-memory state is newer than the state file (a write failed).
+    state_dirty: bool,
+    /// Sinks that do not hold the current generation yet.
+    stale_sinks: BTreeSet<PathBuf>,
+    /// When to retry failed writes.
+    write_retry_at: Option<Instant>,
+    write_failures: u32,
+    /// A refresh is wanted at this time (tick plus jitter, SIGUSR1, bootstrap).
+    pending: Option<Instant>,
+    /// A transient failure: the next attempt waits until then.
+    retry_at: Option<Instant>,
+    attempt: u32,
+    /// After a 429/503: nothing goes out before this.
+    not_before: Option<Instant>,
+    budget: RequestBudget,
+    /// The refresh chain is dead: the next attempt logs in again (new session).
+    relogin: bool,
+    /// Random fraction taken off the safety margin per token generation.
+    deadline_jitter: Duration,
+}
+
+impl Refresher {
+    pub fn new(cfg: TokenConfig) -> Self {
+        let budget = RequestBudget::new(cfg.rate.requests, cfg.rate.window);
+        Self {
+            client: OAuthClient::new(cfg.request_timeout),
+            state: None,
+            status: Status { pid: std::process::id(), ..Status::default() },
+            state_dirty: false,
+            stale_sinks: BTreeSet::new(),
+            write_retry_at: None,
+            write_failures: 0,
+            pending: None,
+            retry_at: None,
+            attempt: 0,
+            not_before: None,
+            budget,
+            relogin: false,
+            deadline_jitter: Duration::ZERO,
+            cfg,
+        }
+    }
+
+    /// Runs until `Stop` (or the channel closes). `ready` fires once the sinks are published
+    /// from the state, or the first login has succeeded or failed.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, ready: oneshot::Sender<()>) {
+        self.start();
+        if self.pending.is_some_and(|p| p <= Instant::now()) {
+            self.attempt_refresh().await;
+        }
+        let _ = ready.send(());
+        loop {
+            let wake = self.next_wake(Instant::now());
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    None | Some(Command::Stop) => break,
+                    Some(Command::Tick) => self.on_tick(),
+                    Some(Command::RefreshNow) => self.want_now(),
+                },
+                () = tokio::time::sleep_until(wake.into()) => self.on_wake().await,
+            }
+        }
+        if self.state_dirty || !self.stale_sinks.is_empty() {
+            self.flush();
+        }
+        info!(token = %self.cfg.name, "refresher stopped");
+    }
+
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// Start-up: load the state and publish from it at once (a reboot empties /run).
+    fn start(&mut self) {
+        match State::load(&self.cfg.state_file) {
+            Ok(Some(state)) => self.adopt(state),
+            Ok(None) => self.bootstrap("no state file yet"),
+            Err(StateError::Corrupt { path, message }) => {
+                match State::quarantine(&path) {
+                    Ok(aside) => {
+                        error!(token = %self.name(), path = %path.display(), kept_as = %aside.display(), reason = %message, "state file is corrupt; moved aside");
+                    }
+                    Err(e) => {
+                        error!(token = %self.name(), path = %path.display(), reason = %message, error = %e, "state file is corrupt and cannot be moved aside");
+                    }
+                }
+                self.bootstrap("state file was corrupt");
+            }
+            Err(e @ StateError::Io { .. }) => {
+                // Never log in over a state file we cannot read: that would burn a session and
+                // could overwrite a good refresh token. Retry reading on each tick.
+                error!(token = %self.name(), error = %e, "cannot read state; will retry on the next tick");
+                self.record_error("state-io", &e.to_string(), true);
+            }
+        }
+        self.save_status();
+    }
+
+    fn adopt(&mut self, state: State) {
+        let now = Utc::now();
+        info!(token = %self.name(), generation = state.generation, access_expires = %crate::time::left(state.access_expires_at, now), "loaded state");
+        let expired = state.access_expires_at <= now;
+        self.state = Some(state);
+        self.new_deadline_jitter();
+        if expired {
+            // Never publish an expired token; the deadline triggers a refresh at once.
+            info!(token = %self.name(), "access token in state has expired; refreshing before publishing");
+        } else {
+            self.mark_all_sinks_stale();
+            self.flush();
+        }
+    }
+
+    fn bootstrap(&mut self, why: &str) {
+        if matches!(self.cfg.grant, Grant::AuthorizationCode { .. }) {
+            self.status.needs_login = true;
+            error!(token = %self.name(), reason = why, "needs login: run `tokend login --token {}`", self.name());
+            return;
+        }
+        info!(token = %self.name(), grant = self.cfg.grant.name(), reason = why, "logging in (new session)");
+        self.pending = Some(Instant::now());
+    }
+
+    fn on_tick(&mut self) {
+        if self.state.is_none()
+            && self.status.last_error.as_ref().is_some_and(|e| e.code == "state-io")
+        {
+            self.start();
+            return;
+        }
+        if self.retry_at.is_some() {
+            return; // already retrying on its own schedule
+        }
+        let jitter = self.cfg.jitter.mul_f64(rand::random::<f64>());
+        let at = Instant::now() + jitter;
+        self.pending = Some(self.pending.map_or(at, |p| p.min(at)));
+    }
+
+    fn want_now(&mut self) {
+        self.retry_at = None;
+        self.pending = Some(Instant::now());
+    }
+
+    /// The wall-clock deadline after which the published token would be inside the margin.
+    fn deadline(&self) -> Option<DateTime<Utc>> {
+        let s = self.state.as_ref()?;
+        if self.status.needs_login {
+            return None;
+        }
+        let d = refresh_deadline(s.refreshed_at, s.access_expires_at, self.cfg.safety_margin);
+        Some(d - chrono::Duration::from_std(self.deadline_jitter).unwrap_or_default())
+    }
+
+    fn new_deadline_jitter(&mut self) {
+        let Some(s) = &self.state else { return };
+        let lifetime = (s.access_expires_at - s.refreshed_at).to_std().unwrap_or_default();
+        let cap = (self.cfg.safety_margin.min(lifetime / 2) / 10).min(Duration::from_secs(30));
+        self.deadline_jitter = cap.mul_f64(rand::random::<f64>());
+    }
+
+    /// When an attempt is due, ignoring the gates.
+    fn due(&self, now: Instant) -> Option<Instant> {
+        if let Some(r) = self.retry_at {
+            return Some(r);
+        }
+        let deadline = self.deadline().map(|d| {
+            let wait = (d - Utc::now()).to_std().unwrap_or_default();
+            now + wait
+        });
+        match (self.pending, deadline) {
+            (Some(p), Some(d)) => Some(p.min(d)),
+            (p, d) => p.or(d),
+        }
+    }
+
+    /// The earliest instant an attempt may be sent: rate budget and Retry-After.
+    fn gate(&self, now: Instant) -> Instant {
+        let budget = self.budget.earliest(now);
+        self.not_before.map_or(budget, |nb| nb.max(budget))
+    }
+
+    fn next_wake(&self, now: Instant) -> Instant {
+        let mut wake = now + MAX_SLEEP;
+        if self.state_dirty || !self.stale_sinks.is_empty() {
+            wake = wake.min(self.write_retry_at.unwrap_or(now));
+        }
+        if !self.state_dirty
+            && let Some(due) = self.due(now)
+        {
+            wake = wake.min(due.max(self.gate(now)));
+        }
+        wake
+    }
+
+    async fn on_wake(&mut self) {
+        let now = Instant::now();
+        if (self.state_dirty || !self.stale_sinks.is_empty())
+            && self.write_retry_at.is_none_or(|t| t <= now)
+        {
+            self.flush();
+        }
+        // A refresh while the state file is behind would move the chain further from disk.
+        if self.state_dirty {
+            return;
+        }
+        if self.due(now).is_some_and(|d| d <= now) && self.gate(now) <= now {
+            self.attempt_refresh().await;
+        }
+    }
+
+    /// One request to the token endpoint, and its consequences.
+    async fn attempt_refresh(&mut self) {
+        let now = Instant::now();
+        self.budget.record(now);
+        self.pending = None;
+        self.status.last_attempt_at = Some(Utc::now());
+        let refresh_token = match (&self.state, self.relogin) {
+            (Some(s), false) => s.refresh_token.clone(),
+            _ => None,
+        };
+        let started = Instant::now();
+        let result = match &refresh_token {
+            Some(rt) => self.client.refresh(&self.cfg, rt).await,
+            None => self.client.login(&self.cfg).await,
+        };
+        let elapsed = started.elapsed();
+        match result {
+            Ok(tokens) => self.on_success(tokens, refresh_token.is_none(), elapsed),
+            Err(e) if e.is_transient() => self.on_transient(&e),
+            Err(e)
+                if refresh_token.is_some()
+                    && e.is_invalid_grant()
+                    && self.cfg.grant.can_relogin() =>
+            {
+                warn!(token = %self.name(), code = %e.code(), "refresh chain is dead; logging in again (new session)");
+                self.record_error(&e.code(), &e.to_string(), true);
+                self.relogin = true;
+                self.pending = Some(Instant::now());
+                self.attempt = 0;
+            }
+            Err(e) => self.on_permanent(&e),
+        }
+        self.save_status();
+    }
+
+    fn on_transient(&mut self, e: &OAuthError) {
+        self.attempt += 1;
+        let retry_after = e.retry_after();
+        let delay = backoff(
+            self.attempt,
+            self.cfg.retry.initial,
+            self.cfg.retry.max,
+            retry_after,
+            rand::random(),
+        );
+        let now = Instant::now();
+        self.retry_at = Some(now + delay);
+        if let Some(ra) = retry_after {
+            self.not_before = Some(now + ra);
+        }
+        warn!(
+            token = %self.name(),
+            attempt = self.attempt,
+            code = %e.code(),
+            error = %e,
+            retry_in_ms = delay.as_millis() as u64,
+            "token request failed; retrying"
+        );
+        self.record_error(&e.code(), &e.to_string(), false);
+    }
+
+    fn on_permanent(&mut self, e: &OAuthError) {
+        self.retry_at = None;
+        self.attempt = 0;
+        self.status.needs_login = true;
+        self.relogin = self.cfg.grant.can_relogin();
+        let serving =
+            self.state.as_ref().map(|s| crate::time::left(s.access_expires_at, Utc::now()));
+        error!(
+            token = %self.name(),
+            code = %e.code(),
+            error = %e,
+            still_serving = serving.as_deref().unwrap_or("nothing"),
+            "permanent failure: needs login; will retry on the next tick or SIGHUP"
+        );
+        self.record_error(&e.code(), &e.to_string(), true);
+    }
+
+    fn on_success(&mut self, tokens: TokenSet, new_session: bool, elapsed: Duration) {
+        let now = Utc::now();
+        let previous = self.state.as_ref();
+        let secs = |s: u64| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000));
+        let refresh_expires_at = tokens.refresh_token_expires_in.map(|s| now + secs(s));
+        let state = State {
+            version: STATE_VERSION,
+            name: self.cfg.name.clone(),
+            generation: previous.map_or(1, |p| p.generation + 1),
+            token_type: tokens.token_type,
+            access_expires_at: now + secs(tokens.expires_in),
+            refresh_expires_at,
+            refreshed_at: now,
+            session_started_at: match previous {
+                Some(p) if !new_session => p.session_started_at,
+                _ => now,
+            },
+            scope: tokens.scope,
+            owner_id: tokens.owner_id,
+            endpoint_id: tokens.endpoint_id,
+            session_id: tokens.session_id,
+            access_token: tokens.access_token,
+            refresh_token: tokens.refresh_token,
+        };
+        info!(
+            token = %self.name(),
+            generation = state.generation,
+            access_expires_at = %state.access_expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            refresh_expires_at = %state.refresh_expires_at.map_or_else(|| "none".into(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            duration_ms = elapsed.as_millis() as u64,
+            fingerprint = %state.access_token.fingerprint(),
+            new_session,
+            "refreshed"
+        );
+        self.state = Some(state);
+        self.state_dirty = true;
+        self.mark_all_sinks_stale();
+        self.relogin = false;
+        self.retry_at = None;
+        self.not_before = None;
+        self.attempt = 0;
+        self.status.needs_login = false;
+        self.status.last_error = None;
+        self.status.last_success_at = Some(now);
+        self.new_deadline_jitter();
+        if self.flush() {
+            self.run_hook();
+        }
+    }
+
+    fn mark_all_sinks_stale(&mut self) {
+        self.stale_sinks = self.cfg.sinks.iter().map(|s| s.path.clone()).collect();
+    }
+
+    /// Persist, then publish. Returns true when everything is on disk.
+    fn flush(&mut self) -> bool {
+        let Some(state) = &self.state else { return true };
+        if self.state_dirty {
+            if let Err(e) = state.save(&self.cfg.state_file) {
+                error!(token = %self.name(), path = %self.cfg.state_file.display(), error = %e, "cannot write state; keeping the new token in memory and not publishing until it is saved");
+                self.schedule_write_retry();
+                return false;
+            }
+            self.state_dirty = false;
+        }
+        let now = Utc::now();
+        for sink in &self.cfg.sinks {
+            if !self.stale_sinks.contains(&sink.path) {
+                continue;
+            }
+            let bytes = render_sink(state, sink.format, sink.include_refresh_token, now);
+            match crate::store::write_atomic(&sink.path, &bytes, sink.mode) {
+                Ok(()) => {
+                    self.stale_sinks.remove(&sink.path);
+                }
+                Err(e) => {
+                    error!(token = %self.cfg.name, path = %sink.path.display(), error = %e, "cannot write sink; will retry");
+                }
+            }
+        }
+        if self.stale_sinks.is_empty() {
+            self.write_failures = 0;
+            self.write_retry_at = None;
+            true
+        } else {
+            self.schedule_write_retry();
+            false
+        }
+    }
+
+    fn schedule_write_retry(&mut self) {
+        self.write_failures += 1;
+        let delay = backoff(
+            self.write_failures,
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+            None,
+            rand::random(),
+        );
+        self.write_retry_at = Some(Instant::now() + delay);
+    }
+
+    fn run_hook(&self) {
+        let (Some(hook), Some(state)) = (&self.cfg.on_refresh, &self.state) else { return };
+        hook::spawn(hook.clone(), &self.cfg, state);
+    }
+
+    fn record_error(&mut self, code: &str, message: &str, permanent: bool) {
+        self.status.last_error = Some(ErrorRecord {
+            at: Utc::now(),
+            code: code.into(),
+            message: message.into(),
+            permanent,
+        });
+    }
+
+    fn save_status(&mut self) {
+        let due = self
+            .due(Instant::now())
+            .map(|d| Utc::now() + d.saturating_duration_since(Instant::now()));
+        let tick = self.cfg.schedule.next_after(Utc::now());
+        self.status.next_refresh_at = match (due, tick) {
+            (Some(d), Some(t)) => Some(d.min(t)),
+            (d, t) => d.or(t),
+        };
+        if let Err(e) = self.status.save(&self.cfg.state_file) {
+            warn!(token = %self.name(), error = %e, "cannot write status file");
+        }
+    }
+}

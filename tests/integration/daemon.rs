@@ -1,0 +1,338 @@
+//! `tokend run` end to end: bootstrap, schedule, restart, early refresh, faults, signals.
+
+use crate::harness::{TokenSpec, World, wait_until};
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+use tokend::fake::{FakeConfig, Fault};
+
+const T: Duration = Duration::from_secs(20);
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn jwt_bootstrap_writes_state_and_sinks_with_exact_modes_under_any_umask() {
+    for umask in ["umask 077;", "umask 000;"] {
+        let w = World::new().await;
+        w.write_config(&[TokenSpec::new("main")]);
+        let mut d = w.daemon_with(&[], umask);
+        d.wait_ready().await;
+        assert_eq!(mode(&w.path("main.state.json")), 0o600, "{umask}");
+        assert_eq!(mode(&w.path("main.json")), 0o640, "{umask}");
+        assert_eq!(mode(&w.path("main.raw")), 0o644, "{umask}");
+        let doc = w.sink("main").unwrap();
+        assert_eq!(doc.generation, 1);
+        assert_eq!(doc.token_type, "bearer");
+        assert_eq!(doc.expire_time, doc.expires_at.timestamp_millis());
+        assert_eq!(doc.owner_id.as_deref(), Some("100000"));
+        assert!(doc.refresh_token.is_none(), "no refresh token in a sink by default");
+        let raw = std::fs::read_to_string(w.path("main.raw")).unwrap();
+        assert_eq!(raw, doc.access_token, "raw sink: the token alone, no newline");
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(w.path("main.json")).unwrap()).unwrap();
+        for field in [
+            "access_token",
+            "token_type",
+            "expires_at",
+            "expire_time",
+            "generation",
+            "refreshed_at",
+        ] {
+            assert!(json.get(field).is_some(), "json sink lacks {field}");
+        }
+        let state = w.state("main");
+        assert!(state.refresh_token.is_some());
+        assert_eq!(w.stats().logins, 1);
+        assert!(d.stop().await.success());
+    }
+}
+
+#[tokio::test]
+async fn scheduled_refreshes_grow_generation_by_one() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main").schedule("* * * * * *")]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    let mut seen = vec![w.generation("main")];
+    wait_until("generation 4", T, || {
+        let g = w.generation("main");
+        if seen.last() != Some(&g) {
+            seen.push(g);
+        }
+        g >= 4
+    })
+    .await;
+    assert!(seen.windows(2).all(|p| p[1] == p[0] + 1 || p[1] > p[0]), "{seen:?}");
+    let stats = w.stats();
+    assert_eq!(stats.logins, 1);
+    assert!(stats.refreshes >= 3);
+    let lines: Vec<u64> = d
+        .output()
+        .lines()
+        .filter(|l| l.contains("refreshed"))
+        .filter_map(|l| l.split("generation=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(lines.windows(2).all(|p| p[1] == p[0] + 1), "log generations {lines:?}");
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn restart_reuses_state_without_a_new_login_and_republishes_sinks() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    assert!(d.stop().await.success());
+    // A reboot empties /run: the sinks must come back from the state alone.
+    std::fs::remove_file(w.path("main.json")).unwrap();
+    std::fs::remove_file(w.path("main.raw")).unwrap();
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    assert_eq!(w.generation("main"), 1);
+    assert!(w.path("main.raw").exists());
+    let stats = w.stats();
+    assert_eq!((stats.logins, stats.live_sessions["100000"]), (1, 1));
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn short_access_ttl_refreshes_early_and_sinks_never_hold_an_expired_token() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main").extra("access_token_ttl = 3")]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    let mut checked = 0;
+    wait_until("generation 4 via deadline refreshes", T, || {
+        if let Some(doc) = w.sink("main") {
+            let now = chrono::Utc::now();
+            assert!(doc.expires_at > now, "sink holds an expired token: {doc:?} at {now}");
+            checked += 1;
+        }
+        w.generation("main") >= 4
+    })
+    .await;
+    assert!(checked > 10);
+    assert_eq!(w.stats().logins, 1);
+    assert!(d.stop().await.success());
+}
+
+async fn started(spec: TokenSpec) -> (World, crate::harness::Daemon) {
+    let w = World::new().await;
+    w.write_config(&[spec]);
+    let d = w.daemon();
+    d.wait_ready().await;
+    (w, d)
+}
+
+#[tokio::test]
+async fn transient_faults_are_retried_with_backoff_and_no_new_session() {
+    let (w, mut d) = started(TokenSpec::new("main").extra("request_timeout = \"1s\"")).await;
+    for f in [
+        "status500",
+        "status503,retry_after=1",
+        "status429,retry_after=1",
+        "hang,ms=1500",
+        "reset",
+        "malformed",
+        "truncated",
+        "html",
+        "missing_access_token",
+        "oversized",
+    ] {
+        w.server.inject(f.parse::<Fault>().unwrap());
+    }
+    d.signal(libc::SIGUSR1);
+    w.wait_generation("main", 2, Duration::from_secs(40)).await;
+    let stats = w.stats();
+    assert_eq!(stats.faults_injected, 10);
+    assert_eq!(stats.logins, 1, "no new session");
+    assert_eq!(d.count("retrying"), 10, "{}", d.output());
+    for n in 1..=10 {
+        assert!(d.output().contains(&format!("attempt={n} ")), "attempt {n} not logged");
+    }
+    assert!(d.output().contains("code=CMN-301"));
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let (w, mut d) = started(TokenSpec::new("main")).await;
+    w.server.inject("status503,retry_after=2".parse().unwrap());
+    let t0 = std::time::Instant::now();
+    d.signal(libc::SIGUSR1);
+    w.wait_generation("main", 2, T).await;
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "retried before Retry-After: {:?}",
+        t0.elapsed()
+    );
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn lost_response_is_recovered_by_replaying_the_same_refresh_token() {
+    let (w, mut d) = started(TokenSpec::new("main")).await;
+    let before = w.state("main").refresh_token;
+    w.server.inject("commit_then_drop".parse().unwrap());
+    d.signal(libc::SIGUSR1);
+    w.wait_generation("main", 2, T).await;
+    let stats = w.stats();
+    assert_eq!(stats.grace_replays, 1, "{stats:?}");
+    assert_eq!(stats.refreshes, 1, "the server rotated once");
+    assert_eq!(stats.logins, 1);
+    assert_ne!(w.state("main").refresh_token, before);
+    assert!(d.stop().await.success());
+}
+
+async fn revoke(w: &World, token: &str) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/restapi/oauth/revoke", w.server.url()))
+        .basic_auth(crate::harness::CLIENT_ID, Some(crate::harness::CLIENT_SECRET))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn invalid_grant_leads_to_a_jwt_relogin() {
+    let (w, mut d) = started(TokenSpec::new("main")).await;
+    revoke(&w, w.state("main").refresh_token.unwrap().expose()).await;
+    d.signal(libc::SIGUSR1);
+    w.wait_generation("main", 2, T).await;
+    let stats = w.stats();
+    assert_eq!(stats.logins, 2);
+    assert_eq!(stats.rejected["OAU-211"], 1);
+    assert!(d.output().contains("logging in again (new session)"), "{}", d.output());
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn dead_chain_without_a_login_grant_needs_login_and_keeps_sinks() {
+    let w = World::new().await;
+    // Bootstrap from a refresh token obtained elsewhere (here: a JWT login by the test).
+    let first = reqwest::Client::new()
+        .post(format!("{}/restapi/oauth/token", w.server.url()))
+        .basic_auth(crate::harness::CLIENT_ID, Some(crate::harness::CLIENT_SECRET))
+        .form(&[
+            ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+            ("assertion", crate::harness::JWT),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    let rt = first["refresh_token"].as_str().unwrap().to_string();
+    w.write_config(&[TokenSpec::new("main")
+        .grant(&format!("grant = \"refresh_token\"\nrefresh_token = \"{rt}\""))]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    assert_eq!(w.generation("main"), 1);
+    let sink_before = std::fs::read(w.path("main.json")).unwrap();
+    revoke(&w, w.state("main").refresh_token.unwrap().expose()).await;
+    d.signal(libc::SIGUSR1);
+    d.wait_log("needs login", 1, T).await;
+    let out = d.output();
+    assert!(out.contains("ERROR") && out.contains("code=OAU-211"), "{out}");
+    assert_eq!(std::fs::read(w.path("main.json")).unwrap(), sink_before, "sinks untouched");
+    assert_eq!(w.stats().logins, 1, "no login possible without a login grant");
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn second_daemon_on_the_same_state_exits_naming_the_holder() {
+    let (w, mut d) = started(TokenSpec::new("main")).await;
+    let mut second = w.daemon();
+    let status = second.wait_exit(T).await;
+    assert_eq!(status.code(), Some(75));
+    let out = second.output();
+    assert!(
+        out.contains(&format!("pid {}", d.pid())) && out.contains("locked by another tokend"),
+        "{out}"
+    );
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn sighup_adds_a_token_and_a_broken_config_keeps_the_old_one() {
+    let (w, mut d) = started(TokenSpec::new("main")).await;
+    w.write_config(&[TokenSpec::new("main"), TokenSpec::new("second")]);
+    d.signal(libc::SIGHUP);
+    w.wait_generation("second", 1, T).await;
+    assert_eq!(w.generation("main"), 1, "unchanged token not restarted");
+    std::fs::write(w.config_path(), "this is = = not toml").unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reload failed", 1, T).await;
+    assert!(d.output().contains("config.toml:1"), "{}", d.output());
+    d.signal(libc::SIGUSR1);
+    w.wait_generation("second", 2, T).await;
+    w.wait_generation("main", 2, T).await;
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn sigterm_during_a_slow_refresh_finishes_and_persists_it() {
+    let (w, mut d) = started(TokenSpec::new("main").extra("request_timeout = \"10s\"")).await;
+    w.server.inject("hang,ms=1500".parse().unwrap());
+    d.signal(libc::SIGUSR1);
+    wait_until("the slow request to reach the server", T, || w.stats().faults_injected == 1).await;
+    let status = d.stop().await;
+    assert!(status.success());
+    assert_eq!(w.state("main").generation, 2, "in-flight refresh persisted");
+    assert_eq!(w.generation("main"), 2, "and published");
+    assert_eq!(w.stats().refreshes, 1);
+}
+
+#[tokio::test]
+async fn run_refuses_a_bad_config_with_exit_78() {
+    let w = World::new().await;
+    std::fs::write(w.config_path(), "[[token]]\nname = \"main\"\nsurprise = 1\n").unwrap();
+    let mut d = w.daemon();
+    let status = d.wait_exit(T).await;
+    assert_eq!(status.code(), Some(78));
+    let out = d.output();
+    assert!(out.contains("config.toml:3") && out.contains("surprise"), "{out}");
+}
+
+#[tokio::test]
+async fn unwritable_sink_directory_stops_start_with_exit_73() {
+    let w = World::new().await;
+    let spec = TokenSpec::new("main");
+    w.write_config(&[spec]);
+    let text = std::fs::read_to_string(w.config_path()).unwrap();
+    let bad =
+        text.replace(&format!("{}/main.raw", w.dir.path().display()), "/proc/no-such-dir/main.raw");
+    std::fs::write(w.config_path(), bad).unwrap();
+    let mut d = w.daemon();
+    assert_eq!(d.wait_exit(T).await.code(), Some(73));
+    assert!(d.output().contains("/proc/no-such-dir"), "{}", d.output());
+}
+
+#[tokio::test]
+async fn trace_output_never_contains_a_secret() {
+    let w = World::with(FakeConfig::for_tests()).await;
+    w.write_config(&[TokenSpec::new("main")
+        .extra("access_token_ttl = 2")
+        .extra("request_timeout = \"1s\"")]);
+    for f in
+        ["status500", "commit_then_drop", "malformed", "truncated", "missing_access_token", "reset"]
+    {
+        w.server.inject(f.parse::<Fault>().unwrap());
+    }
+    let mut d = w.daemon_with(&[("RUST_LOG", "trace")], "");
+    d.wait_ready().await;
+    w.wait_generation("main", 4, Duration::from_secs(40)).await;
+    d.stop().await;
+    let out = d.output();
+    assert!(out.len() > 10_000, "trace output is substantial: {} bytes", out.len());
+    let mut secrets = w.server.issued_tokens();
+    secrets.extend([crate::harness::JWT.to_string(), crate::harness::CLIENT_SECRET.to_string()]);
+    assert!(secrets.len() > 6);
+    for s in &secrets {
+        assert!(!out.contains(s.as_str()), "a secret leaked into the log");
+    }
+}

@@ -1,0 +1,5 @@
+//! All integration tests in one binary: the real `tokend` against the fake server on loopback.
+
+mod check;
+mod daemon;
+mod harness;
