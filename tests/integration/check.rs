@@ -79,3 +79,25 @@ async fn every_kind_of_config_error_names_file_line_and_key() {
     assert_eq!(code, 78);
     assert!(err.contains("cannot read"), "{err}");
 }
+
+#[tokio::test]
+async fn the_shipped_example_config_is_valid() {
+    let w = World::new().await;
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+            .unwrap();
+    let d = w.dir.path().display().to_string();
+    std::fs::write(
+        w.config_path(),
+        example.replace("/var/lib/tokend", &d).replace("/run/tokend", &d),
+    )
+    .unwrap();
+    std::fs::write(w.path("client_secret"), "s\n").unwrap();
+    std::fs::write(w.path("jwt"), "j\n").unwrap();
+    let out = std::process::Command::new(crate::harness::BIN)
+        .args(["check", "--config", w.config_path().to_str().unwrap()])
+        .env("CREDENTIALS_DIRECTORY", w.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

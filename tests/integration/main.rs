@@ -2,4 +2,6 @@
 
 mod check;
 mod daemon;
+mod fake_server;
 mod harness;
+mod interop;

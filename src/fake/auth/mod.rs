@@ -460,9 +460,14 @@ impl Auth {
 
     fn check_bearer(&mut self, header: Option<&str>, now: Instant) -> Result<String, ApiError> {
         let header = header.ok_or(AT_MISSING)?;
+        // The scheme is case-insensitive (RFC 7235); the Python SDK sends "bearer" as given
+        // in `token_type`.
         let token = header
-            .strip_prefix("Bearer ")
-            .filter(|t| !t.is_empty() && !t.contains(' '))
+            .split_once(' ')
+            .filter(|(scheme, t)| {
+                scheme.eq_ignore_ascii_case("bearer") && !t.is_empty() && !t.contains(' ')
+            })
+            .map(|(_, t)| t)
             .ok_or(AT_MALFORMED)?;
         let rec = self.access.get_mut(token).ok_or(AT_NOT_FOUND)?;
         let session = &self.sessions[&rec.session];

@@ -132,7 +132,12 @@ fn access_token_expiry_and_header_errors() {
     assert_eq!(a.api_call(None, t0), Err(AT_MISSING));
     assert_eq!(a.api_call(Some("Token abc"), t0), Err(AT_MALFORMED));
     assert_eq!(a.api_call(Some("Bearer "), t0), Err(AT_MALFORMED));
-    assert_eq!(a.stats.api_rejected.values().sum::<u64>(), 4);
+    assert_eq!(
+        a.api_call(Some("bearer unknown-token"), t0),
+        Err(AT_NOT_FOUND),
+        "scheme is case-insensitive"
+    );
+    assert_eq!(a.stats.api_rejected.values().sum::<u64>(), 5);
 }
 
 #[test]
