@@ -32,6 +32,35 @@ enum Command {
     Run(ConfigArg),
     /// Validate the config and print the resolved plan (no secrets). Exit 0 when valid, 78 when not.
     Check(ConfigArg),
+    /// Print the access token from a sink file (json or raw).
+    ///
+    /// Exits non-zero with a one-line reason when the file is missing, unparsable or the token
+    /// has expired. Use as: curl -H "Authorization: Bearer $(tokend token /run/tokend/main.json)"
+    Token {
+        /// The sink file.
+        path: PathBuf,
+        /// Print generation, expiry and fingerprint as JSON instead of the token.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one line each time the token in a sink file changes, or run a command.
+    ///
+    /// With `-- COMMAND ARGS...` the command runs after each change (never two at once) with
+    /// TOKEND_ACCESS_TOKEN, TOKEND_GENERATION, TOKEND_EXPIRES_AT and TOKEND_FINGERPRINT set.
+    /// Lines show generation, expiry and fingerprint, never the token.
+    Watch {
+        /// The sink file (it need not exist yet).
+        path: PathBuf,
+        /// Poll every this many milliseconds instead of using inotify (for NFS and the like).
+        #[arg(long, value_name = "MS")]
+        poll_ms: Option<u64>,
+        /// Exit after this many tokens (the current one counts).
+        #[arg(long)]
+        count: Option<u64>,
+        /// The command to run on each change.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// A lifecycle-faithful fake RingCentral auth server for tests and demos.
     ///
     /// Prints its base URL (http://ADDR) as the first line of stdout, then serves until
@@ -155,6 +184,22 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => runtime.block_on(run(&args.config)),
         Command::Check(args) => check(&args.config),
+        Command::Token { path, json } => match tokend::reader_cli::token(&path, json) {
+            Ok(out) => {
+                println!("{out}");
+                Ok(())
+            }
+            Err(reason) => Err(Failure(1, reason)),
+        },
+        Command::Watch { path, poll_ms, count, command } => {
+            let opts = tokend::reader_cli::WatchOptions {
+                path: &path,
+                command: &command,
+                poll: poll_ms.map(Duration::from_millis),
+                count,
+            };
+            runtime.block_on(tokend::reader_cli::watch(opts)).map_err(|e| Failure(1, e))
+        }
         Command::FakeServer(args) => {
             init_logging(LogFormat::Text);
             runtime.block_on(fake_server(*args)).map_err(Failure::from)

@@ -5,3 +5,4 @@ mod daemon;
 mod fake_server;
 mod harness;
 mod interop;
+mod watch;

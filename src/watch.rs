@@ -1,0 +1,343 @@
+//! The reader side: follow a sink file and always hold its latest token, without ever
+//! refreshing. Rename-safe (watches the directory, not the file), survives the file or its
+//! directory vanishing and coming back, re-reads on event-queue overflow, and can poll
+//! instead for network filesystems where inotify says nothing.
+//!
+//! ```no_run
+//! # async fn example() -> std::io::Result<()> {
+//! use tokend::watch::TokenWatcher;
+//! let mut watcher = TokenWatcher::open("/run/tokend/main.json")?;
+//! if let Some(token) = watcher.current() {
+//!     // use token.access_token.expose() in an Authorization header
+//! }
+//! // After a 401: re-read now; if the token did not change, the 401 is not ours to fix.
+//! let changed = watcher.reload_now();
+//! // Or wait for the next token:
+//! let next = watcher.changed().await;
+//! # Ok(()) }
+//! ```
+
+use crate::secret::AccessToken;
+use crate::store::SinkDoc;
+use chrono::{DateTime, Utc};
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// One token as read from a sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    pub access_token: AccessToken,
+    /// From a json sink; `None` for a raw sink.
+    pub generation: Option<u64>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub token_type: String,
+}
+
+impl Token {
+    pub fn fingerprint(&self) -> String {
+        self.access_token.fingerprint()
+    }
+
+    /// True when the sink says the token has expired.
+    pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|e| e <= now)
+    }
+}
+
+/// Why a sink could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("{path}: no such file")]
+    Missing { path: PathBuf },
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("{path}: empty file")]
+    Empty { path: PathBuf },
+    #[error("{path}: not a tokend sink ({message})")]
+    Unparsable { path: PathBuf, message: String },
+}
+
+/// Parses a sink's bytes: json (starts with `{`) or raw (the token alone).
+pub fn parse_sink(path: &Path, bytes: &[u8]) -> Result<Token, ReadError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ReadError::Unparsable { path: path.into(), message: "not UTF-8".into() })?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(ReadError::Empty { path: path.into() });
+    }
+    if trimmed.starts_with('{') {
+        let doc: SinkDoc = serde_json::from_str(trimmed).map_err(|e| ReadError::Unparsable {
+            path: path.into(),
+            message: format!("json at line {} column {}", e.line(), e.column()),
+        })?;
+        if doc.access_token.is_empty() {
+            return Err(ReadError::Unparsable {
+                path: path.into(),
+                message: "empty access_token".into(),
+            });
+        }
+        return Ok(Token {
+            access_token: AccessToken::new(doc.access_token),
+            generation: Some(doc.generation),
+            expires_at: Some(doc.expires_at),
+            token_type: doc.token_type,
+        });
+    }
+    if trimmed.contains(char::is_whitespace) {
+        return Err(ReadError::Unparsable {
+            path: path.into(),
+            message: "a raw sink holds one token without spaces".into(),
+        });
+    }
+    Ok(Token {
+        access_token: AccessToken::new(trimmed),
+        generation: None,
+        expires_at: None,
+        token_type: "bearer".into(),
+    })
+}
+
+/// Reads and parses a sink once.
+pub fn read_sink(path: &Path) -> Result<Token, ReadError> {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ReadError::Missing { path: path.into() },
+        _ => ReadError::Io { path: path.into(), message: e.to_string() },
+    })?;
+    parse_sink(path, &bytes)
+}
+
+/// Shared between the watcher thread and the handles.
+struct Inner {
+    path: PathBuf,
+    tx: watch::Sender<Option<Arc<Token>>>,
+    /// Counts changes, for blocking waiters.
+    changes: Mutex<u64>,
+    cond: Condvar,
+    last_error: Mutex<Option<ReadError>>,
+}
+
+impl Inner {
+    /// Re-reads the file; publishes a new token if it differs. Returns whether it changed.
+    fn reload(&self) -> bool {
+        match read_sink(&self.path) {
+            Ok(token) => {
+                *self.last_error.lock().expect("lock") = None;
+                let changed = self.tx.send_if_modified(|cur| {
+                    let same = cur.as_deref().is_some_and(|c| {
+                        c.access_token == token.access_token && c.generation == token.generation
+                    });
+                    if !same {
+                        *cur = Some(Arc::new(token));
+                    }
+                    !same
+                });
+                if changed {
+                    *self.changes.lock().expect("lock") += 1;
+                    self.cond.notify_all();
+                }
+                changed
+            }
+            Err(e) => {
+                // Keep the last good token: a reader must never drop to nothing because of a
+                // bad or missing file.
+                *self.last_error.lock().expect("lock") = Some(e);
+                false
+            }
+        }
+    }
+}
+
+/// How to follow the file.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// inotify (or the platform's equivalent) on the directory.
+    Notify,
+    /// Stat the file at this interval: for NFS and other filesystems without events.
+    Poll(Duration),
+}
+
+/// Follows one sink file. Cheap to query; dropping it stops the watching.
+pub struct TokenWatcher {
+    inner: Arc<Inner>,
+    rx: watch::Receiver<Option<Arc<Token>>>,
+    _backend: Backend,
+}
+
+enum Backend {
+    /// Held only to keep the watch alive.
+    Notify {
+        _watcher: Arc<Mutex<notify::RecommendedWatcher>>,
+    },
+    Poll(Arc<std::sync::atomic::AtomicBool>),
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Backend::Poll(stop) = self {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl TokenWatcher {
+    /// Opens `path` with inotify. The file need not exist yet.
+    pub fn open(path: impl AsRef<Path>) -> std::io::Result<Self> {
+        Self::with_mode(path, Mode::Notify)
+    }
+
+    /// Opens `path`, following it as `mode` says.
+    pub fn with_mode(path: impl AsRef<Path>, mode: Mode) -> std::io::Result<Self> {
+        let path = std::path::absolute(path.as_ref())?;
+        let (tx, rx) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            path,
+            tx,
+            changes: Mutex::new(0),
+            cond: Condvar::new(),
+            last_error: Mutex::new(None),
+        });
+        let backend = match mode {
+            Mode::Notify => Backend::Notify { _watcher: start_notify(&inner)? },
+            Mode::Poll(every) => Backend::Poll(start_poll(&inner, every)),
+        };
+        inner.reload();
+        let mut rx = rx;
+        // What `open` read is current, not a change: `changed()` waits for the next one.
+        rx.borrow_and_update();
+        Ok(Self { inner, rx, _backend: backend })
+    }
+
+    /// The latest good token, if one has been read. No file access.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        self.rx.borrow().clone()
+    }
+
+    /// Why the last read failed, if it did (the last good token is still served).
+    pub fn last_error(&self) -> Option<ReadError> {
+        self.inner.last_error.lock().expect("lock").clone()
+    }
+
+    /// "My API call got 401": re-read now. True when the token changed, so a retry may work.
+    pub fn reload_now(&self) -> bool {
+        self.inner.reload()
+    }
+
+    /// Waits for a token different from the last one this handle returned.
+    pub async fn changed(&mut self) -> Option<Arc<Token>> {
+        self.rx.changed().await.ok()?;
+        self.rx.borrow_and_update().clone()
+    }
+
+    /// Blocking wait (for programs without an async runtime): returns once a token newer
+    /// than `seen` (a value of `changes()`) arrives, or `None` after `timeout`.
+    pub fn wait_blocking(&self, seen: u64, timeout: Duration) -> Option<(u64, Arc<Token>)> {
+        let guard = self.inner.changes.lock().expect("lock");
+        let (guard, _) =
+            self.inner.cond.wait_timeout_while(guard, timeout, |n| *n <= seen).expect("lock");
+        (*guard > seen).then(|| (*guard, self.current().expect("a change means a token")))
+    }
+
+    /// How many changes have been seen so far (pair with `wait_blocking`).
+    pub fn changes(&self) -> u64 {
+        *self.inner.changes.lock().expect("lock")
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+}
+
+fn parent(path: &Path) -> PathBuf {
+    path.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
+}
+
+/// Watches the file's directory and its parent (to see the directory come back).
+fn start_notify(inner: &Arc<Inner>) -> std::io::Result<Arc<Mutex<notify::RecommendedWatcher>>> {
+    let dir = parent(&inner.path);
+    let grand = parent(&dir);
+    let file_name: OsString = inner.path.file_name().unwrap_or_default().to_owned();
+    let dir_name: OsString = dir.file_name().unwrap_or_default().to_owned();
+    let weak = Arc::downgrade(inner);
+    let rewatch = Arc::new(Mutex::new(None::<std::sync::mpsc::Sender<()>>));
+    let rewatch_cb = rewatch.clone();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Some(inner) = weak.upgrade() else { return };
+        let Ok(event) = res else {
+            inner.reload();
+            return;
+        };
+        let names = |n: &OsString| event.paths.iter().any(|p| p.file_name() == Some(n.as_os_str()));
+        let ours = names(&file_name);
+        let dir_event = names(&dir_name) && !ours;
+        if dir_event
+            && matches!(
+                event.kind,
+                EventKind::Create(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
+            )
+        {
+            // The directory came back: watch it again, then read whatever is there.
+            if let Some(tx) = rewatch_cb.lock().expect("lock").as_ref() {
+                let _ = tx.send(());
+            }
+        }
+        if ours || event.need_rescan() || matches!(event.kind, EventKind::Other) {
+            inner.reload();
+        }
+    })
+    .map_err(std::io::Error::other)?;
+    let watch_dir = |w: &mut notify::RecommendedWatcher| w.watch(&dir, RecursiveMode::NonRecursive);
+    let dir_watched = watch_dir(&mut watcher).is_ok();
+    let grand_watched = watcher.watch(&grand, RecursiveMode::NonRecursive).is_ok();
+    if !dir_watched && !grand_watched {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("neither {} nor {} can be watched", dir.display(), grand.display()),
+        ));
+    }
+    // Re-adding the watch happens on its own thread: notify's callback must not call into
+    // the watcher. The thread ends when the callback (holding the sender) is dropped.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    *rewatch.lock().expect("lock") = Some(tx);
+    let watcher = Arc::new(Mutex::new(watcher));
+    let weak_watcher = Arc::downgrade(&watcher);
+    let weak = Arc::downgrade(inner);
+    std::thread::Builder::new().name("tokend-rewatch".into()).spawn(move || {
+        while rx.recv().is_ok() {
+            let (Some(w), Some(inner)) = (weak_watcher.upgrade(), weak.upgrade()) else { return };
+            let _ = w.lock().expect("lock").watch(&dir, RecursiveMode::NonRecursive);
+            inner.reload();
+        }
+    })?;
+    Ok(watcher)
+}
+
+fn start_poll(inner: &Arc<Inner>, every: Duration) -> Arc<std::sync::atomic::AtomicBool> {
+    use std::os::unix::fs::MetadataExt;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_thread = stop.clone();
+    let weak = Arc::downgrade(inner);
+    let path = inner.path.clone();
+    std::thread::Builder::new()
+        .name("tokend-poll".into())
+        .spawn(move || {
+            let mut last = None;
+            while !stop_thread.load(std::sync::atomic::Ordering::Relaxed) {
+                // Identity of the file: a rename gives a new inode; an in-place rewrite a new mtime.
+                let id = std::fs::metadata(&path)
+                    .ok()
+                    .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.size()));
+                if id != last {
+                    let Some(inner) = weak.upgrade() else { return };
+                    inner.reload();
+                    last = id;
+                }
+                std::thread::sleep(every);
+            }
+        })
+        .expect("spawn poll thread");
+    stop
+}
