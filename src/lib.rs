@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod fake;
 pub mod hook;
 pub mod logging;

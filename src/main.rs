@@ -32,6 +32,16 @@ enum Command {
     Run(ConfigArg),
     /// Validate the config and print the resolved plan (no secrets). Exit 0 when valid, 78 when not.
     Check(ConfigArg),
+    /// The whole job in one command: a fake RingCentral server, the daemon refreshing every few
+    /// seconds in a temp dir, and a watcher using each new token for an API call.
+    Demo {
+        /// Stop after the watcher has seen this many tokens (default: run until Ctrl-C).
+        #[arg(long)]
+        cycles: Option<u64>,
+        /// Seconds between scheduled refreshes.
+        #[arg(long, default_value_t = 3)]
+        every: u32,
+    },
     /// Print the access token from a sink file (json or raw).
     ///
     /// Exits non-zero with a one-line reason when the file is missing, unparsable or the token
@@ -184,6 +194,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => runtime.block_on(run(&args.config)),
         Command::Check(args) => check(&args.config),
+        Command::Demo { cycles, every } => {
+            init_logging(LogFormat::Text);
+            let opts = tokend::demo::DemoOptions { cycles, every };
+            runtime.block_on(tokend::demo::run(opts)).map(drop).map_err(Failure::from)
+        }
         Command::Token { path, json } => match tokend::reader_cli::token(&path, json) {
             Ok(out) => {
                 println!("{out}");

@@ -336,3 +336,20 @@ async fn trace_output_never_contains_a_secret() {
         assert!(!out.contains(s.as_str()), "a secret leaked into the log");
     }
 }
+
+#[tokio::test]
+async fn demo_runs_the_whole_job_and_stops_after_its_cycles() {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(crate::harness::BIN)
+            .args(["demo", "--cycles", "3", "--every", "1"])
+            .output(),
+    )
+    .await
+    .expect("demo stops by itself")
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.matches("-> API 200").count(), 3, "{stdout}");
+    assert!(stdout.contains("1 login(s)") && stdout.contains("0 refused"), "{stdout}");
+}
