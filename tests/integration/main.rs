@@ -2,6 +2,7 @@
 
 mod check;
 mod daemon;
+mod examples;
 mod fake_server;
 mod harness;
 mod interop;
