@@ -14,6 +14,7 @@ pub mod reader_cli;
 pub mod refresher;
 pub mod secret;
 pub mod shutdown;
+pub mod status;
 pub mod store;
 pub mod time;
 pub mod watch;

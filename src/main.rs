@@ -30,6 +30,16 @@ enum Command {
     /// refreshes every token now. Exit codes: 78 config error, 73 directory not writable,
     /// 75 another tokend holds a token's lock.
     Run(ConfigArg),
+    /// Show each token: generation, access and refresh expiry, last refresh, next refresh,
+    /// last error, "needs login". Reads the state files; works while the daemon runs.
+    /// Exit 0 when every token is healthy, 1 otherwise.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the config and print the resolved plan (no secrets). Exit 0 when valid, 78 when not.
     Check(ConfigArg),
     /// The whole job in one command: a fake RingCentral server, the daemon refreshing every few
@@ -194,6 +204,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => runtime.block_on(run(&args.config)),
         Command::Check(args) => check(&args.config),
+        Command::Status { config, json } => status(&config.config, json),
         Command::Demo { cycles, every } => {
             init_logging(LogFormat::Text);
             let opts = tokend::demo::DemoOptions { cycles, every };
@@ -242,6 +253,20 @@ async fn run(path: &std::path::Path) -> Result<(), Failure> {
     init_logging(config.log_format);
     let controls = daemon::signal_controls().map_err(|e| Failure(1, format!("signals: {e}")))?;
     daemon::run(config, controls).await.map_err(|e| Failure(e.exit_code(), e.to_string()))
+}
+
+fn status(path: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let reports = tokend::status::reports(&load(path)?);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports).expect("serializable"));
+    } else {
+        print!("{}", tokend::status::render(&reports));
+    }
+    if reports.iter().all(|r| r.health == "ok") {
+        Ok(())
+    } else {
+        Err(Failure(1, "some tokens are not healthy".into()))
+    }
 }
 
 fn check(path: &std::path::Path) -> Result<(), Failure> {

@@ -6,4 +6,5 @@ mod examples;
 mod fake_server;
 mod harness;
 mod interop;
+mod status;
 mod watch;

@@ -1,0 +1,161 @@
+//! `tokend status`: each token's state as the files on disk tell it, for the operator's first
+//! command when paged. Reads the state and status files; works while the daemon runs.
+
+use crate::config::{Config, Grant, TokenConfig};
+use crate::store::{State, StateLock, Status};
+use crate::time::left;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use std::fmt::Write;
+
+/// One token's report (the `--json` shape).
+#[derive(Debug, Serialize)]
+pub struct TokenReport {
+    pub name: String,
+    /// ok | needs_login | expired | no_state | unreadable
+    pub health: &'static str,
+    pub daemon_pid: Option<u32>,
+    pub generation: Option<u64>,
+    pub access_expires_at: Option<String>,
+    pub access_expires_in_secs: Option<i64>,
+    pub refresh_expires_at: Option<String>,
+    pub refresh_expires_in_secs: Option<i64>,
+    pub last_refresh_at: Option<String>,
+    pub session_started_at: Option<String>,
+    pub next_refresh_at: Option<String>,
+    pub needs_login: bool,
+    pub last_error: Option<crate::store::ErrorRecord>,
+    pub problem: Option<String>,
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// The pid in the token's lock file, if that process is alive.
+fn daemon_pid(cfg: &TokenConfig) -> Option<u32> {
+    let text = std::fs::read_to_string(StateLock::path_for(&cfg.state_file)).ok()?;
+    let pid: u32 = text.trim().parse().ok()?;
+    std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+/// Builds the report of one token.
+pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
+    let status = Status::load(&cfg.state_file).unwrap_or_default();
+    let state = State::load(&cfg.state_file);
+    let pid = daemon_pid(cfg);
+    let mut r = TokenReport {
+        name: cfg.name.clone(),
+        health: "ok",
+        daemon_pid: pid,
+        generation: None,
+        access_expires_at: None,
+        access_expires_in_secs: None,
+        refresh_expires_at: None,
+        refresh_expires_in_secs: None,
+        last_refresh_at: None,
+        session_started_at: None,
+        next_refresh_at: None,
+        needs_login: status.needs_login,
+        last_error: status.last_error,
+        problem: None,
+    };
+    match state {
+        Ok(Some(s)) => {
+            r.generation = Some(s.generation);
+            r.access_expires_at = Some(ts(s.access_expires_at));
+            r.access_expires_in_secs = Some((s.access_expires_at - now).num_seconds());
+            r.refresh_expires_at = s.refresh_expires_at.map(ts);
+            r.refresh_expires_in_secs = s.refresh_expires_at.map(|t| (t - now).num_seconds());
+            r.last_refresh_at = Some(ts(s.refreshed_at));
+            r.session_started_at = Some(ts(s.session_started_at));
+            if s.access_expires_at <= now {
+                r.health = "expired";
+            }
+        }
+        Ok(None) => {
+            r.health = "no_state";
+            if matches!(cfg.grant, Grant::AuthorizationCode { .. }) {
+                r.needs_login = true;
+            }
+        }
+        Err(e) => {
+            r.health = "unreadable";
+            r.problem = Some(e.to_string());
+        }
+    }
+    if r.needs_login {
+        r.health = "needs_login";
+    }
+    // A plan is only a plan while a daemon is there to carry it out.
+    if pid.is_some() {
+        r.next_refresh_at = status.next_refresh_at.map(ts);
+    }
+    r
+}
+
+/// All tokens' reports.
+pub fn reports(config: &Config) -> Vec<TokenReport> {
+    let now = Utc::now();
+    config.tokens.iter().map(|t| report(t, now)).collect()
+}
+
+/// The human form.
+pub fn render(reports: &[TokenReport]) -> String {
+    let now = Utc::now();
+    let mut out = String::new();
+    for r in reports {
+        let parse = |s: &Option<String>| {
+            s.as_deref()
+                .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+                .map(|t| t.with_timezone(&Utc))
+        };
+        let daemon =
+            r.daemon_pid.map_or_else(|| "not running".into(), |p| format!("running (pid {p})"));
+        let _ = writeln!(
+            out,
+            "{}: {}  [daemon {daemon}]",
+            r.name,
+            r.health.replace('_', " ").to_uppercase()
+        );
+        let show = |label: &str, t: Option<DateTime<Utc>>, out: &mut String| {
+            if let Some(t) = t {
+                let _ = writeln!(out, "  {label:<16}{} ({})", ts(t), rel(t, now));
+            }
+        };
+        if let Some(g) = r.generation {
+            let _ = writeln!(out, "  {:<16}{g}", "generation");
+        }
+        show("access expires", parse(&r.access_expires_at), &mut out);
+        show("refresh expires", parse(&r.refresh_expires_at), &mut out);
+        show("last refresh", parse(&r.last_refresh_at), &mut out);
+        show("session started", parse(&r.session_started_at), &mut out);
+        show("next refresh", parse(&r.next_refresh_at), &mut out);
+        if r.needs_login {
+            let _ = writeln!(
+                out,
+                "  {:<16}run `tokend login --token {}` (or check the JWT and SIGHUP)",
+                "needs login", r.name
+            );
+        }
+        if let Some(e) = &r.last_error {
+            let kind = if e.permanent { "permanent" } else { "transient" };
+            let _ = writeln!(
+                out,
+                "  {:<16}{} at {} ({kind}): {}",
+                "last error",
+                e.code,
+                ts(e.at),
+                e.message
+            );
+        }
+        if let Some(p) = &r.problem {
+            let _ = writeln!(out, "  {:<16}{p}", "problem");
+        }
+    }
+    out
+}
+
+fn rel(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    if t >= now { format!("in {}", left(t, now)) } else { format!("{} ago", left(now, t)) }
+}
