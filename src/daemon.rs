@@ -51,6 +51,9 @@ impl DaemonError {
     }
 }
 
+/// How often `STATUS=` is refreshed for `systemctl status`.
+const STATUS_EVERY: Duration = Duration::from_secs(30);
+
 /// How long a stopping refresher may take to finish an in-flight refresh.
 const STOP_GRACE: Duration = Duration::from_secs(90);
 
@@ -93,6 +96,8 @@ pub fn signal_controls() -> std::io::Result<mpsc::Receiver<Control>> {
 pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result<(), DaemonError> {
     let mut daemon = Daemon::start(config).await?;
     let mut watchdog = crate::notify::Watchdog::from_env();
+    let mut status_every = tokio::time::interval(STATUS_EVERY);
+    status_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             c = control.recv() => match c {
@@ -101,6 +106,7 @@ pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result
                 Some(Control::RefreshAll) => daemon.refresh_all(),
             },
             () = watchdog.tick() => {}
+            _ = status_every.tick(), if crate::notify::enabled() => crate::notify::status(&daemon.summary()),
         }
     }
     crate::notify::stopping();
@@ -132,12 +138,23 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// One line for `systemctl status`: each token's health, generation and time left.
     fn summary(&self) -> String {
-        format!(
-            "{} token(s): {}",
-            self.tokens.len(),
-            self.tokens.keys().cloned().collect::<Vec<_>>().join(", ")
-        )
+        let now = chrono::Utc::now();
+        let parts: Vec<String> = self
+            .tokens
+            .values()
+            .map(|t| {
+                let r = crate::status::report(&t.cfg, now);
+                match (r.generation, r.access_expires_in_secs) {
+                    (Some(g), Some(s)) if r.health == "ok" => {
+                        format!("{} ok gen {g}, {s}s left", r.name)
+                    }
+                    _ => format!("{} {}", r.name, r.health.replace('_', " ")),
+                }
+            })
+            .collect();
+        parts.join("; ")
     }
 
     async fn spawn(

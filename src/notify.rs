@@ -10,6 +10,11 @@ fn send(states: &[NotifyState<'_>]) {
     }
 }
 
+/// Whether a service manager is listening.
+pub fn enabled() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
 /// Startup is complete: every token's sinks are published or its failure reported.
 pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);

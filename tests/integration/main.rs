@@ -7,4 +7,5 @@ mod fake_server;
 mod harness;
 mod interop;
 mod status;
+mod systemd;
 mod watch;
