@@ -49,7 +49,17 @@ impl std::error::Error for ConfigError {}
 pub struct Config {
     pub path: PathBuf,
     pub log_format: LogFormat,
+    pub metrics: MetricsConfig,
     pub tokens: Vec<TokenConfig>,
+}
+
+/// Where metrics go; both optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// A node_exporter textfile-collector file, rewritten atomically on every change.
+    pub textfile: Option<PathBuf>,
+    /// A loopback address serving `/metrics` and `/healthz`.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// How a token logs in when there is no state (and after a dead refresh chain).

@@ -3,11 +3,13 @@
 //! delays another.
 
 use crate::config::{Config, ConfigError, TokenConfig};
+use crate::metrics::Metrics;
 use crate::refresher::{Command, Refresher};
 use crate::store::{LockError, StateLock, check_dir_writable};
 use futures_util::StreamExt;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -36,6 +38,8 @@ pub enum DaemonError {
     NotWritable { path: PathBuf, source: std::io::Error },
     #[error("scheduler: {0}")]
     Scheduler(String),
+    #[error("metrics.listen {addr}: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 impl DaemonError {
@@ -47,6 +51,7 @@ impl DaemonError {
             Self::NotWritable { .. } => 73,
             Self::Lock(_) => 75,
             Self::Scheduler(_) => 70,
+            Self::Listen { .. } => 71,
         }
     }
 }
@@ -68,6 +73,9 @@ struct TokenHandle {
 /// A running daemon.
 pub struct Daemon {
     config: Config,
+    metrics: Arc<Metrics>,
+    /// The metrics textfile writer and HTTP server.
+    exporters: Vec<JoinHandle<()>>,
     scheduler: JobScheduler,
     tokens: BTreeMap<String, TokenHandle>,
 }
@@ -121,7 +129,10 @@ impl Daemon {
         let scheduler =
             JobScheduler::new().await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
         scheduler.start().await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
-        let mut daemon = Self { config: config.clone(), scheduler, tokens: BTreeMap::new() };
+        let metrics = Arc::new(Metrics::default());
+        let exporters = start_exporters(&config, &metrics).await?;
+        let mut daemon =
+            Self { config: config.clone(), metrics, exporters, scheduler, tokens: BTreeMap::new() };
         let mut prepared = Vec::new();
         for cfg in &config.tokens {
             prepared.push((cfg.clone(), prepare(cfg)?));
@@ -175,7 +186,8 @@ impl Daemon {
         .map_err(|e| DaemonError::Scheduler(format!("token {}: {e}", cfg.name)))?;
         let job =
             self.scheduler.add(job).await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
-        let task = tokio::spawn(Refresher::new(cfg.clone()).run(rx, ready_tx));
+        let task =
+            tokio::spawn(Refresher::new(cfg.clone(), self.metrics.clone()).run(rx, ready_tx));
         info!(token = %cfg.name, schedule = %cfg.schedule.expr, sinks = cfg.sinks.len(), "token started");
         self.tokens.insert(cfg.name.clone(), TokenHandle { cfg, tx, task, job, _lock: lock });
         Ok(ready_rx)
@@ -219,8 +231,8 @@ impl Daemon {
                 Err(e) => error!(token = %cfg.name, error = %e, "cannot start token after reload"),
             }
         }
-        if new.log_format != self.config.log_format {
-            warn!("log format changes take effect on restart");
+        if new.log_format != self.config.log_format || new.metrics != self.config.metrics {
+            warn!("[log] and [metrics] changes take effect on restart");
         }
         self.config = new;
         info!(tokens = self.tokens.len(), "config reloaded");
@@ -234,6 +246,7 @@ impl Daemon {
         if tokio::time::timeout(STOP_GRACE, handle.task).await.is_err() {
             error!(token = %name, "refresher did not stop in time");
         }
+        self.metrics.remove(name);
         info!(token = %name, "token stopped");
     }
 
@@ -248,8 +261,32 @@ impl Daemon {
             self.stop_token(&name).await;
         }
         let _ = self.scheduler.shutdown().await;
+        for e in &self.exporters {
+            e.abort();
+        }
         info!("stopped");
     }
+}
+
+async fn start_exporters(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<JoinHandle<()>>, DaemonError> {
+    let mut tasks = Vec::new();
+    if let Some(addr) = config.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Listen { addr, source })?;
+        info!(%addr, "serving /metrics and /healthz");
+        tasks.push(tokio::spawn(crate::metrics::serve(metrics.clone(), listener)));
+    }
+    if let Some(path) = &config.metrics.textfile {
+        let dir = parent(path);
+        check_dir_writable(dir)
+            .map_err(|source| DaemonError::NotWritable { path: dir.into(), source })?;
+        tasks.push(tokio::spawn(crate::metrics::write_textfile(metrics.clone(), path.clone())));
+    }
+    Ok(tasks)
 }
 
 /// Everything a token needs before it may start: its lock and writable directories.

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod fake;
 pub mod hook;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod oauth;
 pub mod policy;

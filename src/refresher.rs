@@ -4,12 +4,14 @@
 
 use crate::config::{Grant, TokenConfig};
 use crate::hook;
+use crate::metrics::Metrics;
 use crate::oauth::{OAuthClient, OAuthError, TokenSet};
 use crate::policy::{RequestBudget, backoff, refresh_deadline};
 use crate::store::{ErrorRecord, STATE_VERSION, State, StateError, Status, render_sink};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
@@ -32,6 +34,7 @@ const MAX_SLEEP: Duration = Duration::from_secs(30);
 /// One token's refresher. Owns its state; nothing else writes this token's files.
 pub struct Refresher {
     cfg: TokenConfig,
+    metrics: Arc<Metrics>,
     client: OAuthClient,
     state: Option<State>,
     status: Status,
@@ -57,7 +60,7 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    pub fn new(cfg: TokenConfig) -> Self {
+    pub fn new(cfg: TokenConfig, metrics: Arc<Metrics>) -> Self {
         let budget = RequestBudget::new(cfg.rate.requests, cfg.rate.window);
         Self {
             client: OAuthClient::new(cfg.request_timeout),
@@ -74,6 +77,7 @@ impl Refresher {
             budget,
             relogin: false,
             deadline_jitter: Duration::ZERO,
+            metrics,
             cfg,
         }
     }
@@ -81,6 +85,7 @@ impl Refresher {
     /// Runs until `Stop` (or the channel closes). `ready` fires once the sinks are published
     /// from the state, or the first login has succeeded or failed.
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, ready: oneshot::Sender<()>) {
+        self.metrics.update(&self.cfg.name, |_| {});
         self.start();
         if self.pending.is_some_and(|p| p <= Instant::now()) {
             self.attempt_refresh().await;
@@ -151,6 +156,7 @@ impl Refresher {
     fn bootstrap(&mut self, why: &str) {
         if matches!(self.cfg.grant, Grant::AuthorizationCode { .. }) {
             self.status.needs_login = true;
+            self.metrics.update(&self.cfg.name, |m| m.needs_login = true);
             error!(token = %self.name(), reason = why, "needs login: run `tokend login --token {}`", self.name());
             return;
         }
@@ -249,6 +255,7 @@ impl Refresher {
     async fn attempt_refresh(&mut self) {
         let now = Instant::now();
         self.budget.record(now);
+        self.metrics.update(&self.cfg.name, |m| m.attempts += 1);
         self.pending = None;
         self.status.last_attempt_at = Some(Utc::now());
         let refresh_token = match (&self.state, self.relogin) {
@@ -272,6 +279,8 @@ impl Refresher {
                 warn!(token = %self.name(), code = %e.code(), "refresh chain is dead; logging in again (new session)");
                 self.record_error(&e.code(), &e.to_string(), true);
                 self.relogin = true;
+                self.count_failure(&e.code(), false);
+                self.metrics.update(&self.cfg.name, |m| m.relogins += 1);
                 self.pending = Some(Instant::now());
                 self.attempt = 0;
             }
@@ -282,6 +291,7 @@ impl Refresher {
 
     fn on_transient(&mut self, e: &OAuthError) {
         self.attempt += 1;
+        self.count_failure(&e.code(), true);
         let retry_after = e.retry_after();
         let delay = backoff(
             self.attempt,
@@ -307,6 +317,8 @@ impl Refresher {
     }
 
     fn on_permanent(&mut self, e: &OAuthError) {
+        self.count_failure(&e.code(), false);
+        self.metrics.update(&self.cfg.name, |m| m.needs_login = true);
         self.retry_at = None;
         self.attempt = 0;
         self.status.needs_login = true;
@@ -367,10 +379,26 @@ impl Refresher {
         self.status.needs_login = false;
         self.status.last_error = None;
         self.status.last_success_at = Some(now);
+        self.metrics.update(&self.cfg.name, |m| m.last_success = Some(now.timestamp()));
         self.new_deadline_jitter();
         if self.flush() {
             self.run_hook();
         }
+    }
+
+    /// Mirrors the published state into the metrics.
+    fn publish_metrics(&self) {
+        let Some(s) = &self.state else { return };
+        let lifetime = (s.access_expires_at - s.refreshed_at).to_std().unwrap_or_default();
+        let near = self.cfg.safety_margin.min(lifetime / 2) / 2;
+        let needs_login = self.status.needs_login;
+        self.metrics.update(&self.cfg.name, |m| {
+            m.generation = s.generation;
+            m.access_expires = Some(s.access_expires_at.timestamp());
+            m.refresh_expires = s.refresh_expires_at.map(|t| t.timestamp());
+            m.needs_login = needs_login;
+            m.near_expiry = near;
+        });
     }
 
     fn mark_all_sinks_stale(&mut self) {
@@ -406,6 +434,7 @@ impl Refresher {
         if self.stale_sinks.is_empty() {
             self.write_failures = 0;
             self.write_retry_at = None;
+            self.publish_metrics();
             true
         } else {
             self.schedule_write_retry();
@@ -428,6 +457,13 @@ impl Refresher {
     fn run_hook(&self) {
         let (Some(hook), Some(state)) = (&self.cfg.on_refresh, &self.state) else { return };
         hook::spawn(hook.clone(), &self.cfg, state);
+    }
+
+    fn count_failure(&self, code: &str, retry: bool) {
+        self.metrics.update(&self.cfg.name, |m| {
+            *m.failures.entry(code.to_string()).or_default() += 1;
+            m.retries += u64::from(retry);
+        });
     }
 
     fn record_error(&mut self, code: &str, message: &str, permanent: bool) {

@@ -255,60 +255,78 @@ fn parent(path: &Path) -> PathBuf {
     path.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
 }
 
-/// Watches the file's directory and its parent (to see the directory come back).
+/// What the re-watch thread is told.
+enum Rewatch {
+    /// The directory vanished: watch its parent to see it come back.
+    DirGone,
+    /// The directory is back: watch it again and stop watching the parent.
+    DirBack,
+}
+
+/// Watches the file's directory; while the directory is missing, watches its parent instead
+/// (a busy parent such as /tmp costs wake-ups, so only then).
 fn start_notify(inner: &Arc<Inner>) -> std::io::Result<Arc<Mutex<notify::RecommendedWatcher>>> {
     let dir = parent(&inner.path);
     let grand = parent(&dir);
     let file_name: OsString = inner.path.file_name().unwrap_or_default().to_owned();
     let dir_name: OsString = dir.file_name().unwrap_or_default().to_owned();
+    let (tx, rx) = std::sync::mpsc::channel::<Rewatch>();
     let weak = Arc::downgrade(inner);
-    let rewatch = Arc::new(Mutex::new(None::<std::sync::mpsc::Sender<()>>));
-    let rewatch_cb = rewatch.clone();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+    let cb_dir = dir.clone();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Some(inner) = weak.upgrade() else { return };
         let Ok(event) = res else {
             inner.reload();
             return;
         };
-        let names = |n: &OsString| event.paths.iter().any(|p| p.file_name() == Some(n.as_os_str()));
-        let ours = names(&file_name);
-        let dir_event = names(&dir_name) && !ours;
-        if dir_event
-            && matches!(
-                event.kind,
-                EventKind::Create(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
-            )
-        {
-            // The directory came back: watch it again, then read whatever is there.
-            if let Some(tx) = rewatch_cb.lock().expect("lock").as_ref() {
-                let _ = tx.send(());
-            }
+        let named = |n: &OsString| event.paths.iter().any(|p| p.file_name() == Some(n.as_os_str()));
+        let ours = named(&file_name);
+        let moved_or_removed = matches!(
+            event.kind,
+            EventKind::Remove(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
+        );
+        if event.paths.contains(&cb_dir) && moved_or_removed && !cb_dir.exists() {
+            let _ = tx.send(Rewatch::DirGone);
+        } else if !ours && named(&dir_name) && cb_dir.is_dir() {
+            let _ = tx.send(Rewatch::DirBack);
         }
         if ours || event.need_rescan() || matches!(event.kind, EventKind::Other) {
             inner.reload();
         }
     })
     .map_err(std::io::Error::other)?;
-    let watch_dir = |w: &mut notify::RecommendedWatcher| w.watch(&dir, RecursiveMode::NonRecursive);
-    let dir_watched = watch_dir(&mut watcher).is_ok();
-    let grand_watched = watcher.watch(&grand, RecursiveMode::NonRecursive).is_ok();
-    if !dir_watched && !grand_watched {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("neither {} nor {} can be watched", dir.display(), grand.display()),
-        ));
-    }
-    // Re-adding the watch happens on its own thread: notify's callback must not call into
-    // the watcher. The thread ends when the callback (holding the sender) is dropped.
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    *rewatch.lock().expect("lock") = Some(tx);
     let watcher = Arc::new(Mutex::new(watcher));
+    {
+        let mut w = watcher.lock().expect("lock");
+        if w.watch(&dir, RecursiveMode::NonRecursive).is_err() {
+            w.watch(&grand, RecursiveMode::NonRecursive).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "neither {} nor {} can be watched: {e}",
+                        dir.display(),
+                        grand.display()
+                    ),
+                )
+            })?;
+        }
+    }
+    // Changing watches happens on its own thread: notify's callback must not call into the
+    // watcher. The thread ends when the callback (holding the sender) is dropped.
     let weak_watcher = Arc::downgrade(&watcher);
     let weak = Arc::downgrade(inner);
     std::thread::Builder::new().name("tokend-rewatch".into()).spawn(move || {
-        while rx.recv().is_ok() {
+        while let Ok(msg) = rx.recv() {
             let (Some(w), Some(inner)) = (weak_watcher.upgrade(), weak.upgrade()) else { return };
-            let _ = w.lock().expect("lock").watch(&dir, RecursiveMode::NonRecursive);
+            let mut w = w.lock().expect("lock");
+            if matches!(msg, Rewatch::DirGone) {
+                let _ = w.watch(&grand, RecursiveMode::NonRecursive);
+            }
+            // Also after DirGone: the directory may already be back.
+            if dir.is_dir() && w.watch(&dir, RecursiveMode::NonRecursive).is_ok() {
+                let _ = w.unwatch(&grand);
+            }
+            drop(w);
             inner.reload();
         }
     })?;

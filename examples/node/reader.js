@@ -56,9 +56,13 @@ async function main() {
     if (status === 401) {
       // Never cache across a 401: the server kills the old token the moment tokend
       // refreshes, a few milliseconds before the new file lands. Wait briefly for it.
-      const fresh = await waitForNew(tokens, token, 2000);
-      if (fresh && (await call(url, fresh)) === 200) {
-        rotation401 += 1; token = fresh; status = 200;
+      // Up to three times: a second rotation may land while we retry.
+      for (let i = 0; i < 3 && status === 401; i += 1) {
+        const fresh = await waitForNew(tokens, token, 2000);
+        if (!fresh) break;
+        token = fresh;
+        status = await call(url, fresh);
+        if (status !== 401) rotation401 += 1;
       }
     }
     if (status === 200) { ok += 1; generations.add(token.generation); } else { failed += 1; }

@@ -44,21 +44,21 @@ async function main() {
   let ok = 0, rotation401 = 0, failed = 0;
   const generations = new Set();
   while (Date.now() < deadline) {
-    const used = generation;
-    try {
-      await platform.get('/restapi/v1.0/account/~/extension/~');
-      ok += 1; generations.add(used);
-    } catch (e) {
-      const status = e.response && e.response.status;
-      // A 401 right at rotation: the new file lands a few ms after the server killed the old
-      // token. Wait briefly for it, then try once more.
-      if (status === 401 && (await waitForNew(load, () => generation !== used, 2000))) {
-        try { await platform.get('/restapi/v1.0/account/~/extension/~'); rotation401 += 1; ok += 1; generations.add(generation); }
-        catch (_) { failed += 1; }
-      } else {
-        failed += 1;
+    let used = generation;
+    let done = false;
+    // Up to three tries: after a 401 at rotation, wait for the new token, then call again.
+    for (let i = 0; i < 3 && !done; i += 1) {
+      try {
+        await platform.get('/restapi/v1.0/account/~/extension/~');
+        ok += 1; generations.add(used); done = true;
+        if (i > 0) rotation401 += 1;
+      } catch (e) {
+        const status = e.response && e.response.status;
+        if (status !== 401 || !(await waitForNew(load, () => generation !== used, 2000))) break;
+        used = generation;
       }
     }
+    if (!done) failed += 1;
     await new Promise((r) => setTimeout(r, 20));
   }
   console.log(JSON.stringify({ ok, rotation_401: rotation401, failed, generations: [...generations].sort((a, b) => a - b) }));

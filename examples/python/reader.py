@@ -75,10 +75,14 @@ def main():
         if status == 401:
             # Never cache across a 401: the server kills the old token the moment tokend
             # refreshes, a few milliseconds before the new file lands. Wait briefly for it.
-            retry = wait_for_new(tokens, token, 2.0)
-            if retry and call(url, retry) == 200:
-                rotation_401 += 1
-                token, status = retry, 200
+            for _ in range(3):
+                retry = wait_for_new(tokens, token, 2.0)
+                if retry is None:
+                    break
+                token, status = retry, call(url, retry)
+                if status != 401:
+                    rotation_401 += 1
+                    break
         if status == 200:
             ok += 1
             generations.add(token["generation"])

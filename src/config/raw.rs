@@ -2,8 +2,8 @@
 
 use super::secret_source::{RawSecret, SecretSource};
 use super::{
-    Config, ConfigError, DEFAULT_SCHEDULE, Grant, Hook, RateBudget, RetryPolicy, Schedule,
-    SinkConfig, SinkFormat, TokenConfig,
+    Config, ConfigError, DEFAULT_SCHEDULE, Grant, Hook, MetricsConfig, RateBudget, RetryPolicy,
+    Schedule, SinkConfig, SinkFormat, TokenConfig,
 };
 use crate::logging::LogFormat;
 use serde::Deserialize;
@@ -16,8 +16,16 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     log: Option<RawLog>,
+    metrics: Option<RawMetrics>,
     #[serde(default)]
     token: Vec<RawToken>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    textfile: Option<Spanned<String>>,
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -191,7 +199,29 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         }
         tokens.push(token);
     }
-    Ok(Config { path: file.to_path_buf(), log_format, tokens })
+    let metrics = metrics(&ctx, raw.metrics)?;
+    Ok(Config { path: file.to_path_buf(), log_format, metrics, tokens })
+}
+
+fn metrics(ctx: &Ctx<'_>, raw: Option<RawMetrics>) -> Result<MetricsConfig, ConfigError> {
+    let Some(raw) = raw else { return Ok(MetricsConfig::default()) };
+    let listen = match &raw.listen {
+        None => None,
+        Some(l) => {
+            let addr: std::net::SocketAddr = l.get_ref().parse().map_err(|_| {
+                ctx.err(
+                    l,
+                    "metrics.listen".into(),
+                    format!("{:?} is not an address like \"127.0.0.1:9464\"", l.get_ref()),
+                )
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(ctx.err(l, "metrics.listen".into(), "metrics are served on loopback only (127.0.0.1 or ::1); scrape through a proxy if needed"));
+            }
+            Some(addr)
+        }
+    };
+    Ok(MetricsConfig { textfile: raw.textfile.map(|t| ctx.path(t.get_ref())), listen })
 }
 
 fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError> {

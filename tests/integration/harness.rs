@@ -99,9 +99,14 @@ impl World {
 
     /// Writes config.toml with these tokens.
     pub fn write_config(&self, tokens: &[TokenSpec]) {
+        self.write_config_with("", tokens);
+    }
+
+    /// Writes config.toml with `prelude` (top-level tables such as `[metrics]`) and tokens.
+    pub fn write_config_with(&self, prelude: &str, tokens: &[TokenSpec]) {
         let text: String =
             tokens.iter().map(|t| t.toml(&self.server.url(), self.dir.path())).collect();
-        std::fs::write(self.config_path(), text).expect("write config");
+        std::fs::write(self.config_path(), format!("{prelude}\n{text}")).expect("write config");
     }
 
     pub fn stats(&self) -> Stats {

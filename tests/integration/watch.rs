@@ -199,11 +199,13 @@ async fn tokend_watch_prints_lines_and_runs_commands_one_at_a_time() {
     );
     let mut cmd_watch = tokio::process::Command::new(BIN)
         .args(["watch", "--count", "3", path.to_str().unwrap(), "--", "sh", "-c", &script])
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut line_watch = tokio::process::Command::new(BIN)
         .args(["watch", "--count", "2", path.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     wait_until("the first command run", T, || {

@@ -1,0 +1,183 @@
+//! Per-token metrics in Prometheus text format: written atomically as a node_exporter
+//! textfile-collector file and/or served on a loopback `/metrics`, with a `/healthz` that
+//! fails when a token needs login or its published access token is near expiry.
+
+use chrono::Utc;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+type Getter = fn(&TokenMetrics) -> Option<f64>;
+
+/// One token's figures.
+#[derive(Debug, Clone, Default)]
+pub struct TokenMetrics {
+    pub generation: u64,
+    /// Unix seconds.
+    pub access_expires: Option<i64>,
+    pub refresh_expires: Option<i64>,
+    pub last_success: Option<i64>,
+    pub attempts: u64,
+    pub failures: BTreeMap<String, u64>,
+    pub retries: u64,
+    pub relogins: u64,
+    pub needs_login: bool,
+    /// Time left below which `/healthz` calls the token near expiry.
+    pub near_expiry: Duration,
+}
+
+/// All tokens' figures; refreshers update, the exporters read.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    tokens: Mutex<BTreeMap<String, TokenMetrics>>,
+    /// Wakes the textfile writer.
+    pub changed: Notify,
+}
+
+impl Metrics {
+    pub fn update(&self, token: &str, f: impl FnOnce(&mut TokenMetrics)) {
+        f(self.tokens.lock().expect("metrics lock").entry(token.to_string()).or_default());
+        self.changed.notify_one();
+    }
+
+    pub fn remove(&self, token: &str) {
+        self.tokens.lock().expect("metrics lock").remove(token);
+        self.changed.notify_one();
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let tokens = self.tokens.lock().expect("metrics lock").clone();
+        let mut out = String::new();
+        let gauges: [(&str, &str, &str, Getter); 8] = [
+            (
+                "tokend_access_token_expiry_timestamp_seconds",
+                "gauge",
+                "When the published access token expires.",
+                |m| m.access_expires.map(|v| v as f64),
+            ),
+            (
+                "tokend_refresh_token_expiry_timestamp_seconds",
+                "gauge",
+                "When the refresh token expires.",
+                |m| m.refresh_expires.map(|v| v as f64),
+            ),
+            (
+                "tokend_generation",
+                "gauge",
+                "Generation of the published token; grows by one per new token.",
+                |m| Some(m.generation as f64),
+            ),
+            (
+                "tokend_last_refresh_success_timestamp_seconds",
+                "gauge",
+                "When the last refresh or login succeeded.",
+                |m| m.last_success.map(|v| v as f64),
+            ),
+            (
+                "tokend_needs_login",
+                "gauge",
+                "1 when the token needs a new login that tokend cannot do on its own.",
+                |m| Some(f64::from(u8::from(m.needs_login))),
+            ),
+            ("tokend_refresh_attempts_total", "counter", "Requests to the token endpoint.", |m| {
+                Some(m.attempts as f64)
+            }),
+            ("tokend_refresh_retries_total", "counter", "Retries after transient errors.", |m| {
+                Some(m.retries as f64)
+            }),
+            (
+                "tokend_relogins_total",
+                "counter",
+                "New sessions started after a dead refresh chain.",
+                |m| Some(m.relogins as f64),
+            ),
+        ];
+        for (name, kind, help, get) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (token, m) in &tokens {
+                if let Some(v) = get(m) {
+                    let _ = writeln!(out, "{name}{{token=\"{token}\"}} {v}");
+                }
+            }
+        }
+        let name = "tokend_refresh_failures_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Failed token requests by error code.\n# TYPE {name} counter"
+        );
+        for (token, m) in &tokens {
+            for (code, n) in &m.failures {
+                let _ = writeln!(
+                    out,
+                    "{name}{{token=\"{token}\",code=\"{}\"}} {n}",
+                    code.replace(['"', '\\', '\n'], "_")
+                );
+            }
+        }
+        out
+    }
+
+    /// Reasons the service is unhealthy; empty when healthy.
+    pub fn problems(&self) -> Vec<String> {
+        let now = Utc::now().timestamp();
+        let tokens = self.tokens.lock().expect("metrics lock");
+        let mut out = Vec::new();
+        for (name, m) in tokens.iter() {
+            if m.needs_login {
+                out.push(format!("{name}: needs login"));
+            }
+            match m.access_expires {
+                None => out.push(format!("{name}: no token published")),
+                Some(e) if e - now < m.near_expiry.as_secs() as i64 => {
+                    out.push(format!("{name}: access token expires in {}s", e - now));
+                }
+                Some(_) => {}
+            }
+        }
+        out
+    }
+}
+
+/// Rewrites the textfile whenever a figure changes (at most every 100 ms), until dropped.
+pub async fn write_textfile(metrics: std::sync::Arc<Metrics>, path: std::path::PathBuf) {
+    loop {
+        let text = metrics.render();
+        if let Err(e) = crate::store::write_atomic(&path, text.as_bytes(), 0o644) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write metrics file");
+        }
+        metrics.changed.notified().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
+pub async fn serve(metrics: std::sync::Arc<Metrics>, listener: tokio::net::TcpListener) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let m1 = metrics.clone();
+    let router =
+        axum::Router::new()
+            .route(
+                "/metrics",
+                get(move || async move {
+                    ([("content-type", "text/plain; version=0.0.4")], m1.render())
+                }),
+            )
+            .route(
+                "/healthz",
+                get(move || async move {
+                    let problems = metrics.problems();
+                    if problems.is_empty() {
+                        (StatusCode::OK, "ok\n".to_string())
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
+                    }
+                }),
+            );
+    if let Err(e) = axum::serve(listener, router).await {
+        tracing::error!(error = %e, "metrics server stopped");
+    }
+}
