@@ -40,6 +40,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Authorize a token that uses the authorization-code flow (PKCE, loopback redirect).
+    ///
+    /// Prints the authorize URL (and opens a browser when one is available), waits for the
+    /// redirect on 127.0.0.1, exchanges the code and writes the state. A running daemon is
+    /// handed the new state and picks it up without a restart.
+    Login {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The token to authorize.
+        #[arg(long)]
+        token: String,
+        /// Do not open a browser; also accept the code or redirect URL pasted on stdin.
+        #[arg(long)]
+        no_browser: bool,
+        /// Seconds to wait for the authorization.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Validate the config and print the resolved plan (no secrets). Exit 0 when valid, 78 when not.
     Check(ConfigArg),
     /// The whole job in one command: a fake RingCentral server, the daemon refreshing every few
@@ -204,6 +222,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => runtime.block_on(run(&args.config)),
         Command::Check(args) => check(&args.config),
+        Command::Login { config, token, no_browser, timeout } => {
+            let opts =
+                tokend::login::LoginOptions { no_browser, timeout: Duration::from_secs(timeout) };
+            runtime.block_on(login(&config.config, &token, opts))
+        }
         Command::Status { config, json } => status(&config.config, json),
         Command::Demo { cycles, every } => {
             init_logging(LogFormat::Text);
@@ -267,6 +290,23 @@ fn status(path: &std::path::Path, json: bool) -> Result<(), Failure> {
     } else {
         Err(Failure(1, "some tokens are not healthy".into()))
     }
+}
+
+async fn login(
+    path: &std::path::Path,
+    token: &str,
+    opts: tokend::login::LoginOptions,
+) -> Result<(), Failure> {
+    let config = load(path)?;
+    match tokend::login::login(&config, token, opts).await? {
+        tokend::login::LoginOutcome::StateWritten => {
+            println!("tokend login: state written for \"{token}\"; start or restart tokend");
+        }
+        tokend::login::LoginOutcome::HandedToDaemon(pid) => println!(
+            "tokend login: handed to the running tokend (pid {pid}), which publishes it now"
+        ),
+    }
+    Ok(())
 }
 
 fn check(path: &std::path::Path) -> Result<(), Failure> {

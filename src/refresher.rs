@@ -87,6 +87,8 @@ impl Refresher {
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, ready: oneshot::Sender<()>) {
         self.metrics.update(&self.cfg.name, |_| {});
         self.start();
+        // A login handed over just before a crash or restart is newer than the state file.
+        self.adopt_handoff();
         if self.pending.is_some_and(|p| p <= Instant::now()) {
             self.attempt_refresh().await;
         }
@@ -96,8 +98,8 @@ impl Refresher {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None | Some(Command::Stop) => break,
-                    Some(Command::Tick) => self.on_tick(),
-                    Some(Command::RefreshNow) => self.want_now(),
+                    Some(Command::Tick) => if !self.adopt_handoff() { self.on_tick() },
+                    Some(Command::RefreshNow) => if !self.adopt_handoff() { self.want_now() },
                 },
                 () = tokio::time::sleep_until(wake.into()) => self.on_wake().await,
             }
@@ -162,6 +164,40 @@ impl Refresher {
         }
         info!(token = %self.name(), grant = self.cfg.grant.name(), reason = why, "logging in (new session)");
         self.pending = Some(Instant::now());
+    }
+
+    /// Adopts a state that `tokend login` handed over while we hold the lock. Returns true
+    /// when one was adopted (then no refresh is needed).
+    fn adopt_handoff(&mut self) -> bool {
+        let path = State::handoff_path(&self.cfg.state_file);
+        let handed = match State::load(&path) {
+            Ok(Some(s)) => s,
+            Ok(None) => return false,
+            Err(e) => {
+                error!(token = %self.name(), error = %e, "cannot use the login hand-off file; leaving it for inspection");
+                return false;
+            }
+        };
+        let mut state = handed;
+        if let Some(cur) = &self.state {
+            state.generation = state.generation.max(cur.generation + 1);
+        }
+        info!(token = %self.name(), generation = state.generation, fingerprint = %state.access_token.fingerprint(), "adopted a new login from `tokend login` (new session)");
+        self.state = Some(state);
+        self.state_dirty = true;
+        self.mark_all_sinks_stale();
+        self.status.needs_login = false;
+        self.status.last_error = None;
+        self.relogin = false;
+        self.retry_at = None;
+        self.pending = None;
+        self.new_deadline_jitter();
+        // Persist first: only then may the hand-off file go.
+        if self.flush() || !self.state_dirty {
+            let _ = std::fs::remove_file(&path);
+        }
+        self.save_status();
+        true
     }
 
     fn on_tick(&mut self) {

@@ -73,6 +73,13 @@ impl State {
         write_atomic(path, &bytes, 0o600)
     }
 
+    /// Where `tokend login` leaves a new state for a running daemon to adopt.
+    pub fn handoff_path(state_file: &Path) -> PathBuf {
+        let mut name = state_file.file_name().unwrap_or_default().to_os_string();
+        name.push(".login");
+        state_file.with_file_name(name)
+    }
+
     /// Moves a corrupt state file aside so it is kept, not silently overwritten.
     pub fn quarantine(path: &Path) -> std::io::Result<PathBuf> {
         let stamp = Utc::now().format("%Y%m%dT%H%M%SZ");

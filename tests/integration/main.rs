@@ -6,6 +6,7 @@ mod examples;
 mod fake_server;
 mod harness;
 mod interop;
+mod login;
 mod metrics;
 mod status;
 mod systemd;

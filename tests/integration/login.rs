@@ -1,0 +1,146 @@
+//! `tokend login` end to end against the fake server's authorize endpoint, with the test as
+//! the browser: alone, pasted, and with a daemon already running that adopts the new state.
+
+use crate::harness::{BIN, TokenSpec, World};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const T: Duration = Duration::from_secs(20);
+
+fn code_token() -> TokenSpec {
+    TokenSpec::new("code").grant("grant = \"authorization_code\"")
+}
+
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// Starts `tokend login`, returns the child, its stdout and the authorize URL it printed.
+async fn start_login(w: &World, extra: &[&str]) -> ((tokio::process::Child, Lines), String) {
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "login",
+            "--config",
+            w.config_path().to_str().unwrap(),
+            "--token",
+            "code",
+            "--timeout",
+            "30",
+        ])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .env("PATH", "/nonexistent") // no xdg-open: the test is the browser
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(T, async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("login printed no URL");
+            if let Some(u) = line.trim().strip_prefix("http") {
+                return format!("http{u}");
+            }
+        }
+    })
+    .await
+    .unwrap();
+    ((child, lines), url)
+}
+
+async fn finish((mut child, mut lines): (tokio::process::Child, Lines)) -> String {
+    let mut out = String::new();
+    tokio::time::timeout(T, async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    })
+    .await
+    .unwrap();
+    let status = tokio::time::timeout(T, child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "login failed: {out}");
+    out
+}
+
+#[tokio::test]
+async fn login_through_the_loopback_redirect_writes_the_state() {
+    let w = World::new().await;
+    w.write_config(&[code_token()]);
+    let (child, url) = start_login(&w, &[]).await;
+    assert!(
+        url.contains("code_challenge_method=S256")
+            && url.contains("redirect_uri=http%3A%2F%2F127.0.0.1%3A"),
+        "{url}"
+    );
+    // The browser: the fake server approves at once and redirects to the loopback listener.
+    let page = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    assert!(page.contains("authorized"), "{page}");
+    let out = finish(child).await;
+    assert!(out.contains("state written"), "{out}");
+    let state = w.state("code");
+    assert_eq!(state.generation, 1);
+    assert!(state.refresh_token.is_some());
+    assert_eq!(w.stats().logins_by_grant["authorization_code"], 1);
+}
+
+#[tokio::test]
+async fn login_accepts_a_pasted_redirect_url_without_a_browser() {
+    let w = World::new().await;
+    w.write_config(&[code_token()]);
+    let ((mut child, lines), url) = start_login(&w, &["--no-browser"]).await;
+    let http =
+        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let resp = http.get(&url).send().await.unwrap();
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"not a code at all\n").await.unwrap();
+    stdin.write_all(format!("{location}\n").as_bytes()).await.unwrap();
+    finish((child, lines)).await;
+    assert_eq!(w.state("code").generation, 1);
+}
+
+#[tokio::test]
+async fn a_running_daemon_adopts_the_login_without_a_restart() {
+    let w = World::new().await;
+    w.write_config(&[code_token()]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    assert!(d.output().contains("needs login"));
+    assert!(w.sink("code").is_none());
+    let (child, url) = start_login(&w, &[]).await;
+    reqwest::get(&url).await.unwrap();
+    let out = finish(child).await;
+    assert!(out.contains(&format!("pid {}", d.pid())), "{out}");
+    w.wait_generation("code", 1, T).await;
+    assert!(!w.path("code.state.json.login").exists(), "hand-off file removed once persisted");
+    d.wait_log("adopted a new login", 1, T).await;
+    // The chain continues from the adopted state.
+    d.signal(libc::SIGUSR1);
+    w.wait_generation("code", 2, T).await;
+    let stats = w.stats();
+    assert_eq!((stats.logins, stats.refreshes), (1, 1));
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn login_refuses_tokens_that_log_in_by_themselves() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let out = crate::harness::tokend(&[
+        "login",
+        "--config",
+        w.config_path().to_str().unwrap(),
+        "--token",
+        "main",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("logs in by itself"));
+    let out = crate::harness::tokend(&[
+        "login",
+        "--config",
+        w.config_path().to_str().unwrap(),
+        "--token",
+        "nope",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tokens: main"));
+}
