@@ -300,6 +300,10 @@ fn prepare(cfg: &TokenConfig) -> Result<StateLock, DaemonError> {
         check_dir_writable(dir)
             .map_err(|source| DaemonError::NotWritable { path: dir.into(), source })?;
     }
+    // Holding the lock, temp files of our paths can only be leftovers of a killed writer.
+    for path in std::iter::once(&cfg.state_file).chain(cfg.sinks.iter().map(|s| &s.path)) {
+        crate::store::remove_stale_temps(path);
+    }
     Ok(lock)
 }
 

@@ -91,6 +91,11 @@ impl Refresher {
         self.adopt_handoff();
         if self.pending.is_some_and(|p| p <= Instant::now()) {
             self.attempt_refresh().await;
+            // If that failed, publish what the state holds: better than empty sinks after a reboot.
+            let unexpired = self.state.as_ref().is_some_and(|s| s.access_expires_at > Utc::now());
+            if unexpired && !self.stale_sinks.is_empty() {
+                self.flush();
+            }
         }
         let _ = ready.send(());
         loop {
@@ -146,7 +151,13 @@ impl Refresher {
         let expired = state.access_expires_at <= now;
         self.state = Some(state);
         self.new_deadline_jitter();
-        if expired {
+        if State::intent_path(&self.cfg.state_file).exists() {
+            // Stopped mid-refresh: the server may already have killed this access token.
+            // Replay the refresh (same refresh token, grace window) before publishing.
+            info!(token = %self.name(), "a refresh was in flight when tokend stopped; replaying it before publishing");
+            self.mark_all_sinks_stale();
+            self.pending = Some(Instant::now());
+        } else if expired {
             // Never publish an expired token; the deadline triggers a refresh at once.
             info!(token = %self.name(), "access token in state has expired; refreshing before publishing");
         } else {
@@ -298,6 +309,9 @@ impl Refresher {
             (Some(s), false) => s.refresh_token.clone(),
             _ => None,
         };
+        if refresh_token.is_some() {
+            self.write_intent();
+        }
         let started = Instant::now();
         let result = match &refresh_token {
             Some(rt) => self.client.refresh(&self.cfg, rt).await,
@@ -352,7 +366,29 @@ impl Refresher {
         self.record_error(&e.code(), &e.to_string(), false);
     }
 
+    fn write_intent(&self) {
+        let text = format!("refresh in flight since {}\n", Utc::now().to_rfc3339());
+        if let Err(e) = crate::store::write_atomic(
+            &State::intent_path(&self.cfg.state_file),
+            text.as_bytes(),
+            0o600,
+        ) {
+            warn!(token = %self.name(), error = %e, "cannot write the refresh intent marker");
+        }
+    }
+
+    fn clear_intent(&self) {
+        match std::fs::remove_file(State::intent_path(&self.cfg.state_file)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(token = %self.name(), error = %e, "cannot remove the refresh intent marker");
+            }
+        }
+    }
+
     fn on_permanent(&mut self, e: &OAuthError) {
+        self.clear_intent();
         self.count_failure(&e.code(), false);
         self.metrics.update(&self.cfg.name, |m| m.needs_login = true);
         self.retry_at = None;
@@ -451,6 +487,8 @@ impl Refresher {
                 return false;
             }
             self.state_dirty = false;
+            // The new pair is durable: nothing is in flight any more.
+            self.clear_intent();
         }
         let now = Utc::now();
         for sink in &self.cfg.sinks {

@@ -6,7 +6,7 @@ mod lock;
 mod sink;
 mod state;
 
-pub use atomic::{check_dir_writable, write_atomic};
+pub use atomic::{check_dir_writable, remove_stale_temps, write_atomic};
 pub use lock::{LockError, StateLock};
 pub use sink::{SinkDoc, render_sink};
 pub use state::{ErrorRecord, STATE_VERSION, State, StateError, Status};

@@ -29,6 +29,9 @@ pub enum FaultKind {
     Oversized { bytes: Option<usize> },
     /// Process the request (rotating the tokens), then reset the connection: the lost response.
     CommitThenDrop,
+    /// Process the request (rotating the tokens), then wait before replying: a client that
+    /// dies or times out meanwhile never learns the new pair.
+    CommitThenHang { ms: u64 },
 }
 
 /// A fault and how many token requests it still applies to.
@@ -62,7 +65,8 @@ impl std::str::FromStr for Fault {
         serde_json::from_value(obj.into()).map_err(|e| {
             format!(
                 "bad fault {s:?}: {e} (kinds: status500, status503, status429, hang, reset, \
-                 malformed, truncated, html, missing_access_token, oversized, commit_then_drop)"
+                 malformed, truncated, html, missing_access_token, oversized, commit_then_drop, \
+                 commit_then_hang)"
             )
         })
     }

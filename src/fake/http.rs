@@ -184,12 +184,16 @@ async fn token(
     match &fault {
         Some(FaultKind::Hang { ms }) => tokio::time::sleep(Duration::from_millis(*ms)).await,
         Some(FaultKind::Reset) => return drop_connection(&ctx).await,
-        Some(FaultKind::CommitThenDrop) | None => {}
+        Some(FaultKind::CommitThenDrop | FaultKind::CommitThenHang { .. }) | None => {}
         Some(other) => return fault_response(other),
     }
     let reply = handle_token(&shared, &headers, &body);
-    if fault == Some(FaultKind::CommitThenDrop) {
-        return drop_connection(&ctx).await;
+    match fault {
+        Some(FaultKind::CommitThenDrop) => return drop_connection(&ctx).await,
+        Some(FaultKind::CommitThenHang { ms }) => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        _ => {}
     }
     reply
 }
@@ -287,7 +291,10 @@ fn fault_response(kind: &FaultKind) -> Response {
             let n = bytes.unwrap_or(4 << 20);
             ok(format!("{{\"padding\":\"{}\"}}", "x".repeat(n.saturating_sub(14))))
         }
-        FaultKind::Hang { .. } | FaultKind::Reset | FaultKind::CommitThenDrop => {
+        FaultKind::Hang { .. }
+        | FaultKind::Reset
+        | FaultKind::CommitThenDrop
+        | FaultKind::CommitThenHang { .. } => {
             unreachable!("handled by the caller")
         }
     }

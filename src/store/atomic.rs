@@ -52,6 +52,19 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Removes `.NAME.tmp.*` files a killed writer left beside `path`. Call only while holding
+/// the lock that makes this process the only writer of `path`.
+pub fn remove_stale_temps(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
+    let prefix = format!(".{}.tmp.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Fails unless a file can be created in `dir` (checked at start, before anything is promised).
 pub fn check_dir_writable(dir: &Path) -> io::Result<()> {
     let probe = temp_path(&dir.join(".tokend-probe"))?;

@@ -73,6 +73,15 @@ impl State {
         write_atomic(path, &bytes, 0o600)
     }
 
+    /// Marks a refresh in flight (no secret inside). Found at start, it means the server may
+    /// have rotated the pair without our knowing: refresh again at once with the same refresh
+    /// token, which the server answers from its grace-window cache.
+    pub fn intent_path(state_file: &Path) -> PathBuf {
+        let mut name = state_file.file_name().unwrap_or_default().to_os_string();
+        name.push(".intent");
+        state_file.with_file_name(name)
+    }
+
     /// Where `tokend login` leaves a new state for a running daemon to adopt.
     pub fn handoff_path(state_file: &Path) -> PathBuf {
         let mut name = state_file.file_name().unwrap_or_default().to_os_string();

@@ -1,6 +1,7 @@
 //! All integration tests in one binary: the real `tokend` against the fake server on loopback.
 
 mod check;
+mod crash;
 mod daemon;
 mod examples;
 mod fake_server;
