@@ -11,4 +11,5 @@ mod login;
 mod metrics;
 mod status;
 mod systemd;
+mod torn;
 mod watch;
