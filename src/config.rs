@@ -48,6 +48,8 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
+    /// Problems that do not stop the program (logged at WARN, printed by `check`).
+    pub warnings: Vec<String>,
     pub log_format: LogFormat,
     pub metrics: MetricsConfig,
     pub tokens: Vec<TokenConfig>,
@@ -197,6 +199,8 @@ pub struct RateBudget {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenConfig {
     pub name: String,
+    /// Some secret of this token is written in the config itself.
+    pub has_literal_secret: bool,
     pub server: reqwest::Url,
     pub token_url: reqwest::Url,
     pub client_id: String,
@@ -227,7 +231,23 @@ impl Config {
             key: String::new(),
             message: format!("cannot read: {e}"),
         })?;
-        Self::parse(path, &text)
+        let mut config = Self::parse(path, &text)?;
+        config.warn_if_exposed(path);
+        Ok(config)
+    }
+
+    /// A literal secret in a file that others can read is a leak waiting to happen.
+    fn warn_if_exposed(&mut self, path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let literal = self.tokens.iter().any(|t| t.has_literal_secret);
+        let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode() & 0o777);
+        if literal && mode & 0o004 != 0 {
+            self.warnings.push(format!(
+                "{} holds a literal secret and is readable by every user (mode {mode:04o}); \
+                 chmod 0600 it, or use {{ file = .. }}, {{ env = .. }} or {{ credential = .. }}",
+                path.display()
+            ));
+        }
     }
 
     /// Parses `text` as if read from `path` (relative paths in it resolve against its directory).

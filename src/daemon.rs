@@ -84,6 +84,9 @@ pub struct Daemon {
 pub fn signal_controls() -> std::io::Result<mpsc::Receiver<Control>> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])?;
+    // A file-size limit (RLIMIT_FSIZE) must fail the write with EFBIG, which we report and
+    // retry, instead of killing the daemon with SIGXFSZ.
+    signal_hook::flag::register(signal_hook::consts::SIGXFSZ, std::sync::Arc::default())?;
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         while let Some(sig) = signals.next().await {

@@ -274,6 +274,9 @@ fn load(path: &std::path::Path) -> Result<Config, Failure> {
 async fn run(path: &std::path::Path) -> Result<(), Failure> {
     let config = load(path)?;
     init_logging(config.log_format);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let controls = daemon::signal_controls().map_err(|e| Failure(1, format!("signals: {e}")))?;
     daemon::run(config, controls).await.map_err(|e| Failure(e.exit_code(), e.to_string()))
 }
@@ -310,7 +313,11 @@ async fn login(
 }
 
 fn check(path: &std::path::Path) -> Result<(), Failure> {
-    print!("{}", load(path)?.plan());
+    let config = load(path)?;
+    for w in &config.warnings {
+        eprintln!("tokend: warning: {w}");
+    }
+    print!("{}", config.plan());
     Ok(())
 }
 

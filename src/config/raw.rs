@@ -200,7 +200,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         tokens.push(token);
     }
     let metrics = metrics(&ctx, raw.metrics)?;
-    Ok(Config { path: file.to_path_buf(), log_format, metrics, tokens })
+    Ok(Config { path: file.to_path_buf(), warnings: Vec::new(), log_format, metrics, tokens })
 }
 
 fn metrics(ctx: &Ctx<'_>, raw: Option<RawMetrics>) -> Result<MetricsConfig, ConfigError> {
@@ -299,7 +299,9 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
         }),
         None => None,
     };
+    let has_literal_secret = has_literal_secret(&t);
     Ok(TokenConfig {
+        has_literal_secret,
         state_file: ctx.path(t.state_file.get_ref()),
         server,
         token_url,
@@ -323,6 +325,17 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
         sinks,
         name,
     })
+}
+
+/// Whether any secret of `t` is written in the config itself.
+fn has_literal_secret(t: &RawToken) -> bool {
+    let literal = |s: &Option<Spanned<RawSecret>>| {
+        s.as_ref().is_some_and(|s| matches!(s.get_ref(), RawSecret::Literal(_)))
+    };
+    literal(&t.client_secret)
+        || literal(&t.jwt)
+        || literal(&t.refresh_token)
+        || literal(&t.password)
 }
 
 fn grant(ctx: &Ctx<'_>, t: &RawToken, key: &dyn Fn(&str) -> String) -> Result<Grant, ConfigError> {

@@ -137,7 +137,8 @@ impl World {
     /// Starts `tokend run` with extra environment and a shell prefix (e.g. "umask 077;").
     pub fn daemon_with(&self, env: &[(&str, &str)], shell_prefix: &str) -> Daemon {
         let log = self.path(&format!("daemon-{}.log", rand_suffix()));
-        let out = std::fs::File::create(&log).expect("log file");
+        let out =
+            std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let script = format!("{shell_prefix} exec \"$0\" run --config \"$1\"");
         let child = Command::new("sh")
             .arg("-c")
@@ -147,10 +148,15 @@ impl World {
             .env_remove("RUST_LOG")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn tokend");
+        let mut child = child;
+        // The test copies the output: the daemon's own file limits (a disk-full test sets
+        // RLIMIT_FSIZE on it) must not silence its log.
+        copy_to(child.stdout.take().unwrap(), out.try_clone().unwrap());
+        copy_to(child.stderr.take().unwrap(), out);
         Daemon { child: Some(child), log }
     }
 
@@ -161,6 +167,17 @@ impl World {
         })
         .await;
     }
+}
+
+fn copy_to(mut from: impl std::io::Read + Send + 'static, mut to: std::fs::File) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
 }
 
 fn rand_suffix() -> u32 {

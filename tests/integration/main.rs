@@ -13,3 +13,4 @@ mod status;
 mod systemd;
 mod torn;
 mod watch;
+mod write_faults;

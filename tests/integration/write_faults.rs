@@ -1,0 +1,163 @@
+//! Local write failures and hostile files: a clear ERROR naming the path, previous files
+//! intact, the new token kept in memory and written as soon as writing works again.
+
+use crate::harness::{TokenSpec, World, tokend, wait_until};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+
+/// A config whose state lives in `state/` and sinks in `run/`.
+fn split_dirs(w: &World) {
+    w.write_config(&[TokenSpec::new("main")]);
+    let d = w.dir.path().display().to_string();
+    let text = std::fs::read_to_string(w.config_path())
+        .unwrap()
+        .replace(&format!("{d}/main.state.json"), &format!("{d}/state/main.state.json"))
+        .replace(&format!("{d}/main.json"), &format!("{d}/run/main.json"))
+        .replace(&format!("{d}/main.raw"), &format!("{d}/run/main.raw"));
+    std::fs::write(w.config_path(), text).unwrap();
+    std::fs::create_dir(w.path("state")).unwrap();
+    std::fs::create_dir(w.path("run")).unwrap();
+}
+
+fn sink_gen(w: &World) -> u64 {
+    std::fs::read(w.path("run/main.json")).ok().map_or(0, |b| {
+        serde_json::from_slice::<serde_json::Value>(&b).unwrap()["generation"].as_u64().unwrap()
+    })
+}
+
+#[tokio::test]
+async fn disk_full_keeps_the_token_in_memory_and_writes_it_when_space_returns() {
+    let w = World::new().await;
+    split_dirs(&w);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    let before = std::fs::read(w.path("run/main.json")).unwrap();
+    let prlimit = |size: &str| {
+        let ok = std::process::Command::new("prlimit")
+            .args(["--pid", &d.pid().to_string(), &format!("--fsize={size}")])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "prlimit failed");
+    };
+    prlimit("0:unlimited");
+    d.signal(libc::SIGUSR1);
+    d.wait_log("cannot write state", 1, T).await;
+    let out = d.output();
+    assert!(out.contains("state/main.state.json") && out.contains("ERROR"), "{out}");
+    assert_eq!(
+        std::fs::read(w.path("run/main.json")).unwrap(),
+        before,
+        "sinks untouched while the state cannot be saved"
+    );
+    assert_eq!(w.stats().refreshes, 1, "the server did rotate");
+    prlimit("unlimited:unlimited");
+    wait_until("the kept token to be written", T, || sink_gen(&w) == 2).await;
+    assert_eq!(w.stats().refreshes, 1, "written from memory, not refreshed again");
+    assert_eq!(w.stats().sessions_created, 1);
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn vanished_state_directory_then_returned() {
+    let w = World::new().await;
+    split_dirs(&w);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    std::fs::rename(w.path("state"), w.path("state.gone")).unwrap();
+    d.signal(libc::SIGUSR1);
+    d.wait_log("cannot write state", 1, T).await;
+    assert_eq!(sink_gen(&w), 1);
+    std::fs::rename(w.path("state.gone"), w.path("state")).unwrap();
+    wait_until("generation 2 published", T, || sink_gen(&w) == 2).await;
+    assert_eq!(
+        tokend::store::State::load(&w.path("state/main.state.json")).unwrap().unwrap().generation,
+        2
+    );
+    assert_eq!(w.stats().refreshes, 1);
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn vanished_sink_directory_is_written_when_it_returns() {
+    let w = World::new().await;
+    split_dirs(&w);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    std::fs::remove_dir_all(w.path("run")).unwrap();
+    d.signal(libc::SIGUSR1);
+    d.wait_log("cannot write sink", 1, T).await;
+    assert!(d.output().contains("run/main.json"), "{}", d.output());
+    std::fs::create_dir(w.path("run")).unwrap();
+    wait_until("generation 2 in the recreated sink dir", T, || sink_gen(&w) == 2).await;
+    assert!(w.path("run/main.raw").exists());
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn corrupt_state_at_start_is_kept_aside_with_a_clear_error() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    assert!(d.stop().await.success());
+    std::fs::write(w.path("main.state.json"), b"{\"version\": 1, \"generation\": ").unwrap();
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    let out = d.output();
+    assert!(
+        out.contains("state file is corrupt; moved aside") && out.contains("main.state.json"),
+        "{out}"
+    );
+    let aside: Vec<_> = std::fs::read_dir(w.dir.path())
+        .unwrap()
+        .filter_map(std::result::Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert_eq!(
+        std::fs::read(aside[0].path()).unwrap(),
+        b"{\"version\": 1, \"generation\": ",
+        "kept as it was"
+    );
+    assert_eq!(w.stats().logins, 2, "a JWT token logs in again");
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn planted_symlinks_do_not_redirect_writes() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let victim = w.path("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, w.path("main.json")).unwrap();
+    std::os::unix::fs::symlink(&victim, w.path("main.state.json.status")).unwrap();
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(!std::fs::symlink_metadata(w.path("main.json")).unwrap().file_type().is_symlink());
+    assert_eq!(w.generation("main"), 1);
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
+async fn a_literal_secret_in_a_world_readable_config_warns() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let cfg = w.config_path();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = tokend(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("literal secret and is readable by every user")
+    );
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = tokend(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
