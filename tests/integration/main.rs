@@ -9,6 +9,7 @@ mod harness;
 mod interop;
 mod login;
 mod metrics;
+mod soak;
 mod status;
 mod systemd;
 mod torn;

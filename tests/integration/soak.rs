@@ -1,0 +1,82 @@
+//! Soak: the daemon on a fast schedule with random faults, a reader using every token.
+//! CI runs a minute; `scripts/soak 3600` runs an hour. Bounded by its duration.
+
+use crate::harness::{TokenSpec, World};
+use std::time::{Duration, Instant};
+use tokend::watch::TokenWatcher;
+
+const FAULTS: &[&str] = &[
+    "status500",
+    "status503,retry_after=1",
+    "status429,retry_after=1",
+    "hang,ms=1500",
+    "reset",
+    "malformed",
+    "truncated",
+    "html",
+    "missing_access_token",
+    "oversized",
+    "commit_then_drop",
+    "commit_then_hang,ms=1500",
+];
+
+fn rss_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn soak_with_random_faults() {
+    let secs: u64 =
+        std::env::var("TOKEND_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")
+        .schedule("*/2 * * * * *")
+        .extra("access_token_ttl = 6")
+        .extra("request_timeout = \"1s\"")]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    let rss_start = rss_kb(d.pid());
+    let mut watcher = TokenWatcher::open(w.path("main.json")).unwrap();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let api = format!("{}/restapi/v1.0/account/~/extension/~", w.server.url());
+    let end = Instant::now() + Duration::from_secs(secs);
+    let (mut faults, mut calls, mut unrecovered) = (0u64, 0u64, 0u64);
+    let mut i = 0usize;
+    while Instant::now() < end {
+        i += 1;
+        if i.is_multiple_of(20) {
+            w.server.inject(FAULTS[(i / 20) % FAULTS.len()].parse().unwrap());
+            faults += 1;
+        }
+        let token = watcher.current().expect("a token is always published");
+        let now = chrono::Utc::now();
+        assert!(token.expires_at.unwrap() > now, "the published token expired during the soak");
+        let status =
+            http.get(&api).bearer_auth(token.access_token.expose()).send().await.unwrap().status();
+        calls += 1;
+        if status == 401 {
+            // Only at the moment of rotation: the new token must arrive promptly.
+            let fresh = tokio::time::timeout(Duration::from_secs(3), watcher.changed()).await;
+            if fresh.is_err() {
+                unrecovered += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // the reader's own pace
+    }
+    let rss_end = rss_kb(d.pid());
+    assert!(d.stop().await.success());
+    let stats = w.stats();
+    eprintln!(
+        "soak {secs}s: {} refreshes, {} grace replays, {faults} faults injected, {calls} API calls, {unrecovered} unrecovered 401s, sessions {}, RSS {rss_start} kB -> {rss_end} kB",
+        stats.refreshes, stats.grace_replays, stats.sessions_created
+    );
+    assert_eq!(stats.sessions_created, 1, "no new session in the soak");
+    assert_eq!(unrecovered, 0);
+    assert!(stats.refreshes >= secs / 4, "too few refreshes: {}", stats.refreshes);
+    assert!(rss_end < rss_start * 2 + 4096, "RSS grew from {rss_start} kB to {rss_end} kB");
+}

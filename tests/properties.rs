@@ -1,0 +1,92 @@
+//! Property tests for the pure decisions and the parsers.
+
+use chrono::{TimeZone, Utc};
+use proptest::prelude::*;
+use std::path::Path;
+use std::time::Duration;
+use tokend::oauth::parse_reply;
+use tokend::policy::{backoff, refresh_deadline};
+
+proptest! {
+    #[test]
+    fn backoff_is_bounded_and_honours_retry_after(
+        attempt in 0u32..100,
+        initial_ms in 1u64..10_000,
+        max_ms in 1u64..600_000,
+        retry_after in proptest::option::of(0u64..10_000),
+        r in 0.0f64..1.0,
+    ) {
+        let (initial, max) = (Duration::from_millis(initial_ms), Duration::from_millis(max_ms));
+        let ra = retry_after.map(Duration::from_secs);
+        let d = backoff(attempt, initial, max, ra, r);
+        if let Some(ra) = ra {
+            prop_assert!(d >= ra);
+        }
+        prop_assert!(d <= max.max(ra.unwrap_or_default()));
+        prop_assert!(d >= (initial.min(max) / 2).min(d), "never negative, never below half the first step");
+    }
+
+    #[test]
+    fn refresh_deadline_is_inside_the_lifetime(issued in 0i64..4_000_000_000, lifetime in 0i64..10_000_000, margin in 0u64..100_000) {
+        let issued = Utc.timestamp_opt(issued, 0).unwrap();
+        let expires = issued + chrono::Duration::seconds(lifetime);
+        let d = refresh_deadline(issued, expires, Duration::from_secs(margin));
+        prop_assert!(d <= expires);
+        // Never earlier than half the lifetime: a short token is not refreshed at once.
+        prop_assert!(d >= issued + chrono::Duration::seconds(lifetime / 2));
+        prop_assert!(expires - d <= chrono::Duration::seconds(i64::try_from(margin).unwrap()));
+    }
+
+    #[test]
+    fn token_reply_parser_never_panics_and_never_quotes_the_body(status in 100u16..600, body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let marker = b"SECRETSECRET";
+        let mut body = body;
+        body.extend_from_slice(marker);
+        match parse_reply(status, &body, None) {
+            Ok(t) => prop_assert!((200..300).contains(&status) && !t.access_token.expose().is_empty()),
+            Err(e) => {
+                let text = format!("{e} {e:?}");
+                prop_assert!(!text.contains("SECRETSECRET"));
+                if (500..600).contains(&status) || status == 429 || status == 408 {
+                    prop_assert!(e.is_transient());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn token_reply_round_trip(at in "[A-Za-z0-9._-]{1,64}", rt in proptest::option::of("[A-Za-z0-9._-]{1,64}"), exp in 0u64..100_000, extra in "[a-z_]{1,12}") {
+        let mut v = serde_json::json!({"access_token": at, "token_type": "bearer", "expires_in": exp});
+        if let Some(rt) = &rt {
+            v["refresh_token"] = rt.clone().into();
+        }
+        v[extra.as_str()] = 1.into(); // unknown fields are tolerated
+        let parsed = parse_reply(200, v.to_string().as_bytes(), None);
+        // `extra` may overwrite a known field with a number; then it must be an error, not a panic.
+        if let Ok(t) = parsed {
+            prop_assert_eq!(t.access_token.expose(), at.as_str());
+        }
+    }
+
+    #[test]
+    fn config_loader_never_panics_and_points_inside_the_file(text in "\\PC{0,400}") {
+        let result = tokend::config::Config::parse(Path::new("/x/config.toml"), &text);
+        if let Some(line) = result.err().and_then(|e| e.line) {
+            prop_assert!(line >= 1 && line <= text.lines().count().max(1) + 1, "line {} of {}", line, text.lines().count());
+        }
+    }
+
+    #[test]
+    fn config_loader_on_mutated_valid_configs(cut in 0usize..600, insert in "[a-z=\"\\[\\]0-9 \n]{0,20}") {
+        let good = "[[token]]\nname = \"main\"\nserver = \"https://platform.ringcentral.com\"\nclient_id = \"id\"\nclient_secret = \"s\"\ngrant = \"jwt\"\njwt = \"j\"\nstate_file = \"/var/lib/tokend/main.state.json\"\n\n[[token.sink]]\npath = \"/run/tokend/main.json\"\nmode = \"0640\"\n";
+        let at = cut.min(good.len());
+        let at = (0..=at).rev().find(|i| good.is_char_boundary(*i)).unwrap();
+        let text = format!("{}{}{}", &good[..at], insert, &good[at..]);
+        let _ = tokend::config::Config::parse(Path::new("/x/config.toml"), &text);
+    }
+
+    #[test]
+    fn sink_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = tokend::watch::parse_sink(Path::new("/x/s"), &bytes);
+    }
+}
