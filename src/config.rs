@@ -16,6 +16,8 @@ pub use secret_source::SecretSource;
 
 /// The default config path of `tokend run`.
 pub const DEFAULT_PATH: &str = "/etc/tokend/config.toml";
+/// Default bound on token requests in flight at once.
+pub const DEFAULT_MAX_CONCURRENT: usize = 16;
 /// The default schedule: every 30 minutes, on the minute.
 pub const DEFAULT_SCHEDULE: &str = "0 */30 * * * *";
 
@@ -52,6 +54,8 @@ pub struct Config {
     pub warnings: Vec<String>,
     pub log_format: LogFormat,
     pub metrics: MetricsConfig,
+    /// Token requests in flight at once, across all tokens (`[daemon]`).
+    pub max_concurrent_requests: usize,
     pub tokens: Vec<TokenConfig>,
 }
 

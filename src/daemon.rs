@@ -66,14 +66,22 @@ struct TokenHandle {
     cfg: TokenConfig,
     tx: mpsc::Sender<Command>,
     task: JoinHandle<()>,
-    job: uuid::Uuid,
     _lock: StateLock,
 }
 
 /// A running daemon.
+/// Tokens on one cron expression share one scheduler job: the scheduler's cost grows with
+/// the number of distinct schedules, not with the number of tokens.
+struct ScheduleGroup {
+    job: uuid::Uuid,
+    members: Arc<std::sync::Mutex<BTreeMap<String, mpsc::Sender<Command>>>>,
+}
+
 pub struct Daemon {
     config: Config,
+    schedules: BTreeMap<String, ScheduleGroup>,
     metrics: Arc<Metrics>,
+    shared: crate::refresher::Shared,
     /// The metrics textfile writer and HTTP server.
     exporters: Vec<JoinHandle<()>>,
     scheduler: JobScheduler,
@@ -134,8 +142,20 @@ impl Daemon {
         scheduler.start().await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
         let metrics = Arc::new(Metrics::default());
         let exporters = start_exporters(&config, &metrics).await?;
-        let mut daemon =
-            Self { config: config.clone(), metrics, exporters, scheduler, tokens: BTreeMap::new() };
+        let shared = crate::refresher::Shared {
+            metrics: metrics.clone(),
+            requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
+            client: crate::oauth::OAuthClient::new(std::time::Duration::from_secs(30)),
+        };
+        let mut daemon = Self {
+            config: config.clone(),
+            metrics,
+            shared,
+            exporters,
+            scheduler,
+            tokens: BTreeMap::new(),
+            schedules: BTreeMap::new(),
+        };
         let mut prepared = Vec::new();
         for cfg in &config.tokens {
             prepared.push((cfg.clone(), prepare(cfg)?));
@@ -178,22 +198,51 @@ impl Daemon {
     ) -> Result<oneshot::Receiver<()>, DaemonError> {
         let (tx, rx) = mpsc::channel(8);
         let (ready_tx, ready_rx) = oneshot::channel();
-        let tick_tx = tx.clone();
-        let job = Job::new_async(cfg.schedule.expr.as_str(), move |_, _| {
-            let tx = tick_tx.clone();
-            Box::pin(async move {
-                // A full queue means a tick is already waiting: dropping this one is right.
-                let _ = tx.try_send(Command::Tick);
-            })
-        })
-        .map_err(|e| DaemonError::Scheduler(format!("token {}: {e}", cfg.name)))?;
-        let job =
-            self.scheduler.add(job).await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
-        let task =
-            tokio::spawn(Refresher::new(cfg.clone(), self.metrics.clone()).run(rx, ready_tx));
+        self.join_schedule(&cfg, tx.clone()).await?;
+        let task = tokio::spawn(Refresher::new(cfg.clone(), self.shared.clone()).run(rx, ready_tx));
         info!(token = %cfg.name, schedule = %cfg.schedule.expr, sinks = cfg.sinks.len(), "token started");
-        self.tokens.insert(cfg.name.clone(), TokenHandle { cfg, tx, task, job, _lock: lock });
+        self.tokens.insert(cfg.name.clone(), TokenHandle { cfg, tx, task, _lock: lock });
         Ok(ready_rx)
+    }
+
+    async fn join_schedule(
+        &mut self,
+        cfg: &TokenConfig,
+        tx: mpsc::Sender<Command>,
+    ) -> Result<(), DaemonError> {
+        let expr = &cfg.schedule.expr;
+        if !self.schedules.contains_key(expr) {
+            let members: Arc<std::sync::Mutex<BTreeMap<String, mpsc::Sender<Command>>>> =
+                Arc::default();
+            let fire = members.clone();
+            let job = Job::new_async(expr.as_str(), move |_, _| {
+                for tx in fire.lock().expect("schedule lock").values() {
+                    // A full queue means a tick is already waiting: dropping this one is right.
+                    let _ = tx.try_send(Command::Tick);
+                }
+                Box::pin(async {})
+            })
+            .map_err(|e| DaemonError::Scheduler(format!("token {}: {e}", cfg.name)))?;
+            let job =
+                self.scheduler.add(job).await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+            self.schedules.insert(expr.clone(), ScheduleGroup { job, members });
+        }
+        self.schedules[expr].members.lock().expect("schedule lock").insert(cfg.name.clone(), tx);
+        Ok(())
+    }
+
+    async fn leave_schedule(&mut self, cfg: &TokenConfig) {
+        let expr = &cfg.schedule.expr;
+        let Some(group) = self.schedules.get(expr) else { return };
+        let empty = {
+            let mut members = group.members.lock().expect("schedule lock");
+            members.remove(&cfg.name);
+            members.is_empty()
+        };
+        if empty {
+            let _ = self.scheduler.remove(&group.job).await;
+            self.schedules.remove(expr);
+        }
     }
 
     fn refresh_all(&self) {
@@ -244,7 +293,7 @@ impl Daemon {
 
     async fn stop_token(&mut self, name: &str) {
         let Some(handle) = self.tokens.remove(name) else { return };
-        let _ = self.scheduler.remove(&handle.job).await;
+        self.leave_schedule(&handle.cfg).await;
         let _ = handle.tx.send(Command::Stop).await;
         if tokio::time::timeout(STOP_GRACE, handle.task).await.is_err() {
             error!(token = %name, "refresher did not stop in time");

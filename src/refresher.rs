@@ -31,10 +31,22 @@ pub enum Command {
 /// suspended machine or a clock jump is noticed.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
+/// What all refreshers of a daemon share.
+#[derive(Clone)]
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    /// Bounds token requests in flight across all tokens.
+    pub requests: Arc<tokio::sync::Semaphore>,
+    /// One HTTP client (connection pool, TLS config) for every token.
+    pub client: OAuthClient,
+}
+
 /// One token's refresher. Owns its state; nothing else writes this token's files.
 pub struct Refresher {
     cfg: TokenConfig,
     metrics: Arc<Metrics>,
+    /// Bounds token requests in flight across all tokens.
+    requests: Arc<tokio::sync::Semaphore>,
     client: OAuthClient,
     state: Option<State>,
     status: Status,
@@ -60,10 +72,11 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    pub fn new(cfg: TokenConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(cfg: TokenConfig, shared: Shared) -> Self {
+        let Shared { metrics, requests, client } = shared;
         let budget = RequestBudget::new(cfg.rate.requests, cfg.rate.window);
         Self {
-            client: OAuthClient::new(cfg.request_timeout),
+            client,
             state: None,
             status: Status { pid: std::process::id(), ..Status::default() },
             state_dirty: false,
@@ -78,6 +91,7 @@ impl Refresher {
             relogin: false,
             deadline_jitter: Duration::ZERO,
             metrics,
+            requests,
             cfg,
         }
     }
@@ -312,12 +326,14 @@ impl Refresher {
         if refresh_token.is_some() {
             self.write_intent();
         }
+        let permit = self.requests.clone().acquire_owned().await.expect("never closed");
         let started = Instant::now();
         let result = match &refresh_token {
             Some(rt) => self.client.refresh(&self.cfg, rt).await,
             None => self.client.login(&self.cfg).await,
         };
         let elapsed = started.elapsed();
+        drop(permit);
         match result {
             Ok(tokens) => self.on_success(tokens, refresh_token.is_none(), elapsed),
             Err(e) if e.is_transient() => self.on_transient(&e),

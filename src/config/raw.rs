@@ -2,8 +2,8 @@
 
 use super::secret_source::{RawSecret, SecretSource};
 use super::{
-    Config, ConfigError, DEFAULT_SCHEDULE, Grant, Hook, MetricsConfig, RateBudget, RetryPolicy,
-    Schedule, SinkConfig, SinkFormat, TokenConfig,
+    Config, ConfigError, DEFAULT_MAX_CONCURRENT, DEFAULT_SCHEDULE, Grant, Hook, MetricsConfig,
+    RateBudget, RetryPolicy, Schedule, SinkConfig, SinkFormat, TokenConfig,
 };
 use crate::logging::LogFormat;
 use serde::Deserialize;
@@ -17,8 +17,15 @@ use toml::Spanned;
 struct RawConfig {
     log: Option<RawLog>,
     metrics: Option<RawMetrics>,
+    daemon: Option<RawDaemon>,
     #[serde(default)]
     token: Vec<RawToken>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    max_concurrent_requests: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -200,7 +207,21 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         tokens.push(token);
     }
     let metrics = metrics(&ctx, raw.metrics)?;
-    Ok(Config { path: file.to_path_buf(), warnings: Vec::new(), log_format, metrics, tokens })
+    let max_concurrent_requests = match raw.daemon.and_then(|d| d.max_concurrent_requests) {
+        None => DEFAULT_MAX_CONCURRENT,
+        Some(n) if *n.get_ref() == 0 => {
+            return Err(ctx.err(&n, "daemon.max_concurrent_requests".into(), "must be at least 1"));
+        }
+        Some(n) => n.into_inner(),
+    };
+    Ok(Config {
+        path: file.to_path_buf(),
+        warnings: Vec::new(),
+        log_format,
+        metrics,
+        max_concurrent_requests,
+        tokens,
+    })
 }
 
 fn metrics(ctx: &Ctx<'_>, raw: Option<RawMetrics>) -> Result<MetricsConfig, ConfigError> {

@@ -180,6 +180,7 @@ async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let _in_flight = shared.enter();
     let fault = shared.next_fault();
     match &fault {
         Some(FaultKind::Hang { ms }) => tokio::time::sleep(Duration::from_millis(*ms)).await,

@@ -35,6 +35,17 @@ use tokio::task::JoinHandle;
 pub(crate) struct Shared {
     auth: Mutex<auth::Auth>,
     faults: Mutex<faults::FaultQueue>,
+    /// Token requests being handled now.
+    in_flight: std::sync::atomic::AtomicU64,
+}
+
+/// Counts one token request in flight for as long as it lives.
+pub(crate) struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -51,6 +62,14 @@ impl Shared {
 
     fn inject(&self, fault: Fault) {
         self.faults.lock().expect("faults lock").push(fault);
+    }
+
+    fn enter(&self) -> InFlight<'_> {
+        let now = self.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let mut auth = self.auth.lock().expect("auth lock");
+        auth.stats.max_concurrent_token_requests =
+            auth.stats.max_concurrent_token_requests.max(now);
+        InFlight(self)
     }
 
     fn next_fault(&self) -> Option<FaultKind> {
@@ -83,6 +102,7 @@ impl FakeServer {
         let shared = Arc::new(Shared {
             auth: Mutex::new(auth::Auth::new(config)),
             faults: Mutex::new(faults::FaultQueue::default()),
+            in_flight: std::sync::atomic::AtomicU64::new(0),
         });
         let (stop, stopped) = watch::channel(false);
         let router = http::router(shared.clone());

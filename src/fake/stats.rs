@@ -29,4 +29,6 @@ pub struct Stats {
     pub api_rejected: BTreeMap<String, u64>,
     /// Faults injected on token requests.
     pub faults_injected: u64,
+    /// The most token requests the server was handling at once.
+    pub max_concurrent_token_requests: u64,
 }

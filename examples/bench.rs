@@ -1,0 +1,471 @@
+//! tokend's benchmarks, each beside the floor the operating system sets.
+//!
+//!   cargo run --release --example bench                 # a few minutes on 2 cores
+//!   cargo run --release --example bench -- --idle 60 --tokens 1000,10000
+//!
+//! Prints one table; the README quotes the last run.
+#![allow(clippy::needless_pass_by_value, clippy::too_many_lines, clippy::format_push_string)]
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tokend::fake::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_JWT, FakeConfig, FakeServer, User,
+};
+use tokend::watch::TokenWatcher;
+
+const ROTATIONS: usize = 1000;
+
+struct Args {
+    idle_secs: u64,
+    tokens: Vec<usize>,
+}
+
+fn args() -> Args {
+    let mut a = Args { idle_secs: 20, tokens: vec![1000] };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    for pair in argv.chunks(2) {
+        match (pair[0].as_str(), pair.get(1)) {
+            ("--idle", Some(v)) => a.idle_secs = v.parse().expect("--idle SECONDS"),
+            ("--tokens", Some(v)) => {
+                a.tokens = v.split(',').map(|n| n.parse().expect("--tokens N,M")).collect();
+            }
+            _ => panic!("usage: bench [--idle SECONDS] [--tokens N,M]"),
+        }
+    }
+    a
+}
+
+/// Median, p99 and max of durations, in microseconds.
+fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
+    v.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    (us(v[v.len() / 2]), us(v[v.len() * 99 / 100]), us(v[v.len() - 1]))
+}
+
+fn row(name: &str, ours: String, floor: String, ratio: String, target: &str) {
+    println!("| {name:<44} | {ours:>22} | {floor:>22} | {ratio:>7} | {target:<22} |");
+}
+
+fn sink_json(generation: usize) -> String {
+    format!(
+        r#"{{"name":"b","access_token":"token-{generation:08}","token_type":"bearer","expires_at":"2030-01-01T00:00:00Z","expire_time":0,"expires_in":0,"generation":{generation},"refreshed_at":"2030-01-01T00:00:00Z"}}"#
+    )
+}
+
+/// The non-durable half of a publish (temp file, rename): what propagation measures from.
+fn publish_fast(path: &Path, generation: usize) -> Instant {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, sink_json(generation)).unwrap();
+    let t0 = Instant::now();
+    std::fs::rename(&tmp, path).unwrap();
+    t0
+}
+
+fn propagation_floor(dir: &Path) -> Vec<Duration> {
+    use inotify::{Inotify, WatchMask};
+    let path = dir.join("floor.json");
+    let mut ino = Inotify::init().unwrap();
+    ino.watches().add(dir, WatchMask::MOVED_TO | WatchMask::CLOSE_WRITE).unwrap();
+    let mut buf = [0u8; 4096];
+    (1..=ROTATIONS)
+        .map(|g| {
+            let t0 = publish_fast(&path, g);
+            loop {
+                let events = ino.read_events_blocking(&mut buf).unwrap();
+                if events.into_iter().any(|e| {
+                    e.name.is_some_and(|n| n == "floor.json")
+                        && e.mask.contains(inotify::EventMask::MOVED_TO)
+                }) {
+                    return t0.elapsed();
+                }
+            }
+        })
+        .collect()
+}
+
+fn propagation_library(dir: &Path) -> Vec<Duration> {
+    let path = dir.join("lib.json");
+    std::fs::write(&path, sink_json(0)).unwrap();
+    let w = TokenWatcher::open(&path).unwrap();
+    (1..=ROTATIONS)
+        .map(|g| {
+            let seen = w.changes();
+            let t0 = publish_fast(&path, g);
+            let (_, token) = w.wait_blocking(seen, Duration::from_secs(5)).expect("change seen");
+            let at = t0.elapsed();
+            assert_eq!(token.generation, Some(g as u64));
+            at
+        })
+        .collect()
+}
+
+fn propagation_cli(dir: &Path, bin: &Path) -> Vec<Duration> {
+    let path = dir.join("cli.json");
+    std::fs::write(&path, sink_json(0)).unwrap();
+    let mut child =
+        Command::new(bin).arg("watch").arg(&path).stdout(Stdio::piped()).spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    lines.next().unwrap().unwrap(); // the current token
+    let v = (1..=ROTATIONS)
+        .map(|g| {
+            let t0 = publish_fast(&path, g);
+            let line = lines.next().unwrap().unwrap();
+            let at = t0.elapsed();
+            assert!(line.starts_with(&format!("generation={g} ")), "{line}");
+            at
+        })
+        .collect();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    v
+}
+
+/// One durable write-and-rename by hand: the floor for publish.
+fn durable_floor(path: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("floor-tmp");
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).unwrap();
+    f.write_all(bytes).unwrap();
+    f.sync_all().unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    std::fs::File::open(path.parent().unwrap()).unwrap().sync_all().unwrap();
+}
+
+fn publish(dir: &Path) -> (Duration, Duration) {
+    use tokend::secret::{AccessToken, RefreshToken};
+    use tokend::store::{STATE_VERSION, State, render_sink, write_atomic};
+    let now = chrono::Utc::now();
+    let state = State {
+        version: STATE_VERSION,
+        name: "b".into(),
+        generation: 1,
+        access_token: AccessToken::new("a".repeat(48)),
+        token_type: "bearer".into(),
+        access_expires_at: now,
+        refresh_token: Some(RefreshToken::new("r".repeat(48))),
+        refresh_expires_at: Some(now),
+        refreshed_at: now,
+        session_started_at: now,
+        scope: Some("ReadAccounts".into()),
+        owner_id: Some("100000".into()),
+        endpoint_id: Some("e".repeat(48)),
+        session_id: Some("1".into()),
+    };
+    let (sp, jp, rp) = (dir.join("p.state.json"), dir.join("p.json"), dir.join("p.raw"));
+    let json = render_sink(&state, tokend::config::SinkFormat::Json, false, now);
+    let raw = render_sink(&state, tokend::config::SinkFormat::Raw, false, now);
+    let state_bytes = serde_json::to_vec_pretty(&state).unwrap();
+    let n = 200;
+    let mut ours = Vec::new();
+    let mut floor = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        state.save(&sp).unwrap();
+        write_atomic(
+            &jp,
+            &render_sink(&state, tokend::config::SinkFormat::Json, false, now),
+            0o640,
+        )
+        .unwrap();
+        write_atomic(&rp, &render_sink(&state, tokend::config::SinkFormat::Raw, false, now), 0o644)
+            .unwrap();
+        ours.push(t.elapsed());
+        let t = Instant::now();
+        durable_floor(&dir.join("f.state.json"), &state_bytes);
+        durable_floor(&dir.join("f.json"), &json);
+        durable_floor(&dir.join("f.raw"), &raw);
+        floor.push(t.elapsed());
+    }
+    ours.sort();
+    floor.sort();
+    (ours[n / 2], floor[n / 2])
+}
+
+fn median_process(mut cmd: impl FnMut() -> Command, n: usize) -> Duration {
+    let mut v: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let out = cmd().output().unwrap();
+            assert!(out.status.success());
+            t.elapsed()
+        })
+        .collect();
+    v.sort();
+    v[n / 2]
+}
+
+fn current_ns(dir: &Path) -> f64 {
+    let path = dir.join("cur.json");
+    std::fs::write(&path, sink_json(1)).unwrap();
+    let w = TokenWatcher::open(&path).unwrap();
+    let n = 1_000_000u32;
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(w.current());
+    }
+    t.elapsed().as_secs_f64() * 1e9 / f64::from(n)
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// utime + stime in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+struct Daemon {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(bin: &Path, config: &Path, log: PathBuf) -> Self {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn,tokend::daemon=info")
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    fn wait_log(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !std::fs::read_to_string(&self.log).unwrap_or_default().contains(needle) {
+            assert!(start.elapsed() < timeout, "no {needle:?} within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(mut self) {
+        tokend::signal::send(self.pid(), tokend::signal::Signal::Usr1).ok();
+        let _ = Command::new("kill").arg(self.pid().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, server: &str, n: usize) -> PathBuf {
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    std::fs::create_dir_all(dir.join("run")).unwrap();
+    let d = dir.display();
+    let mut text = String::from("[daemon]\nmax_concurrent_requests = 16\n\n");
+    for i in 0..n {
+        let jwt = if i == 0 { DEFAULT_JWT.to_string() } else { format!("{DEFAULT_JWT}-{i}") };
+        text.push_str(&format!(
+            "[[token]]\nname = \"t{i}\"\nserver = \"{server}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\ngrant = \"jwt\"\njwt = \"{jwt}\"\nstate_file = \"{d}/state/t{i}.state.json\"\nrate_limit = 1000\n[[token.sink]]\npath = \"{d}/run/t{i}.json\"\n\n"
+        ));
+    }
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool, timeout: Duration) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) {
+    let max_users = a.tokens.iter().copied().max().unwrap_or(1).max(1);
+    let config = FakeConfig {
+        users: (0..max_users).map(|n| User::numbered(DEFAULT_JWT, n)).collect(),
+        ..FakeConfig::for_tests()
+    };
+    // One token: footprint.
+    let server = rt.block_on(FakeServer::start(config.clone())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &server.url(), 1);
+    let d = Daemon::start(bin, &cfg, dir.path().join("d.log"));
+    d.wait_log("tokend ready", Duration::from_secs(30));
+    let rss_start = rss_kb(d.pid());
+    for g in 2..=121 {
+        tokend::signal::send(d.pid(), tokend::signal::Signal::Usr1).unwrap();
+        wait_for(|| server.stats().refreshes >= g - 1, Duration::from_secs(30));
+    }
+    let rss_after = rss_kb(d.pid());
+    let tick = 100.0; // USER_HZ
+    let c0 = cpu_ticks(d.pid());
+    std::thread::sleep(Duration::from_secs(a.idle_secs)); // measuring idle is the point
+    let idle_pct = (cpu_ticks(d.pid()) - c0) as f64 / tick / a.idle_secs as f64 * 100.0;
+    let rss_1 = rss_kb(d.pid());
+    d.stop();
+    row(
+        "RSS, 1 token, after start",
+        format!("{:.1} MB", rss_start as f64 / 1024.0),
+        "-".into(),
+        "-".into(),
+        "< 10 MB",
+    );
+    row(
+        "RSS, 1 token, after 120 refreshes",
+        format!("{:.1} MB", rss_after as f64 / 1024.0),
+        "-".into(),
+        "-".into(),
+        "< 10 MB",
+    );
+    row(
+        &format!("idle CPU, 1 token, {}s", a.idle_secs),
+        format!("{idle_pct:.3}%"),
+        "-".into(),
+        "-".into(),
+        "< 0.1%",
+    );
+    rt.block_on(server.shutdown());
+    for &n in &a.tokens {
+        let server = rt.block_on(FakeServer::start(config.clone())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(dir.path(), &server.url(), n);
+        let t = Instant::now();
+        let d = Daemon::start(bin, &cfg, dir.path().join("d.log"));
+        d.wait_log("tokend ready", Duration::from_secs(600));
+        let bootstrap = t.elapsed();
+        let rss = rss_kb(d.pid());
+        let t = Instant::now();
+        tokend::signal::send(d.pid(), tokend::signal::Signal::Usr1).unwrap();
+        wait_for(|| server.stats().refreshes >= n as u64, Duration::from_secs(600));
+        let round = t.elapsed();
+        let peak = server.stats().max_concurrent_token_requests;
+        let c0 = cpu_ticks(d.pid());
+        std::thread::sleep(Duration::from_secs(a.idle_secs.min(20)));
+        let idle = (cpu_ticks(d.pid()) - c0) as f64 / tick / a.idle_secs.min(20) as f64 * 100.0;
+        d.stop();
+        row(
+            &format!("{n} tokens: bootstrap (logins, all published)"),
+            format!("{:.2} s", bootstrap.as_secs_f64()),
+            "-".into(),
+            "-".into(),
+            "",
+        );
+        row(
+            &format!("{n} tokens: one refresh round (SIGUSR1)"),
+            format!("{:.2} s", round.as_secs_f64()),
+            "-".into(),
+            "-".into(),
+            "",
+        );
+        row(
+            &format!("{n} tokens: peak concurrent token requests"),
+            format!("{peak}"),
+            "16 (config)".into(),
+            "-".into(),
+            "bounded by config",
+        );
+        row(
+            &format!("{n} tokens: RSS"),
+            format!("{:.1} MB", rss as f64 / 1024.0),
+            "-".into(),
+            "-".into(),
+            if n == 1000 { "< 50 MB" } else { "" },
+        );
+        row(
+            &format!("{n} tokens: memory per token"),
+            format!("{:.1} kB", (rss.saturating_sub(rss_1)) as f64 / (n - 1).max(1) as f64),
+            "-".into(),
+            "-".into(),
+            "",
+        );
+        row(&format!("{n} tokens: idle CPU"), format!("{idle:.3}%"), "-".into(), "-".into(), "");
+        rt.block_on(server.shutdown());
+    }
+}
+
+fn main() {
+    let a = args();
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/tokend");
+    assert!(bin.exists(), "build it first: cargo build --release");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    println!("tokend bench: {ROTATIONS} rotations per propagation figure; medians unless noted\n");
+    println!(
+        "| {:<44} | {:>22} | {:>22} | {:>7} | {:<22} |",
+        "what", "tokend", "floor", "ratio", "target"
+    );
+    println!(
+        "|{}|{}|{}|{}|{}|",
+        "-".repeat(46),
+        "-".repeat(24),
+        "-".repeat(24),
+        "-".repeat(9),
+        "-".repeat(24)
+    );
+    let floor = stats(propagation_floor(dir.path()));
+    let lib = stats(propagation_library(dir.path()));
+    let cli = stats(propagation_cli(dir.path(), &bin));
+    let f = |s: (f64, f64, f64)| format!("{:.0}/{:.0}/{:.0} us", s.0, s.1, s.2);
+    row(
+        "propagation to library watcher p50/p99/max",
+        f(lib),
+        f(floor),
+        format!("{:.2}x", lib.0 / floor.0),
+        "p50 < 2x, p99 < 5 ms",
+    );
+    row(
+        "propagation to `tokend watch` p50/p99/max",
+        f(cli),
+        f(floor),
+        format!("{:.2}x", cli.0 / floor.0),
+        "",
+    );
+    let (ours, floor) = publish(dir.path());
+    row(
+        "publish: state + 2 sinks, durable",
+        format!("{:.2} ms", ours.as_secs_f64() * 1e3),
+        format!("{:.2} ms", floor.as_secs_f64() * 1e3),
+        format!("{:.2}x", ours.as_secs_f64() / floor.as_secs_f64()),
+        "< 1.5x",
+    );
+    let sink = dir.path().join("cur.json");
+    std::fs::write(&sink, sink_json(1)).unwrap();
+    let token = median_process(
+        || {
+            let mut c = Command::new(&bin);
+            c.arg("token").arg(&sink);
+            c
+        },
+        200,
+    );
+    let cat = median_process(
+        || {
+            let mut c = Command::new("cat");
+            c.arg(&sink);
+            c
+        },
+        200,
+    );
+    row(
+        "`tokend token` process vs `cat`",
+        format!("{:.2} ms", token.as_secs_f64() * 1e3),
+        format!("{:.2} ms", cat.as_secs_f64() * 1e3),
+        format!("{:.2}x", token.as_secs_f64() / cat.as_secs_f64()),
+        "",
+    );
+    row(
+        "library current()",
+        format!("{:.0} ns", current_ns(dir.path())),
+        "-".into(),
+        "-".into(),
+        "no file read per call",
+    );
+    footprint_and_scale(&bin, &rt, &a);
+}
