@@ -218,20 +218,21 @@ impl From<anyhow::Error> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    // Built only by the commands that need one: `tokend token` stays a plain, fast process.
+    let runtime = || tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = match cli.command {
-        Command::Run(args) => runtime.block_on(run(&args.config)),
+        Command::Run(args) => runtime().block_on(run(&args.config)),
         Command::Check(args) => check(&args.config),
         Command::Login { config, token, no_browser, timeout } => {
             let opts =
                 tokend::login::LoginOptions { no_browser, timeout: Duration::from_secs(timeout) };
-            runtime.block_on(login(&config.config, &token, opts))
+            runtime().block_on(login(&config.config, &token, opts))
         }
         Command::Status { config, json } => status(&config.config, json),
         Command::Demo { cycles, every } => {
             init_logging(LogFormat::Text);
             let opts = tokend::demo::DemoOptions { cycles, every };
-            runtime.block_on(tokend::demo::run(opts)).map(drop).map_err(Failure::from)
+            runtime().block_on(tokend::demo::run(opts)).map(drop).map_err(Failure::from)
         }
         Command::Token { path, json } => match tokend::reader_cli::token(&path, json) {
             Ok(out) => {
@@ -247,11 +248,11 @@ fn main() -> ExitCode {
                 poll: poll_ms.map(Duration::from_millis),
                 count,
             };
-            runtime.block_on(tokend::reader_cli::watch(opts)).map_err(|e| Failure(1, e))
+            runtime().block_on(tokend::reader_cli::watch(opts)).map_err(|e| Failure(1, e))
         }
         Command::FakeServer(args) => {
             init_logging(LogFormat::Text);
-            runtime.block_on(fake_server(*args)).map_err(Failure::from)
+            runtime().block_on(fake_server(*args)).map_err(Failure::from)
         }
     };
     match result {

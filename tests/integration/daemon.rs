@@ -353,3 +353,40 @@ async fn demo_runs_the_whole_job_and_stops_after_its_cycles() {
     assert_eq!(stdout.matches("-> API 200").count(), 3, "{stdout}");
     assert!(stdout.contains("1 login(s)") && stdout.contains("0 refused"), "{stdout}");
 }
+
+#[tokio::test]
+async fn logs_for_journald_and_json() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let mut d = w.daemon_with(&[("JOURNAL_STREAM", "8:12345")], "");
+    d.wait_ready().await;
+    assert!(d.stop().await.success());
+    let out = d.output();
+    let line = out.lines().find(|l| l.contains("refreshed")).unwrap();
+    assert!(
+        line.starts_with(" INFO") || line.starts_with("INFO"),
+        "no timestamp under journald: {line}"
+    );
+    assert!(!out.contains('\u{1b}'), "no colour codes off a terminal");
+    assert!(line.contains("token=main") && line.contains("generation=1"), "{line}");
+    // JSON on request: one object per line with the fields as keys.
+    let text = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(w.config_path(), format!("[log]\nformat = \"json\"\n{text}")).unwrap();
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    d.signal(libc::SIGUSR1);
+    w.wait_generation("main", 2, T).await;
+    assert!(d.stop().await.success());
+    let out = d.output();
+    let refreshed: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        })
+        .filter(|v| v["message"] == "refreshed")
+        .collect();
+    assert_eq!(refreshed.len(), 1, "{out}");
+    assert_eq!(refreshed[0]["token"], "main");
+    assert_eq!(refreshed[0]["generation"], 2);
+    assert!(refreshed[0]["fingerprint"].as_str().unwrap().len() == 8);
+}
