@@ -56,6 +56,40 @@ impl DaemonError {
     }
 }
 
+/// Notices suspend and wall-clock jumps: refreshers sleep on the monotonic clock, which
+/// stops during suspend, so after one they are told to recheck their wall-clock deadlines.
+/// One timer for the daemon instead of a periodic wake-up per token.
+struct ClockWatch {
+    interval: tokio::time::Interval,
+    wall: chrono::DateTime<chrono::Utc>,
+    mono: std::time::Instant,
+}
+
+impl ClockWatch {
+    fn new() -> Self {
+        let mut interval = tokio::time::interval(Duration::from_secs(10));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { interval, wall: chrono::Utc::now(), mono: std::time::Instant::now() }
+    }
+
+    /// Resolves when the clocks disagree by more than 2 s since the last check.
+    async fn tick(&mut self) {
+        loop {
+            self.interval.tick().await;
+            let wall = (chrono::Utc::now() - self.wall).num_milliseconds();
+            let mono = i64::try_from(self.mono.elapsed().as_millis()).unwrap_or(i64::MAX);
+            (self.wall, self.mono) = (chrono::Utc::now(), std::time::Instant::now());
+            if (wall - mono).abs() > 2000 {
+                info!(
+                    jump_ms = wall - mono,
+                    "the wall clock jumped (suspend or time change); rechecking deadlines"
+                );
+                return;
+            }
+        }
+    }
+}
+
 /// How often `STATUS=` is refreshed for `systemctl status`.
 const STATUS_EVERY: Duration = Duration::from_secs(30);
 
@@ -117,6 +151,7 @@ pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result
     let mut watchdog = crate::notify::Watchdog::from_env();
     let mut status_every = tokio::time::interval(STATUS_EVERY);
     status_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut clock = ClockWatch::new();
     loop {
         tokio::select! {
             c = control.recv() => match c {
@@ -126,6 +161,8 @@ pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result
             },
             () = watchdog.tick() => {}
             _ = status_every.tick(), if crate::notify::enabled() => crate::notify::status(&daemon.summary()),
+            () = clock.tick() => daemon.broadcast(Command::Recheck),
+
         }
     }
     crate::notify::stopping();
@@ -156,12 +193,9 @@ impl Daemon {
             tokens: BTreeMap::new(),
             schedules: BTreeMap::new(),
         };
-        let mut prepared = Vec::new();
-        for cfg in &config.tokens {
-            prepared.push((cfg.clone(), prepare(cfg)?));
-        }
+        let locks = prepare(&config.tokens)?;
         let mut readies = Vec::new();
-        for (cfg, lock) in prepared {
+        for (cfg, lock) in config.tokens.iter().cloned().zip(locks) {
             readies.push(daemon.spawn(cfg, lock).await?);
         }
         for ready in readies {
@@ -245,6 +279,12 @@ impl Daemon {
         }
     }
 
+    fn broadcast(&self, command: Command) {
+        for t in self.tokens.values() {
+            let _ = t.tx.try_send(command);
+        }
+    }
+
     fn refresh_all(&self) {
         info!(tokens = self.tokens.len(), "SIGUSR1: refreshing every token now");
         for t in self.tokens.values() {
@@ -272,8 +312,8 @@ impl Daemon {
             if self.tokens.contains_key(&cfg.name) {
                 continue;
             }
-            let started = match prepare(cfg) {
-                Ok(lock) => self.spawn(cfg.clone(), lock).await,
+            let started = match prepare(std::slice::from_ref(cfg)) {
+                Ok(mut locks) => self.spawn(cfg.clone(), locks.remove(0)).await,
                 Err(e) => Err(e),
             };
             match started {
@@ -342,21 +382,29 @@ async fn start_exporters(
 }
 
 /// Everything a token needs before it may start: its lock and writable directories.
-fn prepare(cfg: &TokenConfig) -> Result<StateLock, DaemonError> {
-    let state_dir = parent(&cfg.state_file);
-    check_dir_writable(state_dir)
-        .map_err(|source| DaemonError::NotWritable { path: state_dir.into(), source })?;
-    let lock = StateLock::acquire(&cfg.state_file)?;
-    for sink in &cfg.sinks {
-        let dir = parent(&sink.path);
+/// Everything the tokens need before they may start: writable directories (each checked
+/// once), their locks, and no leftovers of a killed writer.
+fn prepare(tokens: &[TokenConfig]) -> Result<Vec<StateLock>, DaemonError> {
+    let mut dirs: BTreeMap<&Path, std::collections::BTreeSet<std::ffi::OsString>> = BTreeMap::new();
+    for cfg in tokens {
+        for path in std::iter::once(&cfg.state_file).chain(cfg.sinks.iter().map(|s| &s.path)) {
+            let name = path.file_name().unwrap_or_default().to_os_string();
+            dirs.entry(parent(path)).or_default().insert(name);
+        }
+    }
+    for dir in dirs.keys() {
         check_dir_writable(dir)
-            .map_err(|source| DaemonError::NotWritable { path: dir.into(), source })?;
+            .map_err(|source| DaemonError::NotWritable { path: (*dir).into(), source })?;
     }
-    // Holding the lock, temp files of our paths can only be leftovers of a killed writer.
-    for path in std::iter::once(&cfg.state_file).chain(cfg.sinks.iter().map(|s| &s.path)) {
-        crate::store::remove_stale_temps(path);
+    let locks = tokens
+        .iter()
+        .map(|cfg| StateLock::acquire(&cfg.state_file))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Holding the locks, temp files of our paths can only be leftovers of a killed writer.
+    for (dir, names) in &dirs {
+        crate::store::remove_stale_temps(dir, names);
     }
-    Ok(lock)
+    Ok(locks)
 }
 
 fn parent(path: &Path) -> &Path {

@@ -25,11 +25,13 @@ pub enum Command {
     RefreshNow,
     /// Finish any in-flight refresh, persist, and return.
     Stop,
+    /// The wall clock jumped: recompute the wall-clock deadline.
+    Recheck,
 }
 
-/// Longest single sleep: wall-clock deadlines are re-checked at least this often, so a
-/// suspended machine or a clock jump is noticed.
-const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// Longest single sleep. Suspend and clock jumps are caught by the daemon's `ClockWatch`,
+/// which sends `Recheck`; this is only a backstop, long so 10,000 idle tokens stay idle.
+const MAX_SLEEP: Duration = Duration::from_secs(900);
 
 /// What all refreshers of a daemon share.
 #[derive(Clone)]
@@ -118,6 +120,7 @@ impl Refresher {
                 cmd = commands.recv() => match cmd {
                     None | Some(Command::Stop) => break,
                     Some(Command::Tick) => if !self.adopt_handoff() { self.on_tick() },
+                    Some(Command::Recheck) => {}
                     Some(Command::RefreshNow) => if !self.adopt_handoff() { self.want_now() },
                 },
                 () = tokio::time::sleep_until(wake.into()) => self.on_wake().await,

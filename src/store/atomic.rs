@@ -52,14 +52,16 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Removes `.NAME.tmp.*` files a killed writer left beside `path`. Call only while holding
-/// the lock that makes this process the only writer of `path`.
-pub fn remove_stale_temps(path: &Path) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
-    let prefix = format!(".{}.tmp.", name.to_string_lossy());
+/// Removes `.NAME.tmp.*` files a killed writer left in `dir` for any NAME in `names`. Call
+/// only while holding the locks that make this process the only writer of those files. One
+/// directory scan serves every file in it (10,000 tokens in one directory is a real layout).
+pub fn remove_stale_temps(dir: &Path, names: &std::collections::BTreeSet<std::ffi::OsString>) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let base = name.strip_prefix('.').and_then(|rest| rest.rfind(".tmp.").map(|i| &rest[..i]));
+        if base.is_some_and(|b| names.contains(std::ffi::OsStr::new(b))) {
             let _ = std::fs::remove_file(entry.path());
         }
     }

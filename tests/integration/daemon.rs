@@ -390,3 +390,38 @@ async fn logs_for_journald_and_json() {
     assert_eq!(refreshed[0]["generation"], 2);
     assert!(refreshed[0]["fingerprint"].as_str().unwrap().len() == 8);
 }
+
+#[tokio::test]
+async fn on_refresh_hook_gets_facts_not_the_token_and_its_failures_do_not_matter() {
+    let w = World::new().await;
+    let out = w.path("hook.out");
+    let script = format!(
+        "echo \"$TOKEND_TOKEN_NAME $TOKEND_GENERATION $TOKEND_EXPIRES_AT $TOKEND_SINKS ${{TOKEND_ACCESS_TOKEN:-none}}\" >> {}; exit 3",
+        out.display()
+    );
+    let hook = format!("on_refresh = [\"/bin/sh\", \"-c\", {script:?}]");
+    w.write_config(&[TokenSpec::new("main").extra(&hook)]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    d.wait_log("on_refresh hook failed", 1, T).await;
+    d.signal(libc::SIGUSR1);
+    d.wait_log("on_refresh hook failed", 2, T).await;
+    let lines = std::fs::read_to_string(&out).unwrap();
+    let first: Vec<&str> = lines.lines().next().unwrap().split(' ').collect();
+    assert_eq!(first[0], "main");
+    assert_eq!(first[1], "1");
+    assert!(first[2].ends_with('Z'));
+    assert!(first[3].contains("main.json") && first[3].contains("main.raw"));
+    assert_eq!(first[4], "none", "the token is never given to the hook");
+    assert_eq!(w.generation("main"), 2, "a failing hook does not affect refreshing");
+    // A hook that hangs is killed at its timeout.
+    let text = std::fs::read_to_string(w.config_path())
+        .unwrap()
+        .replace(&hook, "on_refresh = [\"/bin/sleep\", \"30\"]\non_refresh_timeout = \"200ms\"");
+    std::fs::write(w.config_path(), text).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 1, T).await;
+    d.signal(libc::SIGUSR1);
+    d.wait_log("timed out and was killed", 1, T).await;
+    assert!(d.stop().await.success());
+}

@@ -112,7 +112,10 @@ async fn a_running_daemon_adopts_the_login_without_a_restart() {
     let out = finish(child).await;
     assert!(out.contains(&format!("pid {}", d.pid())), "{out}");
     w.wait_generation("code", 1, T).await;
-    assert!(!w.path("code.state.json.login").exists(), "hand-off file removed once persisted");
+    crate::harness::wait_until("the hand-off file to go once persisted", T, || {
+        !w.path("code.state.json.login").exists()
+    })
+    .await;
     d.wait_log("adopted a new login", 1, T).await;
     // The chain continues from the adopted state.
     d.signal(libc::SIGUSR1);
