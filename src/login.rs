@@ -4,7 +4,7 @@
 
 use crate::config::{Config, Grant, TokenConfig};
 use crate::oauth::OAuthClient;
-use crate::store::{LockError, STATE_VERSION, State, StateLock, write_atomic};
+use crate::store::{LockError, State, StateLock, write_atomic};
 use base64::Engine;
 use chrono::Utc;
 use sha2::{Digest, Sha256};
@@ -82,25 +82,8 @@ pub async fn login(
     let tokens = OAuthClient::new(cfg.request_timeout)
         .exchange_code(cfg, &code, &redirect, &verifier)
         .await?;
-    let now = Utc::now();
     let previous = State::load(&cfg.state_file).ok().flatten();
-    let secs = |s: u64| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000));
-    let new = State {
-        version: STATE_VERSION,
-        name: cfg.name.clone(),
-        generation: previous.map_or(1, |p| p.generation + 1),
-        token_type: tokens.token_type,
-        access_expires_at: now + secs(tokens.expires_in),
-        refresh_expires_at: tokens.refresh_token_expires_in.map(|s| now + secs(s)),
-        refreshed_at: now,
-        session_started_at: now,
-        scope: tokens.scope,
-        owner_id: tokens.owner_id,
-        endpoint_id: tokens.endpoint_id,
-        session_id: tokens.session_id,
-        access_token: tokens.access_token,
-        refresh_token: tokens.refresh_token,
-    };
+    let new = crate::refresher::next_state(&cfg.name, tokens, previous.as_ref(), true, Utc::now());
     store(cfg, &new)
 }
 

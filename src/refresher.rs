@@ -428,28 +428,7 @@ impl Refresher {
 
     fn on_success(&mut self, tokens: TokenSet, new_session: bool, elapsed: Duration) {
         let now = Utc::now();
-        let previous = self.state.as_ref();
-        let secs = |s: u64| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000));
-        let refresh_expires_at = tokens.refresh_token_expires_in.map(|s| now + secs(s));
-        let state = State {
-            version: STATE_VERSION,
-            name: self.cfg.name.clone(),
-            generation: previous.map_or(1, |p| p.generation + 1),
-            token_type: tokens.token_type,
-            access_expires_at: now + secs(tokens.expires_in),
-            refresh_expires_at,
-            refreshed_at: now,
-            session_started_at: match previous {
-                Some(p) if !new_session => p.session_started_at,
-                _ => now,
-            },
-            scope: tokens.scope,
-            owner_id: tokens.owner_id,
-            endpoint_id: tokens.endpoint_id,
-            session_id: tokens.session_id,
-            access_token: tokens.access_token,
-            refresh_token: tokens.refresh_token,
-        };
+        let state = next_state(&self.cfg.name, tokens, self.state.as_ref(), new_session, now);
         info!(
             token = %self.name(),
             generation = state.generation,
@@ -580,5 +559,36 @@ impl Refresher {
         if let Err(e) = self.status.save(&self.cfg.state_file) {
             warn!(token = %self.name(), error = %e, "cannot write status file");
         }
+    }
+}
+
+/// The state after a successful token request: the generation grows by one; the session start
+/// carries over unless this was a new login.
+pub fn next_state(
+    name: &str,
+    tokens: TokenSet,
+    previous: Option<&State>,
+    new_session: bool,
+    now: DateTime<Utc>,
+) -> State {
+    let secs = |s: u64| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000));
+    State {
+        version: STATE_VERSION,
+        name: name.to_string(),
+        generation: previous.map_or(1, |p| p.generation + 1),
+        token_type: tokens.token_type,
+        access_expires_at: now + secs(tokens.expires_in),
+        refresh_expires_at: tokens.refresh_token_expires_in.map(|s| now + secs(s)),
+        refreshed_at: now,
+        session_started_at: match previous {
+            Some(p) if !new_session => p.session_started_at,
+            _ => now,
+        },
+        scope: tokens.scope,
+        owner_id: tokens.owner_id,
+        endpoint_id: tokens.endpoint_id,
+        session_id: tokens.session_id,
+        access_token: tokens.access_token,
+        refresh_token: tokens.refresh_token,
     }
 }

@@ -25,9 +25,7 @@ pub struct StateLock {
 impl StateLock {
     /// The lock file path for a state file.
     pub fn path_for(state_file: &Path) -> PathBuf {
-        let mut name = state_file.file_name().unwrap_or_default().to_os_string();
-        name.push(".lock");
-        state_file.with_file_name(name)
+        super::state::sibling(state_file, ".lock")
     }
 
     /// Takes the lock without waiting.

@@ -38,6 +38,13 @@ pub struct State {
     pub session_id: Option<String>,
 }
 
+/// `<dir>/<name><suffix>` beside `path`: the lock, status, intent and hand-off files.
+pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
 /// Why a state file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -77,16 +84,12 @@ impl State {
     /// have rotated the pair without our knowing: refresh again at once with the same refresh
     /// token, which the server answers from its grace-window cache.
     pub fn intent_path(state_file: &Path) -> PathBuf {
-        let mut name = state_file.file_name().unwrap_or_default().to_os_string();
-        name.push(".intent");
-        state_file.with_file_name(name)
+        sibling(state_file, ".intent")
     }
 
     /// Where `tokend login` leaves a new state for a running daemon to adopt.
     pub fn handoff_path(state_file: &Path) -> PathBuf {
-        let mut name = state_file.file_name().unwrap_or_default().to_os_string();
-        name.push(".login");
-        state_file.with_file_name(name)
+        sibling(state_file, ".login")
     }
 
     /// Moves a corrupt state file aside so it is kept, not silently overwritten.
@@ -170,9 +173,7 @@ pub struct Status {
 
 impl Status {
     pub fn path_for(state_file: &Path) -> PathBuf {
-        let mut name = state_file.file_name().unwrap_or_default().to_os_string();
-        name.push(".status");
-        state_file.with_file_name(name)
+        sibling(state_file, ".status")
     }
 
     pub fn load(state_file: &Path) -> Option<Self> {
