@@ -30,9 +30,10 @@ enum Command {
     /// refreshes every token now. Exit codes: 78 config error, 73 directory not writable,
     /// 75 another tokend holds a token's lock.
     Run(ConfigArg),
-    /// Show each token: generation, access and refresh expiry, last refresh, next refresh,
-    /// last error, "needs login". Reads the state files; works while the daemon runs.
-    /// Exit 0 when every token is healthy, 1 otherwise.
+    /// Show each token's health, expiries, last and next refresh, and last error.
+    ///
+    /// Reads the state files; works while the daemon runs. Exit 0 when every token is
+    /// healthy, 1 otherwise (needs login, expired, no state).
     Status {
         #[command(flatten)]
         config: ConfigArg,
