@@ -114,7 +114,7 @@ struct ScheduleGroup {
 pub struct Daemon {
     config: Config,
     schedules: BTreeMap<String, ScheduleGroup>,
-    metrics: Arc<Metrics>,
+    /// Metrics, the request bound and the HTTP client, shared with every refresher.
     shared: crate::refresher::Shared,
     /// The metrics textfile writer and HTTP server.
     exporters: Vec<JoinHandle<()>>,
@@ -180,13 +180,12 @@ impl Daemon {
         let metrics = Arc::new(Metrics::default());
         let exporters = start_exporters(&config, &metrics).await?;
         let shared = crate::refresher::Shared {
-            metrics: metrics.clone(),
+            metrics,
             requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
             client: crate::oauth::OAuthClient::new(std::time::Duration::from_secs(30)),
         };
         let mut daemon = Self {
             config: config.clone(),
-            metrics,
             shared,
             exporters,
             scheduler,
@@ -338,7 +337,7 @@ impl Daemon {
         if tokio::time::timeout(STOP_GRACE, handle.task).await.is_err() {
             error!(token = %name, "refresher did not stop in time");
         }
-        self.metrics.remove(name);
+        self.shared.metrics.remove(name);
         info!(token = %name, "token stopped");
     }
 

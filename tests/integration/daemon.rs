@@ -128,18 +128,7 @@ async fn started(spec: TokenSpec) -> (World, crate::harness::Daemon) {
 #[tokio::test]
 async fn transient_faults_are_retried_with_backoff_and_no_new_session() {
     let (w, mut d) = started(TokenSpec::new("main").extra("request_timeout = \"1s\"")).await;
-    for f in [
-        "status500",
-        "status503,retry_after=1",
-        "status429,retry_after=1",
-        "hang,ms=1500",
-        "reset",
-        "malformed",
-        "truncated",
-        "html",
-        "missing_access_token",
-        "oversized",
-    ] {
+    for f in crate::harness::TRANSIENT_FAULTS {
         w.server.inject(f.parse::<Fault>().unwrap());
     }
     d.signal(libc::SIGUSR1);

@@ -12,6 +12,21 @@ pub const CLIENT_ID: &str = tokend::fake::DEFAULT_CLIENT_ID;
 pub const CLIENT_SECRET: &str = tokend::fake::DEFAULT_CLIENT_SECRET;
 pub const JWT: &str = tokend::fake::DEFAULT_JWT;
 
+/// Every fault a client must survive by retrying (with `request_timeout = "1s"`, a 1.5 s
+/// hang is a timeout).
+pub const TRANSIENT_FAULTS: &[&str] = &[
+    "status500",
+    "status503,retry_after=1",
+    "status429,retry_after=1",
+    "hang,ms=1500",
+    "reset",
+    "malformed",
+    "truncated",
+    "html",
+    "missing_access_token",
+    "oversized",
+];
+
 /// Polls `cond` every 10 ms until it holds or `timeout` passes; panics with `what` on timeout.
 pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();

@@ -5,20 +5,12 @@ use crate::harness::{TokenSpec, World};
 use std::time::{Duration, Instant};
 use tokend::watch::TokenWatcher;
 
-const FAULTS: &[&str] = &[
-    "status500",
-    "status503,retry_after=1",
-    "status429,retry_after=1",
-    "hang,ms=1500",
-    "reset",
-    "malformed",
-    "truncated",
-    "html",
-    "missing_access_token",
-    "oversized",
-    "commit_then_drop",
-    "commit_then_hang,ms=1500",
-];
+/// The transient faults, plus the two lost-response cases.
+fn faults() -> Vec<&'static str> {
+    let mut all = crate::harness::TRANSIENT_FAULTS.to_vec();
+    all.extend(["commit_then_drop", "commit_then_hang,ms=1500"]);
+    all
+}
 
 fn rss_kb(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -45,12 +37,13 @@ async fn soak_with_random_faults() {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
     let api = format!("{}/restapi/v1.0/account/~/extension/~", w.server.url());
     let end = Instant::now() + Duration::from_secs(secs);
+    let kinds = faults();
     let (mut faults, mut calls, mut unrecovered) = (0u64, 0u64, 0u64);
     let mut i = 0usize;
     while Instant::now() < end {
         i += 1;
         if i.is_multiple_of(20) {
-            w.server.inject(FAULTS[(i / 20) % FAULTS.len()].parse().unwrap());
+            w.server.inject(kinds[(i / 20) % kinds.len()].parse().unwrap());
             faults += 1;
         }
         let token = watcher.current().expect("a token is always published");
