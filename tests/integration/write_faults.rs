@@ -90,8 +90,11 @@ async fn vanished_sink_directory_is_written_when_it_returns() {
     d.wait_log("cannot write sink", 1, T).await;
     assert!(d.output().contains("run/main.json"), "{}", d.output());
     std::fs::create_dir(w.path("run")).unwrap();
-    wait_until("generation 2 in the recreated sink dir", T, || sink_gen(&w) == 2).await;
-    assert!(w.path("run/main.raw").exists());
+    // Sinks are written one after the other: wait for both.
+    wait_until("generation 2 in the recreated sink dir", T, || {
+        sink_gen(&w) == 2 && w.path("run/main.raw").exists()
+    })
+    .await;
     assert!(d.stop().await.success());
 }
 
