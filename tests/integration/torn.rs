@@ -79,11 +79,15 @@ async fn daemon_rewrites_under_concurrent_readers_are_never_torn() {
     let handles = readers(&[w.path("main.json"), w.path("main.raw")], 3, &stop);
     let pid = u32::try_from(d.pid()).unwrap();
     let rounds = AtomicU64::new(0);
-    let deadline = Instant::now() + Duration::from_secs(150);
-    // One refresh per round, driven by SIGUSR1, as fast as the daemon goes; bounded.
-    while rounds.load(Ordering::Relaxed) < ROUNDS && Instant::now() < deadline {
+    // One refresh per round, driven by SIGUSR1, as fast as the daemon goes. This is not a
+    // speed test (the machines are small and noisy): a round only fails when the daemon makes
+    // no progress at all for STALL, and the whole loop is bounded by ROUNDS.
+    const STALL: Duration = Duration::from_secs(30);
+    let started = Instant::now();
+    while rounds.load(Ordering::Relaxed) < ROUNDS {
         let before = w.generation("main");
         tokend::signal::send(pid, tokend::signal::Signal::Usr1).unwrap();
+        let deadline = Instant::now() + STALL;
         while w.generation("main") == before {
             assert!(Instant::now() < deadline, "refresh stalled at generation {before}");
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -93,8 +97,11 @@ async fn daemon_rewrites_under_concurrent_readers_are_never_torn() {
     stop.store(true, Ordering::Relaxed);
     let (reads, bad) = join(handles);
     let n = rounds.load(Ordering::Relaxed);
-    eprintln!("{n} daemon refreshes (x2 sinks), {reads} reads, {bad} bad");
+    eprintln!(
+        "{n} daemon refreshes (x2 sinks) in {:.1} s, {reads} reads, {bad} bad",
+        started.elapsed().as_secs_f64()
+    );
     assert_eq!(bad, 0);
-    assert_eq!(n, ROUNDS, "only {n} refreshes in 150 s");
+    assert_eq!(n, ROUNDS);
     assert!(d.stop().await.success());
 }
