@@ -56,8 +56,36 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Token requests in flight at once, across all tokens (`[daemon]`).
     pub max_concurrent_requests: usize,
+    /// Multi-host mode (`[cluster]`): hosts share each token through etcd.
+    pub cluster: Option<ClusterConfig>,
     pub tokens: Vec<TokenConfig>,
 }
+
+/// `[cluster]`: several hosts keep each token through etcd, with exactly one refresher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// etcd client URLs; the first is preferred (put the local member first).
+    pub endpoints: Vec<String>,
+    /// Every key tokend writes starts with this (no trailing slash).
+    pub prefix: String,
+    /// The election lease: a dead leader is replaced after about this long.
+    pub lease_ttl: Duration,
+    /// This host's name in the election and in logs (default: the host name).
+    pub node: String,
+    /// etcd authentication (user, password).
+    pub user: Option<(String, Secret)>,
+    /// TLS to etcd: the CA to trust, and an optional client certificate and key.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// AES-256-GCM key (32 bytes, base64) sealing the values stored in etcd.
+    pub encryption_key: Option<Secret>,
+}
+
+/// Default etcd key prefix.
+pub const DEFAULT_CLUSTER_PREFIX: &str = "/tokend";
+/// Default election lease TTL.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
 
 /// Where metrics go; both optional.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -40,6 +40,8 @@ pub enum DaemonError {
     Scheduler(String),
     #[error("metrics.listen {addr}: {source}")]
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 impl DaemonError {
@@ -47,7 +49,7 @@ impl DaemonError {
     /// config error (78) from a transient one.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) => 78,
+            Self::Config(_) | Self::Cluster(_) => 78,
             Self::NotWritable { .. } => 73,
             Self::Lock(_) => 75,
             Self::Scheduler(_) => 70,
@@ -120,6 +122,9 @@ pub struct Daemon {
     exporters: Vec<JoinHandle<()>>,
     scheduler: JobScheduler,
     tokens: BTreeMap<String, TokenHandle>,
+    /// Multi-host mode: the etcd connection and the task keeping the node's lease.
+    #[cfg(feature = "etcd")]
+    cluster: Option<(crate::cluster::Cluster, JoinHandle<()>)>,
 }
 
 /// Installs SIGTERM/SIGINT/SIGHUP/SIGUSR1 handlers that feed a control channel.
@@ -184,6 +189,17 @@ impl Daemon {
             requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
             client: crate::oauth::OAuthClient::new(std::time::Duration::from_secs(30)),
         };
+        #[cfg(feature = "etcd")]
+        let cluster = match &config.cluster {
+            None => None,
+            Some(c) => {
+                let cluster =
+                    crate::cluster::Cluster::new(c.clone()).map_err(DaemonError::Cluster)?;
+                info!(node = %c.node, endpoints = ?c.endpoints, prefix = %c.prefix, lease_ttl_s = c.lease_ttl.as_secs(), "cluster mode: one host refreshes each token, every host mirrors it");
+                let keeper = cluster.start();
+                Some((cluster, keeper))
+            }
+        };
         let mut daemon = Self {
             config: config.clone(),
             shared,
@@ -191,6 +207,8 @@ impl Daemon {
             scheduler,
             tokens: BTreeMap::new(),
             schedules: BTreeMap::new(),
+            #[cfg(feature = "etcd")]
+            cluster,
         };
         let locks = prepare(&config.tokens)?;
         let mut readies = Vec::new();
@@ -232,10 +250,39 @@ impl Daemon {
         let (tx, rx) = mpsc::channel(8);
         let (ready_tx, ready_rx) = oneshot::channel();
         self.join_schedule(&cfg, tx.clone()).await?;
-        let task = tokio::spawn(Refresher::new(cfg.clone(), self.shared.clone()).run(rx, ready_tx));
+        let task = self.spawn_task(cfg.clone(), rx, ready_tx);
         info!(token = %cfg.name, schedule = %cfg.schedule.expr, sinks = cfg.sinks.len(), "token started");
         self.tokens.insert(cfg.name.clone(), TokenHandle { cfg, tx, task, _lock: lock });
         Ok(ready_rx)
+    }
+
+    #[cfg(feature = "etcd")]
+    fn spawn_task(
+        &self,
+        cfg: TokenConfig,
+        rx: mpsc::Receiver<Command>,
+        ready: oneshot::Sender<()>,
+    ) -> JoinHandle<()> {
+        match &self.cluster {
+            Some((cluster, _)) => tokio::spawn(crate::cluster::run_token(
+                cfg,
+                self.shared.clone(),
+                cluster.clone(),
+                rx,
+                ready,
+            )),
+            None => tokio::spawn(Refresher::new(cfg, self.shared.clone()).run(rx, ready)),
+        }
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn spawn_task(
+        &self,
+        cfg: TokenConfig,
+        rx: mpsc::Receiver<Command>,
+        ready: oneshot::Sender<()>,
+    ) -> JoinHandle<()> {
+        tokio::spawn(Refresher::new(cfg, self.shared.clone()).run(rx, ready))
     }
 
     async fn join_schedule(
@@ -322,8 +369,11 @@ impl Daemon {
                 Err(e) => error!(token = %cfg.name, error = %e, "cannot start token after reload"),
             }
         }
-        if new.log_format != self.config.log_format || new.metrics != self.config.metrics {
-            warn!("[log] and [metrics] changes take effect on restart");
+        if new.log_format != self.config.log_format
+            || new.metrics != self.config.metrics
+            || new.cluster != self.config.cluster
+        {
+            warn!("[log], [metrics] and [cluster] changes take effect on restart");
         }
         self.config = new;
         info!(tokens = self.tokens.len(), "config reloaded");
@@ -350,6 +400,11 @@ impl Daemon {
         }
         for name in names {
             self.stop_token(&name).await;
+        }
+        #[cfg(feature = "etcd")]
+        if let Some((cluster, keeper)) = self.cluster.take() {
+            // After every token resigned: revoking the lease ends this node's terms at once.
+            cluster.shutdown(keeper).await;
         }
         let _ = self.scheduler.shutdown().await;
         for e in &self.exporters {

@@ -1,6 +1,8 @@
 //! tokend: one dedicated refresher per OAuth token, publishing it to files that every other
 //! program on the machine reads.
 
+#[cfg(feature = "etcd")]
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod demo;

@@ -26,6 +26,9 @@ pub struct TokenReport {
     pub needs_login: bool,
     pub last_error: Option<crate::store::ErrorRecord>,
     pub problem: Option<String>,
+    /// Multi-host mode: this node's role and whether etcd answers (while the daemon runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::store::ClusterStatus>,
 }
 
 fn ts(t: DateTime<Utc>) -> String {
@@ -59,6 +62,7 @@ pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
         needs_login: status.needs_login,
         last_error: status.last_error,
         problem: None,
+        cluster: None,
     };
     match state {
         Ok(Some(s)) => {
@@ -90,6 +94,7 @@ pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
     // A plan is only a plan while a daemon is there to carry it out.
     if pid.is_some() {
         r.next_refresh_at = status.next_refresh_at.map(ts);
+        r.cluster = status.cluster;
     }
     r
 }
@@ -148,6 +153,18 @@ pub fn render(reports: &[TokenReport]) -> String {
                 ts(e.at),
                 e.message
             );
+        }
+        if let Some(c) = &r.cluster {
+            let etcd = match c.etcd_unreachable_since {
+                _ if c.etcd_reachable => "etcd ok".to_string(),
+                Some(t) => format!(
+                    "etcd unreachable since {} ({}): nobody refreshes; serving the last token",
+                    ts(t),
+                    rel(t, now)
+                ),
+                None => "etcd unreachable: nobody refreshes; serving the last token".into(),
+            };
+            let _ = writeln!(out, "  {:<16}node {}, {}; {etcd}", "cluster", c.node, c.role);
         }
         if let Some(p) = &r.problem {
             let _ = writeln!(out, "  {:<16}{p}", "problem");

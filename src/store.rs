@@ -9,4 +9,4 @@ mod state;
 pub use atomic::{check_dir_writable, remove_stale_temps, write_atomic};
 pub use lock::{LockError, StateLock};
 pub use sink::{SinkDoc, render_sink};
-pub use state::{ErrorRecord, STATE_VERSION, State, StateError, Status};
+pub use state::{ClusterStatus, ErrorRecord, STATE_VERSION, State, StateError, Status};

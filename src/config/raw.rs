@@ -2,8 +2,8 @@
 
 use super::secret_source::{RawSecret, SecretSource};
 use super::{
-    Config, ConfigError, DEFAULT_MAX_CONCURRENT, DEFAULT_SCHEDULE, Grant, Hook, MetricsConfig,
-    RateBudget, RetryPolicy, Schedule, SinkConfig, SinkFormat, TokenConfig,
+    ClusterConfig, Config, ConfigError, DEFAULT_MAX_CONCURRENT, DEFAULT_SCHEDULE, Grant, Hook,
+    MetricsConfig, RateBudget, RetryPolicy, Schedule, SinkConfig, SinkFormat, TokenConfig,
 };
 use crate::logging::LogFormat;
 use serde::Deserialize;
@@ -18,6 +18,7 @@ struct RawConfig {
     log: Option<RawLog>,
     metrics: Option<RawMetrics>,
     daemon: Option<RawDaemon>,
+    cluster: Option<Spanned<RawCluster>>,
     #[serde(default)]
     token: Vec<RawToken>,
 }
@@ -26,6 +27,22 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawDaemon {
     max_concurrent_requests: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    backend: Option<Spanned<String>>,
+    endpoints: Spanned<Vec<String>>,
+    prefix: Option<Spanned<String>>,
+    lease_ttl: Option<Spanned<String>>,
+    node: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password: Option<Spanned<RawSecret>>,
+    ca_file: Option<Spanned<String>>,
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    encryption_key: Option<Spanned<RawSecret>>,
 }
 
 #[derive(Deserialize)]
@@ -214,14 +231,183 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         }
         Some(n) => n.into_inner(),
     };
+    let cluster = raw.cluster.map(|c| cluster(&ctx, c)).transpose()?;
     Ok(Config {
         path: file.to_path_buf(),
         warnings: Vec::new(),
         log_format,
         metrics,
         max_concurrent_requests,
+        cluster,
         tokens,
     })
+}
+
+fn cluster(ctx: &Ctx<'_>, raw: Spanned<RawCluster>) -> Result<ClusterConfig, ConfigError> {
+    let key = |k: &str| format!("cluster.{k}");
+    if !cfg!(feature = "etcd") {
+        return Err(ctx.err(
+            &raw,
+            "cluster".into(),
+            "this tokend was built without multi-host support; rebuild with \
+             `cargo build --release --features etcd` (needs protoc: Debian protobuf-compiler \
+             and libprotobuf-dev)",
+        ));
+    }
+    let raw = raw.into_inner();
+    if let Some(b) = &raw.backend
+        && b.get_ref() != "etcd"
+    {
+        return Err(ctx.err(
+            b,
+            key("backend"),
+            format!("{:?} is not a backend; valid: \"etcd\"", b.get_ref()),
+        ));
+    }
+    if raw.endpoints.get_ref().is_empty() {
+        return Err(ctx.err(
+            &raw.endpoints,
+            key("endpoints"),
+            "needs at least one etcd URL, e.g. [\"http://127.0.0.1:2379\"]",
+        ));
+    }
+    for e in raw.endpoints.get_ref() {
+        match reqwest::Url::parse(e) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => {
+                return Err(ctx.err(
+                    &raw.endpoints,
+                    key("endpoints"),
+                    format!("{e:?} is not an etcd URL like \"http://10.0.0.1:2379\""),
+                ));
+            }
+        }
+    }
+    let tls = raw.endpoints.get_ref().iter().any(|e| e.starts_with("https:"));
+    if tls != raw.endpoints.get_ref().iter().all(|e| e.starts_with("https:")) {
+        return Err(ctx.err(
+            &raw.endpoints,
+            key("endpoints"),
+            "mixes http:// and https:// endpoints",
+        ));
+    }
+    let prefix = match &raw.prefix {
+        None => super::DEFAULT_CLUSTER_PREFIX.to_string(),
+        Some(p) => {
+            let v = p.get_ref().trim_end_matches('/');
+            if !v.starts_with('/') || v.len() < 2 {
+                return Err(ctx.err(
+                    p,
+                    key("prefix"),
+                    format!("{:?} is not a key prefix like \"/tokend\"", p.get_ref()),
+                ));
+            }
+            v.to_string()
+        }
+    };
+    let lease_ttl = match &raw.lease_ttl {
+        None => super::DEFAULT_LEASE_TTL,
+        Some(t) => {
+            let d = duration(ctx, t, key("lease_ttl"))?;
+            if d < Duration::from_secs(2) || d.subsec_nanos() != 0 || d > Duration::from_secs(300) {
+                return Err(ctx.err(
+                    t,
+                    key("lease_ttl"),
+                    "must be whole seconds from \"2s\" to \"5m\"",
+                ));
+            }
+            d
+        }
+    };
+    let node = match &raw.node {
+        Some(n) => {
+            if n.get_ref().trim().is_empty() {
+                return Err(ctx.err(n, key("node"), "must not be empty"));
+            }
+            n.get_ref().clone()
+        }
+        None => hostname().ok_or_else(|| {
+            ctx.err_at(None, key("node"), "cannot read the host name; set node = \"...\"")
+        })?,
+    };
+    let access = cluster_access(ctx, &raw, tls)?;
+    Ok(ClusterConfig {
+        endpoints: raw.endpoints.into_inner(),
+        prefix,
+        lease_ttl,
+        node,
+        user: access.user,
+        ca_file: access.ca_file,
+        cert_file: access.cert_file,
+        key_file: access.key_file,
+        encryption_key: access.encryption_key,
+    })
+}
+
+/// Who we are to etcd and how the stored values are sealed.
+struct ClusterAccess {
+    user: Option<(String, crate::secret::Secret)>,
+    encryption_key: Option<crate::secret::Secret>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+fn cluster_access(
+    ctx: &Ctx<'_>,
+    raw: &RawCluster,
+    tls: bool,
+) -> Result<ClusterAccess, ConfigError> {
+    let key = |k: &str| format!("cluster.{k}");
+    let resolve = |s: &Spanned<RawSecret>, k: &str| -> Result<_, ConfigError> {
+        SecretSource::from_raw(s.get_ref().clone()).resolve().map_err(|m| ctx.err(s, key(k), m))
+    };
+    let user = match (&raw.username, &raw.password) {
+        (None, None) => None,
+        (Some(u), Some(p)) => Some((u.get_ref().clone(), resolve(p, "password")?)),
+        (Some(u), None) => return Err(ctx.err(u, key("password"), "username needs a password")),
+        (None, Some(p)) => return Err(ctx.err(p, key("username"), "password needs a username")),
+    };
+    let encryption_key = match &raw.encryption_key {
+        None => None,
+        Some(k) => {
+            let secret = resolve(k, "encryption_key")?;
+            let bytes = base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                secret.expose().trim(),
+            );
+            if bytes.map(|b| b.len()) != Ok(32) {
+                return Err(ctx.err(k, key("encryption_key"), "must be 32 random bytes in base64; make one with `head -c 32 /dev/urandom | base64`"));
+            }
+            Some(secret)
+        }
+    };
+    let file = |f: &Option<Spanned<String>>, k: &str| -> Result<Option<PathBuf>, ConfigError> {
+        let Some(f) = f else { return Ok(None) };
+        let p = ctx.path(f.get_ref());
+        if !tls {
+            return Err(ctx.err(f, key(k), "TLS files need https:// endpoints"));
+        }
+        std::fs::metadata(&p)
+            .map_err(|e| ctx.err(f, key(k), format!("cannot read {}: {e}", p.display())))?;
+        Ok(Some(p))
+    };
+    let (ca_file, cert_file, key_file) = (
+        file(&raw.ca_file, "ca_file")?,
+        file(&raw.cert_file, "cert_file")?,
+        file(&raw.key_file, "key_file")?,
+    );
+    if cert_file.is_some() != key_file.is_some() {
+        return Err(ctx.err_at(None, key("cert_file"), "cert_file and key_file go together"));
+    }
+    Ok(ClusterAccess { user, encryption_key, ca_file, cert_file, key_file })
+}
+
+/// The kernel's host name.
+fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 fn metrics(ctx: &Ctx<'_>, raw: Option<RawMetrics>) -> Result<MetricsConfig, ConfigError> {

@@ -169,6 +169,22 @@ pub struct Status {
     pub next_refresh_at: Option<DateTime<Utc>>,
     /// The daemon that wrote this.
     pub pid: u32,
+    /// Multi-host mode: this node's part in the token's election.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A node's view of the cluster, for `tokend status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node: String,
+    /// leader | follower | candidate | offline (no lease: etcd unreachable)
+    pub role: String,
+    pub etcd_reachable: bool,
+    #[serde(with = "crate::time::rfc3339_opt", default)]
+    pub etcd_unreachable_since: Option<DateTime<Utc>>,
+    /// The pair revision this node's files were last written from.
+    pub revision: i64,
 }
 
 impl Status {

@@ -75,7 +75,7 @@ impl TokenSpec {
         self
     }
 
-    fn toml(&self, server: &str, dir: &Path) -> String {
+    pub fn toml(&self, server: &str, dir: &Path) -> String {
         let n = &self.name;
         let d = dir.display();
         format!(
@@ -151,6 +151,11 @@ impl World {
 
     /// Starts `tokend run` with extra environment and a shell prefix (e.g. "umask 077;").
     pub fn daemon_with(&self, env: &[(&str, &str)], shell_prefix: &str) -> Daemon {
+        self.daemon_on(&self.config_path(), env, shell_prefix)
+    }
+
+    /// Starts `tokend run` on another config file (several daemons in one world).
+    pub fn daemon_on(&self, config: &Path, env: &[(&str, &str)], shell_prefix: &str) -> Daemon {
         let log = self.path(&format!("daemon-{}.log", rand_suffix()));
         let out =
             std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
@@ -159,7 +164,7 @@ impl World {
             .arg("-c")
             .arg(script)
             .arg(BIN)
-            .arg(self.config_path())
+            .arg(config)
             .env_remove("RUST_LOG")
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -1,8 +1,12 @@
 //! All integration tests in one binary: the real `tokend` against the fake server on loopback.
 
 mod check;
+#[cfg(feature = "etcd")]
+mod cluster;
 mod crash;
 mod daemon;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod examples;
 mod fake_server;
 mod harness;

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 /// Daemon refreshes driven in the daemon test: each rewrites two sinks, 10,000 rewrites.
 const ROUNDS: u64 = 5000;
 
+/// A round fails only when a refresh makes no progress at all for this long.
+const STALL: Duration = Duration::from_secs(30);
+
 /// Reads every path in a tight loop until `stop`; returns (reads, bad reads).
 fn readers(
     paths: &[PathBuf],
@@ -82,7 +85,6 @@ async fn daemon_rewrites_under_concurrent_readers_are_never_torn() {
     // One refresh per round, driven by SIGUSR1, as fast as the daemon goes. This is not a
     // speed test (the machines are small and noisy): a round only fails when the daemon makes
     // no progress at all for STALL, and the whole loop is bounded by ROUNDS.
-    const STALL: Duration = Duration::from_secs(30);
     let started = Instant::now();
     while rounds.load(Ordering::Relaxed) < ROUNDS {
         let before = w.generation("main");

@@ -1,0 +1,314 @@
+//! Multi-host mode: several real `tokend run` processes, one real etcd, the fake server.
+//! Each host has its own directory (state file, sinks, status), as separate machines would.
+
+use crate::etcd::Etcd;
+use crate::harness::{Daemon, TokenSpec, World, wait_until};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokend::store::{State, Status};
+
+const KEY_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+struct Host {
+    name: String,
+    dir: PathBuf,
+    config: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+impl Host {
+    fn status(&self) -> Option<Status> {
+        Status::load(&self.dir.join("main.state.json"))
+    }
+
+    fn role(&self) -> String {
+        self.status().and_then(|s| s.cluster).map(|c| c.role).unwrap_or_default()
+    }
+
+    fn etcd_reachable(&self) -> Option<bool> {
+        self.status().and_then(|s| s.cluster).map(|c| c.etcd_reachable)
+    }
+
+    fn sink(&self) -> Option<tokend::store::SinkDoc> {
+        let bytes = std::fs::read(self.dir.join("main.json")).ok()?;
+        Some(serde_json::from_slice(&bytes).expect("json sink always parses"))
+    }
+
+    fn generation(&self) -> u64 {
+        self.sink().map_or(0, |s| s.generation)
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("running")
+    }
+
+    fn alive(&self) -> bool {
+        self.daemon.is_some()
+    }
+}
+
+struct Fleet {
+    w: World,
+    etcd: Etcd,
+    hosts: Vec<Host>,
+}
+
+impl Fleet {
+    /// `n` hosts sharing token "main" through etcd with this lease TTL and schedule.
+    async fn start(n: usize, ttl_secs: u64, schedule: &str, cluster_extra: &str) -> Self {
+        let w = World::new().await;
+        let etcd = Etcd::start(w.dir.path()).await;
+        let mut hosts = Vec::new();
+        for i in 0..n {
+            let name = format!("h{i}");
+            let dir = w.path(&name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let spec = TokenSpec::new("main").schedule(schedule).extra("jitter = \"0s\"");
+            let cluster = format!(
+                "[cluster]\nendpoints = [\"{}\"]\nprefix = \"/t\"\nlease_ttl = \"{ttl_secs}s\"\nnode = \"{name}\"\n{cluster_extra}\n",
+                etcd.url()
+            );
+            let config = dir.join("config.toml");
+            std::fs::write(&config, format!("{cluster}\n{}", spec.toml(&w.server.url(), &dir)))
+                .unwrap();
+            hosts.push(Host { name, dir, config, daemon: None });
+        }
+        let mut fleet = Self { w, etcd, hosts };
+        for i in 0..n {
+            fleet.start_host(i).await;
+        }
+        fleet
+    }
+
+    async fn start_host(&mut self, i: usize) {
+        let d = self.w.daemon_on(&self.hosts[i].config, &[], "");
+        d.wait_ready().await;
+        self.hosts[i].daemon = Some(d);
+    }
+
+    fn live(&self) -> impl Iterator<Item = &Host> {
+        self.hosts.iter().filter(|h| h.alive())
+    }
+
+    /// Waits until exactly one live host says it leads; returns its index.
+    async fn leader(&self, timeout: Duration) -> usize {
+        wait_until("exactly one leader", timeout, || {
+            self.live().filter(|h| h.role() == "leader").count() == 1
+        })
+        .await;
+        self.hosts.iter().position(|h| h.alive() && h.role() == "leader").unwrap()
+    }
+
+    /// Waits until every live host's sink carries generation `g` or later, all the same.
+    async fn converged(&self, g: u64, timeout: Duration) -> u64 {
+        wait_until(&format!("every host at generation >= {g}"), timeout, || {
+            let gens: Vec<u64> = self.live().map(Host::generation).collect();
+            gens.iter().all(|&x| x >= g && x == gens[0])
+        })
+        .await;
+        self.live().next().unwrap().generation()
+    }
+
+    fn logs(&self, needle: &str) -> usize {
+        self.hosts.iter().filter_map(|h| h.daemon.as_ref()).map(|d| d.count(needle)).sum()
+    }
+
+    fn dump(&self) -> String {
+        self.hosts
+            .iter()
+            .filter_map(|h| h.daemon.as_ref().map(|d| format!("--- {}\n{}", h.name, d.output())))
+            .collect()
+    }
+
+    /// The published token is live at the fake server.
+    async fn api_accepts(&self, h: &Host) -> bool {
+        let token = std::fs::read_to_string(h.dir.join("main.raw")).unwrap();
+        let api = format!("{}/restapi/v1.0/account/~/extension/~", self.w.server.url());
+        let r = reqwest::Client::new().get(api).bearer_auth(token.trim()).send().await.unwrap();
+        r.status() == 200
+    }
+
+    /// No login beyond the first, no refresh refused, across everything.
+    fn assert_clean(&self) {
+        let stats = self.w.stats();
+        assert_eq!(stats.sessions_created, 1, "an extra login: {stats:?}\n{}", self.dump());
+        assert!(stats.rejected.is_empty(), "a refresh was refused: {stats:?}\n{}", self.dump());
+    }
+}
+
+#[tokio::test]
+async fn three_hosts_one_refresher_same_token_everywhere() {
+    // Ticks every 2 s; the stored values are sealed with a key.
+    let f = Fleet::start(3, 2, "*/2 * * * * *", &format!("encryption_key = \"{KEY_B64}\"")).await;
+    let leader = f.leader(Duration::from_secs(10)).await;
+    let start_gen = f.converged(1, Duration::from_secs(10)).await;
+    // Ten periods: every tick is one refresh by one host, mirrored everywhere.
+    let g = f.converged(start_gen + 10, Duration::from_secs(40)).await;
+    let stats = f.w.stats();
+    // Each generation after the first is exactly one rotation: nobody refreshed twice.
+    assert!(stats.refreshes >= g - 1 && stats.refreshes <= g, "{stats:?} at generation {g}");
+    assert_eq!(stats.grace_replays, 0);
+    let published = f.logs("refreshed and published to etcd");
+    let by_leader = f.hosts[leader].daemon().count("refreshed and published to etcd");
+    assert_eq!(published, by_leader, "a follower refreshed:\n{}", f.dump());
+    for h in &f.hosts {
+        assert!(f.api_accepts(h).await, "{}'s token is refused", h.name);
+        let state = State::load(&h.dir.join("main.state.json")).unwrap().unwrap();
+        assert!(state.generation >= g);
+    }
+    // Sealed in etcd: no token in the stored bytes.
+    let raw = f.etcd.get("/t/main/pair").await.expect("pair stored");
+    let token = std::fs::read_to_string(f.hosts[0].dir.join("main.raw")).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.contains("A256GCM") && !text.contains(token.trim()), "pair is not sealed");
+    f.assert_clean();
+}
+
+#[tokio::test]
+async fn kill_9_of_the_leader_fails_over_within_the_ttl_without_a_login() {
+    let ttl = 2;
+    let mut f = Fleet::start(3, ttl, "0 0 0 1 1 *", "").await;
+    let old = f.leader(Duration::from_secs(10)).await;
+    let g = f.converged(1, Duration::from_secs(10)).await;
+    f.hosts[old].daemon().signal(libc::SIGKILL);
+    let killed = Instant::now();
+    f.hosts[old].daemon = None;
+    let new = f.leader(Duration::from_secs(ttl + 5)).await;
+    let took = killed.elapsed();
+    eprintln!("failover after kill -9: {} ms (lease TTL {ttl} s)", took.as_millis());
+    assert_ne!(new, old);
+    assert!(took < Duration::from_secs(ttl + 1), "failover took {took:?}\n{}", f.dump());
+    // The new leader refreshes from the stored refresh token: no login.
+    f.hosts[new].daemon().signal(libc::SIGUSR1);
+    f.converged(g + 1, Duration::from_secs(10)).await;
+    f.assert_clean();
+    // The killed host comes back as a follower and catches up.
+    f.start_host(old).await;
+    f.converged(g + 1, Duration::from_secs(10)).await;
+    assert_eq!(f.leader(Duration::from_secs(5)).await, new);
+    f.assert_clean();
+}
+
+#[tokio::test]
+async fn a_paused_leaders_late_write_is_rejected_by_the_fence() {
+    let ttl = 2;
+    let mut f = Fleet::start(3, ttl, "0 0 0 1 1 *", "").await;
+    let old = f.leader(Duration::from_secs(10)).await;
+    let g = f.converged(1, Duration::from_secs(10)).await;
+    // The server rotates the pair, then holds the reply while the leader is frozen.
+    f.w.server.inject("commit_then_hang,ms=4000".parse().unwrap());
+    f.hosts[old].daemon().signal(libc::SIGUSR1);
+    let asked = Instant::now();
+    while f.etcd.get("/t/main/intent").await.is_none() {
+        assert!(asked.elapsed() < Duration::from_secs(10), "no intent record:\n{}", f.dump());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_until("the request to reach the server", Duration::from_secs(10), || {
+        f.w.stats().faults_injected == 1
+    })
+    .await;
+    f.hosts[old].daemon().signal(libc::SIGSTOP);
+    // Another host takes over, finds the intent, replays the same refresh token and gets
+    // the same pair from the grace window.
+    wait_until("a new leader", Duration::from_secs(ttl + 10), || {
+        f.hosts.iter().enumerate().any(|(i, h)| i != old && h.role() == "leader")
+    })
+    .await;
+    wait_until("the replayed pair on the other hosts", Duration::from_secs(10), || {
+        f.hosts.iter().enumerate().all(|(i, h)| i == old || h.generation() > g)
+    })
+    .await;
+    assert_eq!(f.w.stats().grace_replays, 1, "{:?}", f.w.stats());
+    // Wake the old leader after its reply is ready: its publish must bounce off the fence.
+    wait_until("the held reply", Duration::from_secs(10), || f.w.stats().token_requests >= 3).await;
+    f.hosts[old].daemon().signal(libc::SIGCONT);
+    f.hosts[old].daemon().wait_log("fence rejected", 1, Duration::from_secs(15)).await;
+    let g2 = f.converged(g + 1, Duration::from_secs(10)).await;
+    assert_eq!(g2, g + 1, "the late write landed:\n{}", f.dump());
+    assert_ne!(f.leader(Duration::from_secs(10)).await, old);
+    for h in &f.hosts {
+        assert!(f.api_accepts(h).await, "{}'s token is refused", h.name);
+    }
+    f.assert_clean();
+    f.hosts[old].daemon = None;
+}
+
+#[tokio::test]
+async fn etcd_down_hosts_keep_serving_then_resume() {
+    let mut f = Fleet::start(2, 2, "0 0 0 1 1 *", "").await;
+    f.leader(Duration::from_secs(10)).await;
+    let g = f.converged(1, Duration::from_secs(10)).await;
+    let refreshes = f.w.stats().refreshes;
+    f.etcd.stop();
+    wait_until("both hosts to notice etcd is gone", Duration::from_secs(20), || {
+        f.hosts.iter().all(|h| h.etcd_reachable() == Some(false))
+    })
+    .await;
+    wait_until("nobody to lead", Duration::from_secs(10), || {
+        f.hosts.iter().all(|h| h.role() != "leader")
+    })
+    .await;
+    for h in &f.hosts {
+        h.daemon().signal(libc::SIGUSR1);
+        assert!(f.api_accepts(h).await, "{} stopped serving", h.name);
+        assert_eq!(h.generation(), g);
+        let out = crate::harness::tokend(&["status", "--config", h.config.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("etcd unreachable"), "status does not say so:\n{text}");
+    }
+    assert_eq!(f.w.stats().refreshes, refreshes, "someone refreshed without etcd");
+    f.etcd.restart().await;
+    let leader = f.leader(Duration::from_secs(20)).await;
+    wait_until("both hosts to see etcd again", Duration::from_secs(20), || {
+        f.hosts.iter().all(|h| h.etcd_reachable() == Some(true))
+    })
+    .await;
+    f.hosts[leader].daemon().signal(libc::SIGUSR1);
+    f.converged(g + 1, Duration::from_secs(15)).await;
+    f.assert_clean();
+}
+
+#[tokio::test]
+async fn sigterm_on_the_leader_hands_over_at_once() {
+    // A long lease: only resigning and revoking can make the handover fast.
+    let mut f = Fleet::start(2, 30, "0 0 0 1 1 *", "").await;
+    let old = f.leader(Duration::from_secs(10)).await;
+    let g = f.converged(1, Duration::from_secs(10)).await;
+    let stopping = Instant::now();
+    let mut d = f.hosts[old].daemon.take().unwrap();
+    assert!(d.stop().await.success());
+    let new = f.leader(Duration::from_secs(10)).await;
+    let took = stopping.elapsed();
+    eprintln!("handover after SIGTERM: {} ms (lease TTL 30 s)", took.as_millis());
+    assert!(took < Duration::from_secs(5), "handover took {took:?}");
+    assert_ne!(new, old);
+    f.hosts[new].daemon().signal(libc::SIGUSR1);
+    f.converged(g + 1, Duration::from_secs(10)).await;
+    f.assert_clean();
+}
+
+#[tokio::test]
+async fn a_single_host_state_is_imported_without_a_login() {
+    // A host that ran alone has a state file; joining the cluster must not burn a session.
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let mut solo = w.daemon();
+    solo.wait_ready().await;
+    assert!(solo.stop().await.success());
+    let before = w.state("main");
+    let etcd = Etcd::start(w.dir.path()).await;
+    let text = std::fs::read_to_string(w.config_path()).unwrap();
+    let cluster = format!(
+        "[cluster]\nendpoints = [\"{}\"]\nnode = \"solo\"\nlease_ttl = \"2s\"\n",
+        etcd.url()
+    );
+    std::fs::write(w.config_path(), format!("{cluster}{text}")).unwrap();
+    let d = w.daemon();
+    d.wait_ready().await;
+    d.wait_log("imported the local state into etcd", 1, Duration::from_secs(10)).await;
+    d.signal(libc::SIGUSR1);
+    w.wait_generation("main", before.generation + 1, Duration::from_secs(10)).await;
+    let stats = w.stats();
+    assert_eq!(stats.sessions_created, 1, "{stats:?}");
+    assert!(stats.rejected.is_empty(), "{stats:?}");
+}

@@ -1,0 +1,121 @@
+//! A real etcd (Debian `etcd-server`) on free loopback ports, for the cluster tests. Missing
+//! etcd is a failure, not a skip: `scripts/test` installs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Etcd {
+    child: Option<Child>,
+    data: PathBuf,
+    log: PathBuf,
+    pub client_port: u16,
+    peer_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn binary() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file())
+        .expect("etcd not found on PATH: install Debian etcd-server (scripts/test does)")
+}
+
+impl Etcd {
+    /// Starts a one-member etcd with its data in `dir` and waits until it answers.
+    pub async fn start(dir: &Path) -> Self {
+        let mut me = Self {
+            child: None,
+            data: dir.join("etcd-data"),
+            log: dir.join("etcd.log"),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        me.spawn();
+        me.wait_healthy().await;
+        me
+    }
+
+    fn spawn(&mut self) {
+        let client = self.url();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(binary())
+            .args(["--name", "t", "--data-dir"])
+            .arg(&self.data)
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd");
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(2));
+        etcd_client::Client::connect([self.url()], Some(opts)).await.expect("etcd client")
+    }
+
+    async fn wait_healthy(&self) {
+        let start = Instant::now();
+        loop {
+            if let Ok(mut c) = etcd_client::Client::connect(
+                [self.url()],
+                Some(etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(500))),
+            )
+            .await
+                && c.get("health", None).await.is_ok()
+            {
+                return;
+            }
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "etcd did not start; its log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM and wait: etcd is gone until `restart`.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.spawn();
+        self.wait_healthy().await;
+    }
+
+    /// The raw value of a key, if present.
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let mut c = self.client().await;
+        let r = c.get(key, None).await.expect("etcd get");
+        r.kvs().first().map(|kv| kv.value().to_vec())
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
