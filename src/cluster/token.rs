@@ -448,7 +448,7 @@ impl Leader<'_> {
                 self.ctx.update_status(|s| s.needs_login = false);
                 true
             }
-            Publish::Rejected => false,
+            Publish::Rejected(_) => false,
             Publish::Failed => true,
         }
     }
@@ -589,8 +589,12 @@ impl Leader<'_> {
                     });
                     return true;
                 }
-                Publish::Rejected => {
-                    warn!(token = %self.name(), generation = state.generation, "the fence rejected publishing the new pair: another host leads now and replays this refresh");
+                Publish::Rejected(Rejection::Fence) => {
+                    warn!(token = %self.name(), generation = state.generation, "the fence rejected publishing the new pair: this host no longer leads; the leader replays this refresh");
+                    return false;
+                }
+                Publish::Rejected(Rejection::PairChanged) => {
+                    warn!(token = %self.name(), generation = state.generation, "the pair in etcd changed under this leader; not publishing over it, re-reading");
                     return false;
                 }
                 Publish::Failed => {
@@ -612,14 +616,24 @@ impl Leader<'_> {
         if delete_intent {
             ops.push(TxnOp::delete(self.ctx.intent_key.as_bytes(), None));
         }
-        let txn = Txn::new().when([self.fence(), self.unchanged(revision)]).and_then(ops);
+        // On failure, read our election key back: it tells a lost fence from a changed pair.
+        let txn = Txn::new()
+            .when([self.fence(), self.unchanged(revision)])
+            .and_then(ops)
+            .or_else([TxnOp::get(self.key.key(), None)]);
         let Ok(mut c) = self.ctx.cluster.clients().await else { return Publish::Failed };
         match Box::pin(c.short.txn(txn)).await {
             Ok(r) if r.succeeded() => {
                 self.ctx.cluster.succeeded().await;
                 Publish::Done(r.header().map_or(0, etcd_client::ResponseHeader::revision))
             }
-            Ok(_) => Publish::Rejected,
+            Ok(r) => {
+                let ours = r.op_responses().into_iter().any(|op| {
+                    matches!(op, etcd_client::TxnOpResponse::Get(g)
+                        if g.kvs().first().is_some_and(|kv| kv.create_revision() == self.key.rev()))
+                });
+                Publish::Rejected(if ours { Rejection::PairChanged } else { Rejection::Fence })
+            }
             Err(e) => {
                 self.ctx.cluster.failed(&e).await;
                 warn!(token = %self.name(), error = %e, "cannot write to etcd");
@@ -732,9 +746,17 @@ impl Leader<'_> {
 enum Publish {
     Done(i64),
     /// The fence or the pair's revision did not match.
-    Rejected,
+    Rejected(Rejection),
     /// etcd error.
     Failed,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Rejection {
+    /// Our election key is gone or re-created: another host may lead.
+    Fence,
+    /// We still lead, but the pair changed since we read it.
+    PairChanged,
 }
 
 /// This host's files: the state file and the sinks, written from the pairs etcd holds.

@@ -208,23 +208,28 @@ async fn a_paused_leaders_late_write_is_rejected_by_the_fence() {
     })
     .await;
     f.hosts[old].daemon().signal(libc::SIGSTOP);
-    // Another host takes over, finds the intent, replays the same refresh token and gets
-    // the same pair from the grace window.
-    wait_until("a new leader", Duration::from_secs(ttl + 10), || {
-        f.hosts.iter().enumerate().any(|(i, h)| i != old && h.role() == "leader")
+    // The next leader's replay is held too, so when the old leader wakes the pair in etcd is
+    // still the one it read: only the fence (its election key is gone) can stop its write.
+    f.w.server.inject("hang,ms=8000".parse().unwrap());
+    wait_until("a new leader replaying the intent", Duration::from_secs(ttl + 10), || {
+        f.w.stats().faults_injected == 2
     })
     .await;
-    wait_until("the replayed pair on the other hosts", Duration::from_secs(10), || {
-        f.hosts.iter().enumerate().all(|(i, h)| i == old || h.generation() > g)
-    })
-    .await;
-    assert_eq!(f.w.stats().grace_replays, 1, "{:?}", f.w.stats());
-    // Wake the old leader after its reply is ready: its publish must bounce off the fence.
-    wait_until("the held reply", Duration::from_secs(10), || f.w.stats().token_requests >= 3).await;
+    // (The frozen host's status file still says "leader": it cannot write.)
+    let new = (0..f.hosts.len()).find(|&i| i != old && f.hosts[i].role() == "leader");
+    assert!(new.is_some(), "the replay came from no leader:\n{}", f.dump());
+    assert_eq!(f.hosts[new.unwrap()].generation(), g, "the replay is still held");
+    let published = f.hosts[old].daemon().count("refreshed and published");
     f.hosts[old].daemon().signal(libc::SIGCONT);
-    f.hosts[old].daemon().wait_log("fence rejected", 1, Duration::from_secs(15)).await;
-    let g2 = f.converged(g + 1, Duration::from_secs(10)).await;
-    assert_eq!(g2, g + 1, "the late write landed:\n{}", f.dump());
+    f.hosts[old]
+        .daemon()
+        .wait_log("the fence rejected publishing", 1, Duration::from_secs(15))
+        .await;
+    assert_eq!(f.hosts[old].daemon().count("refreshed and published"), published, "{}", f.dump());
+    // The new leader's replay returns the same pair from the grace window and lands.
+    let g2 = f.converged(g + 1, Duration::from_secs(20)).await;
+    assert_eq!(g2, g + 1, "{}", f.dump());
+    assert_eq!(f.w.stats().grace_replays, 1, "{:?}", f.w.stats());
     assert_ne!(f.leader(Duration::from_secs(10)).await, old);
     for h in &f.hosts {
         assert!(f.api_accepts(h).await, "{}'s token is refused", h.name);
