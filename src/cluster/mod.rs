@@ -9,9 +9,11 @@
 //! *request*; the intent record and the server's grace window cover that (see `token.rs`).
 
 mod codec;
+mod local;
 mod token;
 
 pub use codec::{Codec, Intent};
+pub use local::LocalEtcd;
 pub use token::run as run_token;
 
 use crate::config::ClusterConfig;

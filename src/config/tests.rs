@@ -109,3 +109,86 @@ fn duplicates_and_missing_tokens() {
     let e = err(&format!("{one}\n{tail}"));
     assert!(e.message.contains("duplicate"), "{e}");
 }
+
+fn with_cluster(section: &str) -> String {
+    format!("{section}\n{}", with_jwt(GOOD))
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn cluster_section_defaults_and_errors() {
+    let c =
+        parse(&with_cluster("[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\nnode = \"a\""))
+            .unwrap();
+    let cl = c.cluster.unwrap();
+    assert_eq!(
+        (cl.prefix.as_str(), cl.lease_ttl, cl.node.as_str()),
+        ("/tokend", DEFAULT_LEASE_TTL, "a")
+    );
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let sealed = parse(&with_cluster(&format!(
+        "[cluster]\nendpoints = [\"http://e:2379\"]\nprefix = \"/x/\"\nencryption_key = \"{key}\""
+    )))
+    .unwrap();
+    let debug = format!("{:?}", sealed.cluster);
+    assert!(!debug.contains(key), "{debug}");
+    assert_eq!(sealed.cluster.unwrap().prefix, "/x");
+    for (section, line, key, needle) in [
+        ("[cluster]\nendpoints = []", 2, "cluster.endpoints", "at least one"),
+        ("[cluster]\nendpoints = [\"127.0.0.1:2379\"]", 2, "cluster.endpoints", "not an etcd URL"),
+        (
+            "[cluster]\nbackend = \"consul\"\nendpoints = [\"http://e:1\"]",
+            2,
+            "cluster.backend",
+            "valid: \"etcd\"",
+        ),
+        (
+            "[cluster]\nendpoints = [\"http://e:1\"]\nlease_ttl = \"1s\"",
+            3,
+            "cluster.lease_ttl",
+            "2s",
+        ),
+        (
+            "[cluster]\nendpoints = [\"http://e:1\"]\nprefix = \"t\"",
+            3,
+            "cluster.prefix",
+            "key prefix",
+        ),
+        (
+            "[cluster]\nendpoints = [\"http://e:1\"]\nencryption_key = \"c2hvcnQ=\"",
+            3,
+            "cluster.encryption_key",
+            "32 random bytes",
+        ),
+        (
+            "[cluster]\nendpoints = [\"http://e:1\"]\nusername = \"u\"",
+            3,
+            "cluster.password",
+            "needs a password",
+        ),
+        (
+            "[cluster]\nendpoints = [\"http://e:1\"]\nca_file = \"/etc/hosts\"",
+            3,
+            "cluster.ca_file",
+            "https://",
+        ),
+        (
+            "[cluster]\nendpoints = [\"http://e:1\"]\nlease = \"2s\"",
+            3,
+            "cluster.lease",
+            "unknown field",
+        ),
+    ] {
+        let e = err(&with_cluster(section));
+        assert_eq!((e.line, e.key.as_str()), (Some(line), key), "{section}: {e}");
+        assert!(e.message.contains(needle), "{section}: {e}");
+    }
+}
+
+#[cfg(not(feature = "etcd"))]
+#[test]
+fn cluster_section_needs_the_etcd_feature() {
+    let e = err(&with_cluster("[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]"));
+    assert_eq!((e.line, e.key.as_str()), (Some(1), "cluster"));
+    assert!(e.message.contains("--features etcd"), "{e}");
+}

@@ -1,10 +1,10 @@
 //! Multi-host mode: several real `tokend run` processes, one real etcd, the fake server.
 //! Each host has its own directory (state file, sinks, status), as separate machines would.
 
-use crate::etcd::Etcd;
 use crate::harness::{Daemon, TokenSpec, World, wait_until};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tokend::cluster::LocalEtcd as Etcd;
 use tokend::store::{State, Status};
 
 const KEY_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -120,12 +120,27 @@ impl Fleet {
             .collect()
     }
 
-    /// The published token is live at the fake server.
+    /// The token the host publishes is live at the fake server. A refresh (ticks may be
+    /// running) kills the previous token at once, so a refused token only fails the check
+    /// if the host does not move on to a newer generation within a few seconds.
     async fn api_accepts(&self, h: &Host) -> bool {
-        let token = std::fs::read_to_string(h.dir.join("main.raw")).unwrap();
         let api = format!("{}/restapi/v1.0/account/~/extension/~", self.w.server.url());
-        let r = reqwest::Client::new().get(api).bearer_auth(token.trim()).send().await.unwrap();
-        r.status() == 200
+        for _ in 0..5 {
+            let generation = h.generation();
+            let token = std::fs::read_to_string(h.dir.join("main.raw")).unwrap();
+            let r = reqwest::Client::new().get(&api).bearer_auth(token.trim()).send().await;
+            if r.unwrap().status() == 200 {
+                return true;
+            }
+            let start = Instant::now();
+            while h.generation() == generation {
+                if start.elapsed() > Duration::from_secs(5) {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        false
     }
 
     /// No login beyond the first, no refresh refused, across everything.

@@ -5,8 +5,6 @@ mod check;
 mod cluster;
 mod crash;
 mod daemon;
-#[cfg(feature = "etcd")]
-mod etcd;
 mod examples;
 mod fake_server;
 mod harness;

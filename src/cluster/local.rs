@@ -1,11 +1,12 @@
-//! A real etcd (Debian `etcd-server`) on free loopback ports, for the cluster tests. Missing
-//! etcd is a failure, not a skip: `scripts/test` installs it.
+//! A throwaway one-member etcd on free loopback ports, for tests and benchmarks (tokend's own
+//! and yours): it needs the `etcd` binary on PATH (Debian `etcd-server`). Killed on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub struct Etcd {
+/// A running etcd child process with its data in a directory of the caller's.
+pub struct LocalEtcd {
     child: Option<Child>,
     data: PathBuf,
     log: PathBuf,
@@ -25,8 +26,9 @@ fn binary() -> PathBuf {
         .expect("etcd not found on PATH: install Debian etcd-server (scripts/test does)")
 }
 
-impl Etcd {
+impl LocalEtcd {
     /// Starts a one-member etcd with its data in `dir` and waits until it answers.
+    /// Panics when etcd is missing or does not start: tests must fail, not skip.
     pub async fn start(dir: &Path) -> Self {
         let mut me = Self {
             child: None,
@@ -59,10 +61,12 @@ impl Etcd {
         self.child = Some(child);
     }
 
+    /// The client URL, for `[cluster] endpoints`.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
+    /// A client with a 2 s request timeout.
     pub async fn client(&self) -> etcd_client::Client {
         let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(2));
         etcd_client::Client::connect([self.url()], Some(opts)).await.expect("etcd client")
@@ -111,7 +115,7 @@ impl Etcd {
     }
 }
 
-impl Drop for Etcd {
+impl Drop for LocalEtcd {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
