@@ -132,7 +132,7 @@ mod tests {
             node: "a".into(),
             pair_revision: 9,
             refresh_token: "fp".into(),
-            at: chrono::Utc::now(),
+            at: chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
         };
         let bytes = codec.encode(&intent, b"/t/main/intent");
         assert!(!String::from_utf8_lossy(&bytes).contains("\"node\""), "sealed value is readable");

@@ -9,6 +9,23 @@ impl Config {
     pub fn plan(&self) -> String {
         let mut out =
             format!("config {}: OK, {} token(s)\n", self.path.display(), self.tokens.len());
+        if let Some(c) = &self.cluster {
+            let _ = writeln!(
+                out,
+                "\ncluster (etcd): node {:?}, endpoints {}, prefix {}, lease TTL {} s",
+                c.node,
+                c.endpoints.join(", "),
+                c.prefix,
+                c.lease_ttl.as_secs()
+            );
+            let _ = writeln!(
+                out,
+                "  etcd auth {}, TLS {}, stored values {}",
+                c.user.as_ref().map_or("none", |_| "user and password"),
+                if c.endpoints[0].starts_with("https:") { "on" } else { "off" },
+                if c.encryption_key.is_some() { "sealed (AES-256-GCM)" } else { "not encrypted" }
+            );
+        }
         for t in &self.tokens {
             token_plan(&mut out, t);
         }
