@@ -168,7 +168,8 @@ async fn campaign_loop(ctx: &Ctx, commands: &mut mpsc::Receiver<Command>, policy
                 cmd = commands.recv() => if matches!(cmd, None | Some(Command::Stop)) { return },
             }
         };
-        ctx.set_role("candidate");
+        // Waiting in the election queue: a follower until elected.
+        ctx.set_role("follower");
         let Ok(clients) = ctx.cluster.clients().await else {
             attempt += 1;
             if idle(commands, retry_wait(attempt)).await {

@@ -178,7 +178,7 @@ pub struct Status {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterStatus {
     pub node: String,
-    /// leader | follower | candidate | offline (no lease: etcd unreachable)
+    /// leader | follower (campaigning, mirroring) | offline (no lease: etcd unreachable)
     pub role: String,
     pub etcd_reachable: bool,
     #[serde(with = "crate::time::rfc3339_opt", default)]
