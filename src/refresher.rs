@@ -7,7 +7,7 @@ use crate::hook;
 use crate::metrics::Metrics;
 use crate::oauth::{OAuthClient, OAuthError, TokenSet};
 use crate::policy::{RequestBudget, backoff, refresh_deadline};
-use crate::store::{ErrorRecord, STATE_VERSION, State, StateError, Status, render_sink};
+use crate::store::{ErrorRecord, STATE_VERSION, State, StateError, Status};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -488,21 +488,7 @@ impl Refresher {
             // The new pair is durable: nothing is in flight any more.
             self.clear_intent();
         }
-        let now = Utc::now();
-        for sink in &self.cfg.sinks {
-            if !self.stale_sinks.contains(&sink.path) {
-                continue;
-            }
-            let bytes = render_sink(state, sink.format, sink.include_refresh_token, now);
-            match crate::store::write_atomic(&sink.path, &bytes, sink.mode) {
-                Ok(()) => {
-                    self.stale_sinks.remove(&sink.path);
-                }
-                Err(e) => {
-                    error!(token = %self.cfg.name, path = %sink.path.display(), error = %e, "cannot write sink; will retry");
-                }
-            }
-        }
+        crate::store::write_stale_sinks(&self.cfg, state, &mut self.stale_sinks);
         if self.stale_sinks.is_empty() {
             self.write_failures = 0;
             self.write_retry_at = None;

@@ -8,5 +8,5 @@ mod state;
 
 pub use atomic::{check_dir_writable, remove_stale_temps, write_atomic};
 pub use lock::{LockError, StateLock};
-pub use sink::{SinkDoc, render_sink};
+pub use sink::{SinkDoc, render_sink, write_stale_sinks};
 pub use state::{ClusterStatus, ErrorRecord, STATE_VERSION, State, StateError, Status};

@@ -17,7 +17,7 @@ use crate::config::{Grant, TokenConfig};
 use crate::oauth::{OAuthError, TokenSet};
 use crate::policy::{RequestBudget, backoff, refresh_deadline};
 use crate::refresher::{Command, Shared, next_state};
-use crate::store::{ClusterStatus, ErrorRecord, State, Status, render_sink};
+use crate::store::{ClusterStatus, ErrorRecord, State, Status};
 use chrono::Utc;
 use etcd_client::{
     Compare, CompareOp, EventType, LeaderKey, ResignOptions, Txn, TxnOp, WatchOptions,
@@ -833,21 +833,7 @@ impl LocalFiles {
             }
             self.dirty = false;
         }
-        let now = Utc::now();
-        for sink in &ctx.cfg.sinks {
-            if !self.stale.contains(&sink.path) {
-                continue;
-            }
-            let bytes = render_sink(state, sink.format, sink.include_refresh_token, now);
-            match crate::store::write_atomic(&sink.path, &bytes, sink.mode) {
-                Ok(()) => {
-                    self.stale.remove(&sink.path);
-                }
-                Err(e) => {
-                    error!(token = %ctx.name(), path = %sink.path.display(), error = %e, "cannot write sink; will retry");
-                }
-            }
-        }
+        crate::store::write_stale_sinks(&ctx.cfg, state, &mut self.stale);
         if !self.stale.is_empty() {
             self.schedule_retry();
             return false;

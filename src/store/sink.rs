@@ -78,3 +78,27 @@ pub fn render_sink(
         }
     }
 }
+
+/// Writes every sink of `cfg` named in `stale` from `state`; each one written leaves `stale`.
+/// Failures are logged (naming the path) and stay in `stale` for the caller to retry.
+pub fn write_stale_sinks(
+    cfg: &crate::config::TokenConfig,
+    state: &crate::store::State,
+    stale: &mut std::collections::BTreeSet<std::path::PathBuf>,
+) {
+    let now = chrono::Utc::now();
+    for sink in &cfg.sinks {
+        if !stale.contains(&sink.path) {
+            continue;
+        }
+        let bytes = render_sink(state, sink.format, sink.include_refresh_token, now);
+        match super::write_atomic(&sink.path, &bytes, sink.mode) {
+            Ok(()) => {
+                stale.remove(&sink.path);
+            }
+            Err(e) => {
+                tracing::error!(token = %cfg.name, path = %sink.path.display(), error = %e, "cannot write sink; will retry");
+            }
+        }
+    }
+}
