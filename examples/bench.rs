@@ -343,7 +343,19 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) {
         let rss = rss_kb(d.pid());
         let t = Instant::now();
         tokend::signal::send(d.pid(), tokend::signal::Signal::Usr1).unwrap();
-        wait_for(|| server.stats().refreshes >= n as u64, Duration::from_secs(600));
+        // The round ends when every sink carries the new generation (the server's count
+        // alone would end it before the last writes, and bill them to the idle figure).
+        let mut pending: Vec<usize> = (0..n).collect();
+        wait_for(
+            || {
+                pending.retain(|i| {
+                    tokend::watch::read_sink(&dir.path().join(format!("run/t{i}.json")))
+                        .map_or(true, |t| t.generation < Some(2))
+                });
+                pending.is_empty()
+            },
+            Duration::from_secs(600),
+        );
         let round = t.elapsed();
         let peak = server.stats().max_concurrent_token_requests;
         let c0 = cpu_ticks(d.pid());

@@ -1,17 +1,21 @@
-//! A throwaway one-member etcd on free loopback ports, for tests and benchmarks (tokend's own
-//! and yours): it needs the `etcd` binary on PATH (Debian `etcd-server`). Killed on drop.
+//! A throwaway etcd (one member, or a cluster of several) on free loopback ports, for tests and
+//! benchmarks (tokend's own and yours): it needs the `etcd` binary on PATH (Debian
+//! `etcd-server`). Killed on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running etcd child process with its data in a directory of the caller's.
+/// A running etcd member (a child process) with its data in a directory of the caller's.
 pub struct LocalEtcd {
     child: Option<Child>,
+    name: String,
     data: PathBuf,
     log: PathBuf,
     pub client_port: u16,
     peer_port: u16,
+    /// `--initial-cluster`: every member's name and peer URL.
+    initial_cluster: String,
 }
 
 fn free_port() -> u16 {
@@ -30,16 +34,35 @@ impl LocalEtcd {
     /// Starts a one-member etcd with its data in `dir` and waits until it answers.
     /// Panics when etcd is missing or does not start: tests must fail, not skip.
     pub async fn start(dir: &Path) -> Self {
-        let mut me = Self {
-            child: None,
-            data: dir.join("etcd-data"),
-            log: dir.join("etcd.log"),
-            client_port: free_port(),
-            peer_port: free_port(),
-        };
-        me.spawn();
-        me.wait_healthy().await;
-        me
+        Self::start_cluster(dir, 1).await.pop().expect("one member")
+    }
+
+    /// Starts an `n`-member cluster (data and logs in `dir/etcd-m<i>`), and waits until every
+    /// member answers a linearizable read, which needs the quorum.
+    pub async fn start_cluster(dir: &Path, n: usize) -> Vec<Self> {
+        let mut members: Vec<Self> = (0..n)
+            .map(|i| Self {
+                child: None,
+                name: format!("m{i}"),
+                data: dir.join(format!("etcd-m{i}")),
+                log: dir.join(format!("etcd-m{i}.log")),
+                client_port: free_port(),
+                peer_port: free_port(),
+                initial_cluster: String::new(),
+            })
+            .collect();
+        let cluster: Vec<String> = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect();
+        for m in &mut members {
+            m.initial_cluster = cluster.join(",");
+            m.spawn();
+        }
+        for m in &members {
+            m.wait_healthy().await;
+        }
+        members
     }
 
     fn spawn(&mut self) {
@@ -47,11 +70,11 @@ impl LocalEtcd {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(binary())
-            .args(["--name", "t", "--data-dir"])
+            .args(["--name", &self.name, "--data-dir"])
             .arg(&self.data)
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("t={peer}")])
+            .args(["--initial-cluster", &self.initial_cluster])
             .args(["--logger", "zap", "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -98,6 +121,23 @@ impl LocalEtcd {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill").arg(c.id().to_string()).status();
             let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP: the member keeps its sockets open and answers nothing (a hung host, a long GC
+    /// pause, a stuck disk), which clients cannot tell from a slow member.
+    pub fn freeze(&self) {
+        self.kill("-STOP");
+    }
+
+    /// SIGCONT after `freeze`.
+    pub fn thaw(&self) {
+        self.kill("-CONT");
+    }
+
+    fn kill(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args([sig, &c.id().to_string()]).status();
         }
     }
 

@@ -1,4 +1,5 @@
-//! Multi-host mode: several real `tokend run` processes, one real etcd, the fake server.
+//! Multi-host mode: several real `tokend run` processes, a real etcd (one member, or three),
+//! the fake server.
 //! Each host has its own directory (state file, sinks, status), as separate machines would.
 
 use crate::harness::{Daemon, TokenSpec, World, wait_until};
@@ -49,24 +50,39 @@ impl Host {
 
 struct Fleet {
     w: World,
-    etcd: Etcd,
+    /// The etcd members; `etcd[0]` is the only one unless started with several.
+    etcd: Vec<Etcd>,
     hosts: Vec<Host>,
 }
 
 impl Fleet {
-    /// `n` hosts sharing token "main" through etcd with this lease TTL and schedule.
+    /// `n` hosts sharing token "main" through a one-member etcd with this lease TTL and schedule.
     async fn start(n: usize, ttl_secs: u64, schedule: &str, cluster_extra: &str) -> Self {
+        Self::start_on(1, n, ttl_secs, schedule, cluster_extra).await
+    }
+
+    /// The same on an etcd of `members` members. Host `i` lists every member, starting with
+    /// member `i`: each host prefers its own, as a host with a local member would.
+    async fn start_on(
+        members: usize,
+        n: usize,
+        ttl_secs: u64,
+        schedule: &str,
+        cluster_extra: &str,
+    ) -> Self {
         let w = World::new().await;
-        let etcd = Etcd::start(w.dir.path()).await;
+        let etcd = Etcd::start_cluster(w.dir.path(), members).await;
         let mut hosts = Vec::new();
         for i in 0..n {
             let name = format!("h{i}");
             let dir = w.path(&name);
             std::fs::create_dir_all(&dir).unwrap();
             let spec = TokenSpec::new("main").schedule(schedule).extra("jitter = \"0s\"");
+            let endpoints: Vec<String> =
+                (0..members).map(|m| format!("\"{}\"", etcd[(i + m) % members].url())).collect();
             let cluster = format!(
-                "[cluster]\nendpoints = [\"{}\"]\nprefix = \"/t\"\nlease_ttl = \"{ttl_secs}s\"\nnode = \"{name}\"\n{cluster_extra}\n",
-                etcd.url()
+                "[cluster]\nendpoints = [{}]\nprefix = \"/t\"\nlease_ttl = \"{ttl_secs}s\"\nnode = \"{name}\"\n{cluster_extra}\n",
+                endpoints.join(", ")
             );
             let config = dir.join("config.toml");
             std::fs::write(&config, format!("{cluster}\n{}", spec.toml(&w.server.url(), &dir)))
@@ -172,7 +188,7 @@ async fn three_hosts_one_refresher_same_token_everywhere() {
         assert!(state.generation >= g);
     }
     // Sealed in etcd: no token in the stored bytes.
-    let raw = f.etcd.get("/t/main/pair").await.expect("pair stored");
+    let raw = f.etcd[0].get("/t/main/pair").await.expect("pair stored");
     let token = std::fs::read_to_string(f.hosts[0].dir.join("main.raw")).unwrap();
     let text = String::from_utf8_lossy(&raw);
     assert!(text.contains("A256GCM") && !text.contains(token.trim()), "pair is not sealed");
@@ -214,7 +230,7 @@ async fn a_paused_leaders_late_write_is_rejected_by_the_fence() {
     f.w.server.inject("commit_then_hang,ms=4000".parse().unwrap());
     f.hosts[old].daemon().signal(libc::SIGUSR1);
     let asked = Instant::now();
-    while f.etcd.get("/t/main/intent").await.is_none() {
+    while f.etcd[0].get("/t/main/intent").await.is_none() {
         assert!(asked.elapsed() < Duration::from_secs(10), "no intent record:\n{}", f.dump());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -259,7 +275,7 @@ async fn etcd_down_hosts_keep_serving_then_resume() {
     f.leader(Duration::from_secs(10)).await;
     let g = f.converged(1, Duration::from_secs(10)).await;
     let refreshes = f.w.stats().refreshes;
-    f.etcd.stop();
+    f.etcd[0].stop();
     wait_until("both hosts to notice etcd is gone", Duration::from_secs(20), || {
         f.hosts.iter().all(|h| h.etcd_reachable() == Some(false))
     })
@@ -277,7 +293,7 @@ async fn etcd_down_hosts_keep_serving_then_resume() {
         assert!(text.contains("etcd unreachable"), "status does not say so:\n{text}");
     }
     assert_eq!(f.w.stats().refreshes, refreshes, "someone refreshed without etcd");
-    f.etcd.restart().await;
+    f.etcd[0].restart().await;
     let leader = f.leader(Duration::from_secs(20)).await;
     wait_until("both hosts to see etcd again", Duration::from_secs(20), || {
         f.hosts.iter().all(|h| h.etcd_reachable() == Some(true))
@@ -285,6 +301,32 @@ async fn etcd_down_hosts_keep_serving_then_resume() {
     .await;
     f.hosts[leader].daemon().signal(libc::SIGUSR1);
     f.converged(g + 1, Duration::from_secs(15)).await;
+    f.assert_clean();
+}
+
+#[tokio::test]
+async fn a_frozen_etcd_member_is_left_for_a_live_one() {
+    // Three etcd members, two hosts, each preferring a different member; ticks every 2 s.
+    let f = Fleet::start_on(3, 2, 2, "*/2 * * * * *", "").await;
+    let leader = f.leader(Duration::from_secs(10)).await;
+    let g = f.converged(1, Duration::from_secs(10)).await;
+    // Freeze the leader's member: it keeps its connections open and answers nothing, so the
+    // client library would wait on it forever. Two members still make a quorum.
+    f.etcd[leader].freeze();
+    let frozen = Instant::now();
+    f.hosts[leader].daemon().wait_log("trying the next endpoint", 1, Duration::from_secs(20)).await;
+    // Refreshing goes on, and every host (the one that was on the frozen member too) follows.
+    f.converged(g + 1, Duration::from_secs(40)).await;
+    eprintln!(
+        "frozen member: every host at a new generation {} ms later",
+        frozen.elapsed().as_millis()
+    );
+    let g2 = f.converged(g + 3, Duration::from_secs(40)).await;
+    for h in &f.hosts {
+        assert!(f.api_accepts(h).await, "{}'s token is refused\n{}", h.name, f.dump());
+    }
+    f.etcd[leader].thaw();
+    f.converged(g2 + 1, Duration::from_secs(20)).await;
     f.assert_clean();
 }
 

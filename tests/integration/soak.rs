@@ -1,5 +1,5 @@
 //! Soak: the daemon on a fast schedule with random faults, a reader using every token.
-//! CI runs a minute; `scripts/soak 3600` runs an hour. Bounded by its duration.
+//! CI runs three minutes; `scripts/soak 3600` runs an hour. Bounded by its duration.
 
 use crate::harness::{TokenSpec, World};
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ fn rss_kb(pid: i32) -> u64 {
 #[tokio::test]
 async fn soak_with_random_faults() {
     let secs: u64 =
-        std::env::var("TOKEND_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+        std::env::var("TOKEND_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(180);
     let w = World::new().await;
     w.write_config(&[TokenSpec::new("main")
         .schedule("*/2 * * * * *")
