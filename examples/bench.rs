@@ -217,12 +217,16 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// utime + stime in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split(' ').collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+/// CPU time the process has used, in seconds: the sum of its threads' run time from
+/// schedstat (nanoseconds), since `utime + stime` counts 10 ms ticks, too coarse for an idle
+/// daemon (one tick in 20 s is already 0.05%).
+fn cpu_secs(pid: u32) -> f64 {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    ns as f64 / 1e9
 }
 
 struct Daemon {
@@ -304,10 +308,9 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) {
         wait_for(|| server.stats().refreshes >= g - 1, Duration::from_secs(30));
     }
     let rss_after = rss_kb(d.pid());
-    let tick = 100.0; // USER_HZ
-    let c0 = cpu_ticks(d.pid());
+    let c0 = cpu_secs(d.pid());
     std::thread::sleep(Duration::from_secs(a.idle_secs)); // measuring idle is the point
-    let idle_pct = (cpu_ticks(d.pid()) - c0) as f64 / tick / a.idle_secs as f64 * 100.0;
+    let idle_pct = (cpu_secs(d.pid()) - c0) / a.idle_secs as f64 * 100.0;
     let rss_1 = rss_kb(d.pid());
     d.stop();
     row(
@@ -358,9 +361,9 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) {
         );
         let round = t.elapsed();
         let peak = server.stats().max_concurrent_token_requests;
-        let c0 = cpu_ticks(d.pid());
+        let c0 = cpu_secs(d.pid());
         std::thread::sleep(Duration::from_secs(a.idle_secs.min(20)));
-        let idle = (cpu_ticks(d.pid()) - c0) as f64 / tick / a.idle_secs.min(20) as f64 * 100.0;
+        let idle = (cpu_secs(d.pid()) - c0) / a.idle_secs.min(20) as f64 * 100.0;
         d.stop();
         row(
             &format!("{n} tokens: bootstrap (logins, all published)"),
