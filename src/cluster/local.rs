@@ -16,6 +16,71 @@ pub struct LocalEtcd {
     peer_port: u16,
     /// `--initial-cluster`: every member's name and peer URL.
     initial_cluster: String,
+    /// Client TLS (https, client certificates required), when started with it.
+    tls: Option<TestTls>,
+    /// Root's credentials once `enable_auth` has run: `client` then logs in as root.
+    root: Option<(String, String)>,
+}
+
+/// TLS files for a test etcd, made with the `openssl` command (Debian `openssl`): a throwaway
+/// CA, and one certificate for 127.0.0.1 and localhost, good for server and client use. Its
+/// CN, "localhost", names no etcd user, so the certificate alone grants nothing under auth.
+#[derive(Debug, Clone)]
+pub struct TestTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestTls {
+    /// Generates the CA, key and certificate in `dir/tls`. Panics when openssl fails.
+    pub fn generate(dir: &Path) -> Self {
+        let d = dir.join("tls");
+        std::fs::create_dir_all(&d).unwrap();
+        let ext = d.join("ext.cnf");
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n\
+             basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n",
+        )
+        .unwrap();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&d)
+                .output()
+                .expect("openssl not found: install Debian openssl (scripts/deps does)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ca =
+            ["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=tokend-test-ca"];
+        openssl(&[&["req", "-x509"][..], &ec, &ca].concat());
+        let node = ["-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=localhost"];
+        openssl(&[&["req"][..], &ec, &node].concat());
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "node.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "node.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        Self { ca: d.join("ca.pem"), cert: d.join("node.pem"), key: d.join("node.key") }
+    }
 }
 
 fn free_port() -> u16 {
@@ -37,9 +102,19 @@ impl LocalEtcd {
         Self::start_cluster(dir, 1).await.pop().expect("one member")
     }
 
+    /// A one-member etcd that speaks https only and requires a client certificate signed by
+    /// `tls.ca`.
+    pub async fn start_tls(dir: &Path, tls: &TestTls) -> Self {
+        Self::start_members(dir, 1, Some(tls)).await.pop().expect("one member")
+    }
+
     /// Starts an `n`-member cluster (data and logs in `dir/etcd-m<i>`), and waits until every
     /// member answers a linearizable read, which needs the quorum.
     pub async fn start_cluster(dir: &Path, n: usize) -> Vec<Self> {
+        Self::start_members(dir, n, None).await
+    }
+
+    async fn start_members(dir: &Path, n: usize, tls: Option<&TestTls>) -> Vec<Self> {
         let mut members: Vec<Self> = (0..n)
             .map(|i| Self {
                 child: None,
@@ -49,6 +124,8 @@ impl LocalEtcd {
                 client_port: free_port(),
                 peer_port: free_port(),
                 initial_cluster: String::new(),
+                tls: tls.cloned(),
+                root: None,
             })
             .collect();
         let cluster: Vec<String> = members
@@ -69,7 +146,17 @@ impl LocalEtcd {
         let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(binary())
+        let mut cmd = Command::new(binary());
+        if let Some(t) = &self.tls {
+            cmd.arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key);
+        }
+        let child = cmd
             .args(["--name", &self.name, "--data-dir"])
             .arg(&self.data)
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
@@ -86,13 +173,51 @@ impl LocalEtcd {
 
     /// The client URL, for `[cluster] endpoints`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Connect options with this request timeout, TLS and root's login as the member needs.
+    fn options(&self, timeout: Duration) -> etcd_client::ConnectOptions {
+        let mut o = etcd_client::ConnectOptions::new().with_timeout(timeout);
+        if let Some(t) = &self.tls {
+            let pem = |p: &Path| std::fs::read(p).unwrap();
+            o = o.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(pem(&t.ca)))
+                    .identity(etcd_client::Identity::from_pem(pem(&t.cert), pem(&t.key))),
+            );
+        }
+        if let Some((user, password)) = &self.root {
+            o = o.with_user(user, password);
+        }
+        o
     }
 
     /// A client with a 2 s request timeout.
     pub async fn client(&self) -> etcd_client::Client {
-        let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(2));
-        etcd_client::Client::connect([self.url()], Some(opts)).await.expect("etcd client")
+        etcd_client::Client::connect([self.url()], Some(self.options(Duration::from_secs(2))))
+            .await
+            .expect("etcd client")
+    }
+
+    /// Turns on etcd's authentication, with `user`/`password` allowed to read and write only
+    /// the keys under `prefix` (what a production tokend user should get), and a root user
+    /// that this handle's own `client` uses from now on.
+    pub async fn enable_auth(&mut self, user: &str, password: &str, prefix: &str) {
+        use etcd_client::Permission;
+        let mut c = self.client().await;
+        let root_pw = format!("root-{}", std::process::id());
+        c.user_add("root", root_pw.as_str(), None).await.expect("add root");
+        c.user_grant_role("root", "root").await.expect("root role");
+        c.role_add("tokend").await.expect("add role");
+        c.role_grant_permission("tokend", Permission::read_write(prefix).with_prefix())
+            .await
+            .expect("grant");
+        c.user_add(user, password, None).await.expect("add user");
+        c.user_grant_role(user, "tokend").await.expect("user role");
+        c.auth_enable().await.expect("enable auth");
+        self.root = Some(("root".into(), root_pw));
     }
 
     async fn wait_healthy(&self) {
@@ -100,7 +225,7 @@ impl LocalEtcd {
         loop {
             if let Ok(mut c) = etcd_client::Client::connect(
                 [self.url()],
-                Some(etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(500))),
+                Some(self.options(Duration::from_millis(500))),
             )
             .await
                 && c.get("health", None).await.is_ok()

@@ -13,7 +13,7 @@ mod local;
 mod token;
 
 pub use codec::{Codec, Intent};
-pub use local::LocalEtcd;
+pub use local::{LocalEtcd, TestTls};
 pub use token::run as run_token;
 
 use crate::config::ClusterConfig;
@@ -53,6 +53,15 @@ struct Conn {
     /// Index into the endpoints of the member in use; the first is preferred.
     endpoint: usize,
     failures: u32,
+}
+
+/// Whether etcd answered and refused: wrong credentials, or a role without a permission.
+/// Retrying cannot help until the config or the role is fixed, so the log says which.
+fn refused(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    ["authentication failed", "permission denied", "invalid auth token", "user name not found"]
+        .iter()
+        .any(|m| text.contains(m))
 }
 
 /// Failures in a row before moving to the next endpoint.
@@ -205,7 +214,11 @@ impl Cluster {
         }
         drop(conn);
         if self.inner.up.send_if_modified(|up| std::mem::replace(up, false)) {
-            error!(error = %e, "etcd is unreachable: nobody can refresh until it returns; serving the last token");
+            if refused(e) {
+                error!(error = %e, prefix = %self.inner.cfg.prefix, "etcd is unreachable: it refuses tokend's login or a key; check [cluster] username and password, and that the user's role may read and write the keys under the prefix; nobody can refresh until it is fixed; serving the last token");
+            } else {
+                error!(error = %e, "etcd is unreachable: nobody can refresh until it returns; serving the last token");
+            }
         }
     }
 

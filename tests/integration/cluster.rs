@@ -5,7 +5,7 @@
 use crate::harness::{Daemon, TokenSpec, World, wait_until};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokend::cluster::LocalEtcd as Etcd;
+use tokend::cluster::{LocalEtcd as Etcd, TestTls};
 use tokend::store::{State, Status};
 
 const KEY_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -72,6 +72,19 @@ impl Fleet {
     ) -> Self {
         let w = World::new().await;
         let etcd = Etcd::start_cluster(w.dir.path(), members).await;
+        Self::on(w, etcd, n, ttl_secs, schedule, cluster_extra).await
+    }
+
+    /// `n` hosts on this world and these etcd members (host `i` prefers member `i`).
+    async fn on(
+        w: World,
+        etcd: Vec<Etcd>,
+        n: usize,
+        ttl_secs: u64,
+        schedule: &str,
+        cluster_extra: &str,
+    ) -> Self {
+        let members = etcd.len();
         let mut hosts = Vec::new();
         for i in 0..n {
             let name = format!("h{i}");
@@ -327,6 +340,56 @@ async fn a_frozen_etcd_member_is_left_for_a_live_one() {
     }
     f.etcd[leader].thaw();
     f.converged(g2 + 1, Duration::from_secs(20)).await;
+    f.assert_clean();
+}
+
+#[tokio::test]
+async fn tls_and_auth_with_a_role_limited_to_the_prefix() {
+    // etcd as production should run it: https only, client certificates required, and
+    // authentication on, with tokend's user allowed nothing outside its prefix.
+    let w = World::new().await;
+    let tls = TestTls::generate(w.dir.path());
+    let mut etcd = Etcd::start_tls(w.dir.path(), &tls).await;
+    let password = "etcd-pw-7d1c0f3e";
+    etcd.enable_auth("tokend", password, "/t/").await;
+    let pw_file = w.path("etcd_password");
+    std::fs::write(&pw_file, password).unwrap();
+    let files = format!(
+        "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nusername = \"tokend\"\n",
+        tls.ca, tls.cert, tls.key
+    );
+    let extra = format!("{files}password = {{ file = {pw_file:?} }}\n");
+    let mut f = Fleet::on(w, vec![etcd], 2, 2, "0 0 0 1 1 *", &extra).await;
+    let leader = f.leader(Duration::from_secs(10)).await;
+    let g = f.converged(1, Duration::from_secs(10)).await;
+    f.hosts[leader].daemon().signal(libc::SIGUSR1);
+    f.converged(g + 1, Duration::from_secs(10)).await;
+    for h in &f.hosts {
+        assert!(f.api_accepts(h).await, "{}'s token is refused", h.name);
+    }
+    f.assert_clean();
+    // A host with the wrong password is refused by etcd and says why.
+    let dir = f.w.path("h2");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = std::fs::read_to_string(&f.hosts[0].config).unwrap();
+    let config = dir.join("config.toml");
+    std::fs::write(pw_file.with_extension("wrong"), "not-the-password").unwrap();
+    let text = text
+        .replace(pw_file.to_str().unwrap(), pw_file.with_extension("wrong").to_str().unwrap())
+        .replace(f.hosts[0].dir.to_str().unwrap(), dir.to_str().unwrap())
+        .replace("node = \"h0\"", "node = \"h2\"");
+    std::fs::write(&config, text).unwrap();
+    let d = f.w.daemon_on(&config, &[], "");
+    d.wait_log("etcd is unreachable", 1, Duration::from_secs(20)).await;
+    let line = d.output().lines().find(|l| l.contains("etcd is unreachable")).unwrap().to_string();
+    assert!(line.contains("authentication failed"), "the reason is not named: {line}");
+    assert!(line.contains("check [cluster] username and password"), "no hint: {line}");
+    // No password, right or wrong, appears in any host's output.
+    for out in f.hosts.iter().map(|h| h.daemon().output()).chain([d.output()]) {
+        assert!(!out.contains(password) && !out.contains("not-the-password"), "{out}");
+    }
+    f.hosts.push(Host { name: "h2".into(), dir, config, daemon: Some(d) });
+    assert_eq!(f.leader(Duration::from_secs(5)).await, leader);
     f.assert_clean();
 }
 
