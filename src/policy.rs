@@ -58,6 +58,19 @@ impl RequestBudget {
         oldest + self.window
     }
 
+    /// The requests still remembered, oldest first.
+    pub fn sent(&self) -> impl Iterator<Item = Instant> + '_ {
+        self.sent.iter().copied()
+    }
+
+    /// Forgets the record and takes this one (oldest first), e.g. the last leader's.
+    pub fn replace(&mut self, sent: impl IntoIterator<Item = Instant>) {
+        self.sent.clear();
+        for t in sent {
+            self.record(t);
+        }
+    }
+
     pub fn record(&mut self, now: Instant) {
         self.sent.push_back(now);
         while self.sent.len() > self.limit {
@@ -69,6 +82,17 @@ impl RequestBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replaced_budget_counts_the_last_leaders_requests() {
+        let now = Instant::now() + Duration::from_secs(100);
+        let mut b = RequestBudget::new(2, Duration::from_secs(60));
+        b.record(now);
+        let ago = |s| now.checked_sub(Duration::from_secs(s)).unwrap();
+        b.replace([ago(50), ago(10), ago(5)]);
+        assert_eq!(b.sent().collect::<Vec<_>>(), [ago(10), ago(5)], "the newest, up to the limit");
+        assert_eq!(b.earliest(now), ago(10) + Duration::from_secs(60));
+    }
 
     #[test]
     fn deadline_keeps_margin_or_half_the_lifetime() {

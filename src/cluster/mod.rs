@@ -12,7 +12,7 @@ mod codec;
 mod local;
 mod token;
 
-pub use codec::{Codec, Intent};
+pub use codec::{Budget, Codec, Intent};
 pub use local::{LocalEtcd, TestTls};
 pub use token::run as run_token;
 

@@ -12,7 +12,7 @@
 //! the two leaves the intent behind, and the next leader replays that same refresh token:
 //! RingCentral's grace window returns the same pair again instead of killing the chain.
 
-use super::{Cluster, Intent, Lease, codec::decode_state};
+use super::{Budget, Cluster, Intent, Lease, codec::decode_state};
 use crate::config::{Grant, TokenConfig};
 use crate::oauth::{OAuthError, TokenSet};
 use crate::policy::{RequestBudget, backoff, refresh_deadline};
@@ -39,6 +39,7 @@ struct Ctx {
     cluster: Cluster,
     pair_key: String,
     intent_key: String,
+    budget_key: String,
     election: String,
     status: Mutex<Status>,
 }
@@ -64,12 +65,13 @@ impl Ctx {
         });
     }
 
-    /// The pair and its mod revision, the intent, and the store revision of the read.
+    /// The pair and its mod revision, the intent, the rate budget, and the store revision.
     async fn read(&self) -> Result<Snapshot, etcd_client::Error> {
         let mut kv = self.cluster.clients().await?.short;
         let txn = Txn::new().and_then([
             TxnOp::get(self.pair_key.as_bytes(), None),
             TxnOp::get(self.intent_key.as_bytes(), None),
+            TxnOp::get(self.budget_key.as_bytes(), None),
         ]);
         let resp = match Box::pin(kv.txn(txn)).await {
             Ok(r) => r,
@@ -80,20 +82,20 @@ impl Ctx {
         };
         self.cluster.succeeded().await;
         let revision = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
-        let mut snap = Snapshot { revision, pair: None, intent: None };
+        let mut snap = Snapshot { revision, pair: None, intent: None, budget: None };
         for (i, op) in resp.op_responses().into_iter().enumerate() {
             let etcd_client::TxnOpResponse::Get(get) = op else { continue };
             let Some(kv) = get.kvs().first() else { continue };
+            let codec = self.cluster.codec();
             if i == 0 {
-                snap.pair = Some(
-                    match decode_state(self.cluster.codec(), kv.value(), self.pair_key.as_bytes()) {
-                        Ok(s) => Stored::Pair(Box::new(s), kv.mod_revision()),
-                        Err(e) => Stored::Unreadable(e),
-                    },
-                );
+                snap.pair = Some(match decode_state(codec, kv.value(), self.pair_key.as_bytes()) {
+                    Ok(s) => Stored::Pair(Box::new(s), kv.mod_revision()),
+                    Err(e) => Stored::Unreadable(e),
+                });
+            } else if i == 1 {
+                snap.intent = codec.decode(kv.value(), self.intent_key.as_bytes()).ok();
             } else {
-                snap.intent =
-                    self.cluster.codec().decode(kv.value(), self.intent_key.as_bytes()).ok();
+                snap.budget = codec.decode(kv.value(), self.budget_key.as_bytes()).ok();
             }
         }
         Ok(snap)
@@ -104,6 +106,7 @@ struct Snapshot {
     revision: i64,
     pair: Option<Stored>,
     intent: Option<Intent>,
+    budget: Option<Budget>,
 }
 
 enum Stored {
@@ -124,6 +127,7 @@ pub async fn run(
     let ctx = Arc::new(Ctx {
         pair_key: cluster.key(&cfg.name, "pair"),
         intent_key: cluster.key(&cfg.name, "intent"),
+        budget_key: cluster.key(&cfg.name, "budget"),
         election: cluster.key(&cfg.name, "election"),
         status: Mutex::new(Status {
             pid: std::process::id(),
@@ -379,6 +383,9 @@ impl Leader<'_> {
                 }
             }
         };
+        if let Some(b) = &snap.budget {
+            self.adopt_budget(b);
+        }
         let mut cur = match snap.pair {
             Some(Stored::Pair(state, revision)) => Current { state: Some(*state), revision },
             Some(Stored::Unreadable(why)) => {
@@ -454,6 +461,39 @@ impl Leader<'_> {
         }
     }
 
+    /// The rate budget as stored in etcd, for the next leader.
+    fn budget_put(&self) -> TxnOp {
+        let (now, wall) = (Instant::now(), Utc::now());
+        let ago = |t: Instant| chrono::Duration::from_std(now - t).unwrap_or_default();
+        let budget = Budget {
+            sent: self.policy.budget.sent().map(|t| wall - ago(t)).collect(),
+            not_before: self
+                .policy
+                .not_before
+                .filter(|nb| *nb > now)
+                .map(|nb| wall + chrono::Duration::from_std(nb - now).unwrap_or_default()),
+        };
+        let value = self.ctx.cluster.codec().encode(&budget, self.ctx.budget_key.as_bytes());
+        TxnOp::put(self.ctx.budget_key.as_bytes(), value, None)
+    }
+
+    /// Takes over the budget the last leader stored: its requests count against this one's
+    /// window, and its `Retry-After` holds here too. (Wall clocks: hosts should run NTP.)
+    fn adopt_budget(&mut self, b: &Budget) {
+        let (now, wall) = (Instant::now(), Utc::now());
+        let at = |t: chrono::DateTime<Utc>| {
+            now.checked_sub((wall - t).to_std().unwrap_or_default()).unwrap_or(now)
+        };
+        self.policy.budget.replace(b.sent.iter().map(|t| at(*t)));
+        if let Some(nb) = b.not_before
+            && nb > wall
+        {
+            let until = now + (nb - wall).to_std().unwrap_or_default();
+            self.policy.not_before = Some(self.policy.not_before.map_or(until, |x| x.max(until)));
+            info!(token = %self.name(), until = %nb.to_rfc3339_opts(chrono::SecondsFormat::Millis, true), "the server told the last leader to wait (Retry-After): nothing is sent before then");
+        }
+    }
+
     fn deadline(&self, cur: &Current) -> Option<chrono::DateTime<Utc>> {
         let s = cur.state.as_ref()?;
         if self.policy.needs_login {
@@ -499,6 +539,9 @@ impl Leader<'_> {
             (Some(s), false) => s.refresh_token.clone(),
             _ => None,
         };
+        // Before the request: the budget (this request included) and, for a refresh, the
+        // intent, in one fenced write. A leader that lost the fence sends nothing.
+        let mut ops = vec![self.budget_put()];
         if let Some(rt) = &refresh_token {
             let intent = Intent {
                 node: self.ctx.cluster.node().into(),
@@ -507,19 +550,18 @@ impl Leader<'_> {
                 at: Utc::now(),
             };
             let value = self.ctx.cluster.codec().encode(&intent, self.ctx.intent_key.as_bytes());
-            let txn = Txn::new()
-                .when([self.fence(), self.unchanged(cur.revision)])
-                .and_then([TxnOp::put(self.ctx.intent_key.as_bytes(), value, None)]);
-            match self.txn(txn).await {
-                Some(true) => {}
-                Some(false) => {
-                    warn!(token = %self.name(), "the fence rejected the refresh intent: another host leads now");
-                    return false;
-                }
-                None => {
-                    self.on_transient_etcd();
-                    return true;
-                }
+            ops.push(TxnOp::put(self.ctx.intent_key.as_bytes(), value, None));
+        }
+        let txn = Txn::new().when([self.fence(), self.unchanged(cur.revision)]).and_then(ops);
+        match self.txn(txn).await {
+            Some(true) => {}
+            Some(false) => {
+                warn!(token = %self.name(), "the fence rejected the write before the token request (intent and rate budget): another host leads now");
+                return false;
+            }
+            None => {
+                self.on_transient_etcd();
+                return true;
             }
         }
         if !self.lease_ok() {
@@ -538,6 +580,13 @@ impl Leader<'_> {
             Ok(tokens) => self.on_success(cur, tokens, refresh_token.is_none(), elapsed).await,
             Err(e) if e.is_transient() => {
                 self.on_transient(&e);
+                if e.retry_after().is_some() {
+                    // The next leader must wait for it too.
+                    let txn = Txn::new().when([self.fence()]).and_then([self.budget_put()]);
+                    if self.txn(txn).await == Some(false) {
+                        return false;
+                    }
+                }
                 true
             }
             Err(e) if refresh_token.is_some() && e.is_invalid_grant() => {

@@ -394,6 +394,53 @@ async fn tls_and_auth_with_a_role_limited_to_the_prefix() {
 }
 
 #[tokio::test]
+async fn a_new_leader_honours_the_last_leaders_retry_after() {
+    // RingCentral restarts a 429's penalty on every request made during it, so a new leader
+    // must not replay at once when the last one was told to wait.
+    let ttl = 2;
+    let wait = 8;
+    let mut f = Fleet::start(2, ttl, "0 0 0 1 1 *", "").await;
+    let old = f.leader(Duration::from_secs(10)).await;
+    let g = f.converged(1, Duration::from_secs(10)).await;
+    f.w.server.inject(format!("status429,retry_after={wait}").parse().unwrap());
+    f.hosts[old].daemon().signal(libc::SIGUSR1);
+    wait_until("the 429", Duration::from_secs(10), || f.w.stats().faults_injected == 1).await;
+    let told = Instant::now();
+    let requests = f.w.stats().token_requests;
+    // The leader stores the Retry-After in etcd; then it dies before it may retry.
+    let stored = Instant::now();
+    loop {
+        let raw = f.etcd[0].get("/t/main/budget").await.unwrap_or_default();
+        let budget: Option<tokend::cluster::Budget> = serde_json::from_slice(&raw).ok();
+        if budget.is_some_and(|b| b.not_before.is_some()) {
+            break;
+        }
+        assert!(stored.elapsed() < Duration::from_secs(5), "no Retry-After stored:\n{}", f.dump());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f.hosts[old].daemon().signal(libc::SIGKILL);
+    f.hosts[old].daemon = None;
+    let new = f.leader(Duration::from_secs(ttl + 5)).await;
+    f.hosts[new]
+        .daemon()
+        .wait_log("the server told the last leader to wait", 1, Duration::from_secs(5))
+        .await;
+    // The intent the dead leader left is replayed, but only once the Retry-After is over.
+    wait_until("the replay", Duration::from_secs(wait + 10), || {
+        f.w.stats().token_requests > requests
+    })
+    .await;
+    let after = told.elapsed();
+    eprintln!(
+        "new leader's first request {} ms after the 429 (Retry-After {wait} s)",
+        after.as_millis()
+    );
+    assert!(after >= Duration::from_millis(wait * 1000 - 500), "sent {after:?} after the 429");
+    f.converged(g + 1, Duration::from_secs(10)).await;
+    f.assert_clean();
+}
+
+#[tokio::test]
 async fn sigterm_on_the_leader_hands_over_at_once() {
     // A long lease: only resigning and revoking can make the handover fast.
     let mut f = Fleet::start(2, 30, "0 0 0 1 1 *", "").await;
