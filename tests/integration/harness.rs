@@ -159,13 +159,15 @@ impl World {
         let log = self.path(&format!("daemon-{}.log", rand_suffix()));
         let out =
             std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let script = format!("{shell_prefix} exec \"$0\" run --config \"$1\"");
+        // The prefix may set WRAP to a command that runs the daemon (e.g. setpriv).
+        let script = format!("{shell_prefix} exec $WRAP \"$0\" run --config \"$1\"");
         let child = Command::new("sh")
             .arg("-c")
             .arg(script)
             .arg(BIN)
             .arg(config)
             .env_remove("RUST_LOG")
+            .env_remove("WRAP")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

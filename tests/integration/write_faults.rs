@@ -60,6 +60,44 @@ async fn disk_full_keeps_the_token_in_memory_and_writes_it_when_space_returns() 
 }
 
 #[tokio::test]
+async fn read_only_sink_directory_keeps_the_old_files_then_catches_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new().await;
+    split_dirs(&w);
+    // Root (CI runs as root) writes through directory modes: the daemon runs without that
+    // power (dropping it needs root too; anyone else is bound by the mode anyway).
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    let wrap =
+        if root { "WRAP='setpriv --bounding-set=-dac_override,-dac_read_search --';" } else { "" };
+    let mut d = w.daemon_with(&[], wrap);
+    d.wait_ready().await;
+    let json = std::fs::read(w.path("run/main.json")).unwrap();
+    let raw = std::fs::read(w.path("run/main.raw")).unwrap();
+    let mode = |m| std::fs::set_permissions(w.path("run"), std::fs::Permissions::from_mode(m));
+    mode(0o555).unwrap();
+    d.signal(libc::SIGUSR1);
+    d.wait_log("cannot write sink", 1, T).await;
+    let out = d.output();
+    assert!(out.contains("run/main.json") && out.contains("ERROR"), "{out}");
+    assert!(out.contains("Permission denied"), "the reason is not named: {out}");
+    assert_eq!(std::fs::read(w.path("run/main.json")).unwrap(), json, "old json sink intact");
+    assert_eq!(std::fs::read(w.path("run/main.raw")).unwrap(), raw, "old raw sink intact");
+    let state = tokend::store::State::load(&w.path("state/main.state.json")).unwrap().unwrap();
+    assert_eq!(state.generation, 2, "the new token is saved in the state");
+    mode(0o755).unwrap();
+    wait_until("both sinks at generation 2", T, || {
+        sink_gen(&w) == 2 && std::fs::read(w.path("run/main.raw")).unwrap() != raw
+    })
+    .await;
+    assert_eq!(w.stats().refreshes, 1, "written from memory, not refreshed again");
+    assert_eq!(w.stats().sessions_created, 1);
+    let left: Vec<_> =
+        std::fs::read_dir(w.path("run")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left.len(), 2, "no temp files left: {left:?}");
+    assert!(d.stop().await.success());
+}
+
+#[tokio::test]
 async fn vanished_state_directory_then_returned() {
     let w = World::new().await;
     split_dirs(&w);
