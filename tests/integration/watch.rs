@@ -116,6 +116,55 @@ async fn polling_mode_follows_renames_without_inotify() {
     assert_eq!(w.current().unwrap().generation, None, "raw sinks carry no generation");
 }
 
+/// How many inotify instances a process holds (its fds that link to `anon_inode:inotify`).
+fn inotify_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.ends_with("anon_inode:inotify")))
+        .count()
+}
+
+#[tokio::test]
+async fn tokend_watch_poll_mode_uses_no_inotify_at_all() {
+    // In-process tests share one process with other watchers, so this one is a process:
+    // `tokend watch --poll-ms` must follow renames with no inotify instance open, as on a
+    // network filesystem where inotify says nothing. The default mode is the control.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("main.json");
+    publish(&path, 1);
+    let spawn = |args: &[&str]| {
+        tokio::process::Command::new(BIN)
+            .arg("watch")
+            .args(args)
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut poll = spawn(&["--poll-ms", "20"]);
+    let mut notify = spawn(&[]);
+    let mut poll_out = tokio::io::BufReader::new(poll.stdout.take().unwrap());
+    let mut notify_out = tokio::io::BufReader::new(notify.stdout.take().unwrap());
+    let mut line = String::new();
+    for g in 1..=3u64 {
+        if g > 1 {
+            publish(&path, g);
+        }
+        for out in [&mut poll_out, &mut notify_out] {
+            line.clear();
+            tokio::time::timeout(T, tokio::io::AsyncBufReadExt::read_line(out, &mut line))
+                .await
+                .expect("a line per change")
+                .unwrap();
+            assert!(line.contains(&format!("generation={g}")), "{line}");
+        }
+    }
+    assert_eq!(inotify_fds(poll.id().unwrap()), 0, "poll mode opened an inotify instance");
+    assert!(inotify_fds(notify.id().unwrap()) >= 1, "the control: the default mode uses inotify");
+}
+
 #[tokio::test]
 async fn blocking_wait_for_programs_without_a_runtime() {
     let dir = tempfile::tempdir().unwrap();
