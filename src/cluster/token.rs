@@ -11,6 +11,11 @@
 //! about to use; the publishing transaction deletes it. A leader that dies or pauses between
 //! the two leaves the intent behind, and the next leader replays that same refresh token:
 //! RingCentral's grace window returns the same pair again instead of killing the chain.
+//!
+//! `tokend login` may run on any host: a host that does not lead forwards the hand-off file
+//! to `<prefix>/<token>/handoff`, and the leader, while the token needs login, publishes it
+//! as the pair (deleting the key in the same fenced transaction). Only the leader writes the
+//! pair.
 
 use super::{Budget, Cluster, Intent, Lease, codec::decode_state};
 use crate::config::{Grant, TokenConfig};
@@ -32,6 +37,9 @@ use tracing::{debug, error, info, warn};
 /// The mirror re-reads the pair this often even when the watch is quiet: a backstop.
 const BACKSTOP: Duration = Duration::from_secs(60);
 
+/// While a token needs login, its leader looks for a login forwarded by another host this often.
+const HANDOFF_POLL: Duration = Duration::from_secs(1);
+
 /// What a token task shares between its two halves.
 struct Ctx {
     cfg: TokenConfig,
@@ -40,6 +48,7 @@ struct Ctx {
     pair_key: String,
     intent_key: String,
     budget_key: String,
+    handoff_key: String,
     election: String,
     status: Mutex<Status>,
 }
@@ -128,6 +137,7 @@ pub async fn run(
         pair_key: cluster.key(&cfg.name, "pair"),
         intent_key: cluster.key(&cfg.name, "intent"),
         budget_key: cluster.key(&cfg.name, "budget"),
+        handoff_key: cluster.key(&cfg.name, "handoff"),
         election: cluster.key(&cfg.name, "election"),
         status: Mutex::new(Status {
             pid: std::process::id(),
@@ -169,7 +179,10 @@ async fn campaign_loop(ctx: &Ctx, commands: &mut mpsc::Receiver<Command>, policy
             ctx.set_role("offline");
             tokio::select! {
                 _ = lease_rx.changed() => {}
-                cmd = commands.recv() => if matches!(cmd, None | Some(Command::Stop)) { return },
+                cmd = commands.recv() => match cmd {
+                    None | Some(Command::Stop) => return,
+                    Some(_) => forward_handoff(ctx).await,
+                },
             }
         };
         // Waiting in the election queue: a follower until elected.
@@ -195,7 +208,10 @@ async fn campaign_loop(ctx: &Ctx, commands: &mut mpsc::Receiver<Command>, policy
                         break None;
                     }
                 }
-                cmd = commands.recv() => if matches!(cmd, None | Some(Command::Stop)) { return },
+                cmd = commands.recv() => match cmd {
+                    None | Some(Command::Stop) => return,
+                    Some(_) => forward_handoff(ctx).await,
+                },
             }
         };
         let key = match won {
@@ -228,6 +244,27 @@ async fn campaign_loop(ctx: &Ctx, commands: &mut mpsc::Receiver<Command>, policy
                 ctx.set_role("follower");
                 info!(token = %ctx.name(), "no longer the leader");
             }
+        }
+    }
+}
+
+/// On a host that does not lead: a `tokend login` left its new state in the hand-off file
+/// beside the state file. Forward it to the leader through etcd, then remove the file (it
+/// stays, and is retried on the next tick or signal, while etcd cannot take it).
+async fn forward_handoff(ctx: &Ctx) {
+    let path = State::handoff_path(&ctx.cfg.state_file);
+    let Ok(Some(state)) = State::load(&path) else { return };
+    let value = ctx.cluster.codec().encode(&state, ctx.handoff_key.as_bytes());
+    let Ok(mut c) = ctx.cluster.clients().await else { return };
+    match Box::pin(c.short.put(ctx.handoff_key.as_bytes(), value, None)).await {
+        Ok(_) => {
+            ctx.cluster.succeeded().await;
+            let _ = std::fs::remove_file(&path);
+            info!(token = %ctx.name(), key = %ctx.handoff_key, "handed the new login to the leader through etcd");
+        }
+        Err(e) => {
+            ctx.cluster.failed(&e).await;
+            warn!(token = %ctx.name(), error = %e, "cannot hand the new login to the leader through etcd; keeping it, will retry");
         }
     }
 }
@@ -325,8 +362,13 @@ impl Leader<'_> {
 
     async fn run(&mut self, commands: &mut mpsc::Receiver<Command>) -> Outcome {
         let Some(mut cur) = self.load().await else { return Outcome::Lost };
+        // An absolute time: the lease's keep-alive wakes this loop more often than that.
+        let mut handoff_at = Instant::now() + HANDOFF_POLL;
         loop {
-            let wake = self.next_wake(&cur, Instant::now());
+            let mut wake = self.next_wake(&cur, Instant::now());
+            if self.policy.needs_login {
+                wake = wake.min(handoff_at);
+            }
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None | Some(Command::Stop) => return Outcome::Stop,
@@ -351,6 +393,12 @@ impl Leader<'_> {
                 () = tokio::time::sleep_until(wake.into()) => {
                     if !self.lease_ok() {
                         return Outcome::Lost;
+                    }
+                    if self.policy.needs_login && Instant::now() >= handoff_at {
+                        handoff_at = Instant::now() + HANDOFF_POLL;
+                        if !self.adopt_handoff(&mut cur).await {
+                            return Outcome::Lost;
+                        }
                     }
                     let now = Instant::now();
                     if self.due(&cur, now).is_some_and(|d| d <= now) && self.gate(now) <= now
@@ -409,7 +457,7 @@ impl Leader<'_> {
                 } else {
                     self.policy.needs_login = true;
                     self.ctx.update_status(|s| s.needs_login = true);
-                    error!(token = %self.name(), "needs login: run `tokend login --token {}` on this host", self.name());
+                    error!(token = %self.name(), "needs login: run `tokend login --token {}` on any host of the cluster", self.name());
                 }
             }
         }
@@ -444,21 +492,71 @@ impl Leader<'_> {
         if let Some(prev) = &cur.state {
             state.generation = state.generation.max(prev.generation + 1);
         }
-        match self.publish(&state, cur.revision, false).await {
+        match self.publish(&state, cur.revision, &[]).await {
             Publish::Done(revision) => {
                 info!(token = %self.name(), path = %source.display(), generation = state.generation, "imported the local state into etcd");
                 if source == handoff {
                     let _ = std::fs::remove_file(&handoff);
                 }
-                *cur = Current { state: Some(state), revision };
-                self.policy.needs_login = false;
-                self.policy.relogin = false;
-                self.ctx.update_status(|s| s.needs_login = false);
+                self.adopted(cur, state, revision);
                 true
             }
             Publish::Rejected(_) => false,
             Publish::Failed => true,
         }
+    }
+
+    /// While the token needs login: a `tokend login` made on another host, forwarded through
+    /// the hand-off key, becomes the pair; the key is deleted in the same fenced transaction.
+    /// False when the fence is lost.
+    async fn adopt_handoff(&mut self, cur: &mut Current) -> bool {
+        let key = self.ctx.handoff_key.clone();
+        let Ok(mut c) = self.ctx.cluster.clients().await else { return true };
+        let bytes = match Box::pin(c.short.get(key.as_bytes(), None)).await {
+            Ok(r) => {
+                self.ctx.cluster.succeeded().await;
+                match r.kvs().first() {
+                    Some(kv) => kv.value().to_vec(),
+                    None => return true,
+                }
+            }
+            Err(e) => {
+                self.ctx.cluster.failed(&e).await;
+                return true;
+            }
+        };
+        let usable = |s: &State| {
+            s.refresh_token.is_some() && s.refresh_expires_at.is_none_or(|t| t > Utc::now())
+        };
+        let mut state = match decode_state(self.ctx.cluster.codec(), &bytes, key.as_bytes()) {
+            Ok(s) if usable(&s) => s,
+            Ok(_) | Err(_) => {
+                warn!(token = %self.name(), key = %key, "a login forwarded through etcd is unusable (no live refresh token, or unreadable); deleting it");
+                let txn =
+                    Txn::new().when([self.fence()]).and_then([TxnOp::delete(key.as_bytes(), None)]);
+                return self.txn(txn).await != Some(false);
+            }
+        };
+        if let Some(prev) = &cur.state {
+            state.generation = state.generation.max(prev.generation + 1);
+        }
+        match self.publish(&state, cur.revision, &[key.as_bytes()]).await {
+            Publish::Done(revision) => {
+                info!(token = %self.name(), generation = state.generation, fingerprint = %state.access_token.fingerprint(), "adopted a new login from `tokend login` on another host (new session)");
+                self.adopted(cur, state, revision);
+                true
+            }
+            Publish::Rejected(_) => false,
+            Publish::Failed => true,
+        }
+    }
+
+    /// A login from `tokend login` is now the pair: the token no longer needs one.
+    fn adopted(&mut self, cur: &mut Current, state: State, revision: i64) {
+        *cur = Current { state: Some(state), revision };
+        self.policy.needs_login = false;
+        self.policy.relogin = false;
+        self.ctx.update_status(|s| s.needs_login = false);
     }
 
     /// The rate budget as stored in etcd, for the next leader.
@@ -611,7 +709,7 @@ impl Leader<'_> {
         // Keep trying to publish while we still lead: the pair exists nowhere else.
         let mut tries = 0;
         loop {
-            match self.publish(&state, cur.revision, true).await {
+            match self.publish(&state, cur.revision, &[self.ctx.intent_key.as_bytes()]).await {
                 Publish::Done(revision) => {
                     info!(
                         token = %self.name(),
@@ -659,13 +757,11 @@ impl Leader<'_> {
         }
     }
 
-    /// Fenced write of a pair (deleting the intent in the same transaction).
-    async fn publish(&mut self, state: &State, revision: i64, delete_intent: bool) -> Publish {
+    /// Fenced write of a pair, deleting the keys in `delete` in the same transaction.
+    async fn publish(&mut self, state: &State, revision: i64, delete: &[&[u8]]) -> Publish {
         let value = self.ctx.cluster.codec().encode(state, self.ctx.pair_key.as_bytes());
         let mut ops = vec![TxnOp::put(self.ctx.pair_key.as_bytes(), value, None)];
-        if delete_intent {
-            ops.push(TxnOp::delete(self.ctx.intent_key.as_bytes(), None));
-        }
+        ops.extend(delete.iter().map(|k| TxnOp::delete(*k, None)));
         // On failure, read our election key back: it tells a lost fence from a changed pair.
         let txn = Txn::new()
             .when([self.fence(), self.unchanged(revision)])

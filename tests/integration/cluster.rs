@@ -72,16 +72,18 @@ impl Fleet {
     ) -> Self {
         let w = World::new().await;
         let etcd = Etcd::start_cluster(w.dir.path(), members).await;
-        Self::on(w, etcd, n, ttl_secs, schedule, cluster_extra).await
+        Self::on(w, etcd, n, ttl_secs, TokenSpec::new("main").schedule(schedule), cluster_extra)
+            .await
     }
 
-    /// `n` hosts on this world and these etcd members (host `i` prefers member `i`).
+    /// `n` hosts on this world and these etcd members (host `i` prefers member `i`), sharing
+    /// the token `spec` (named "main").
     async fn on(
         w: World,
         etcd: Vec<Etcd>,
         n: usize,
         ttl_secs: u64,
-        schedule: &str,
+        spec: TokenSpec,
         cluster_extra: &str,
     ) -> Self {
         let members = etcd.len();
@@ -90,7 +92,7 @@ impl Fleet {
             let name = format!("h{i}");
             let dir = w.path(&name);
             std::fs::create_dir_all(&dir).unwrap();
-            let spec = TokenSpec::new("main").schedule(schedule).extra("jitter = \"0s\"");
+            let spec = spec.clone().extra("jitter = \"0s\"");
             let endpoints: Vec<String> =
                 (0..members).map(|m| format!("\"{}\"", etcd[(i + m) % members].url())).collect();
             let cluster = format!(
@@ -359,7 +361,8 @@ async fn tls_and_auth_with_a_role_limited_to_the_prefix() {
         tls.ca, tls.cert, tls.key
     );
     let extra = format!("{files}password = {{ file = {pw_file:?} }}\n");
-    let mut f = Fleet::on(w, vec![etcd], 2, 2, "0 0 0 1 1 *", &extra).await;
+    let spec = TokenSpec::new("main").schedule("0 0 0 1 1 *");
+    let mut f = Fleet::on(w, vec![etcd], 2, 2, spec, &extra).await;
     let leader = f.leader(Duration::from_secs(10)).await;
     let g = f.converged(1, Duration::from_secs(10)).await;
     f.hosts[leader].daemon().signal(libc::SIGUSR1);
@@ -437,6 +440,42 @@ async fn a_new_leader_honours_the_last_leaders_retry_after() {
     );
     assert!(after >= Duration::from_millis(wait * 1000 - 500), "sent {after:?} after the 429");
     f.converged(g + 1, Duration::from_secs(10)).await;
+    f.assert_clean();
+}
+
+#[tokio::test]
+async fn tokend_login_on_a_follower_reaches_the_leader() {
+    // An authorization_code token cannot log in by itself: the operator runs `tokend login`
+    // on whichever host they are on, here one that does not lead.
+    let w = World::new().await;
+    let etcd = Etcd::start_cluster(w.dir.path(), 1).await;
+    let spec =
+        TokenSpec::new("main").schedule("0 0 0 1 1 *").grant("grant = \"authorization_code\"");
+    let f = Fleet::on(w, etcd, 2, 2, spec, "").await;
+    let leader = f.leader(Duration::from_secs(10)).await;
+    let follower = 1 - leader;
+    f.hosts[leader].daemon().wait_log("needs login", 1, Duration::from_secs(10)).await;
+    let (child, url) = crate::login::start_login_on(&f.hosts[follower].config, "main", &[]).await;
+    let page = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    assert!(page.contains("authorized"), "{page}");
+    let out = crate::login::finish(child).await;
+    assert!(out.contains("handed to the running tokend"), "{out}");
+    let t = Duration::from_secs(10);
+    f.hosts[follower].daemon().wait_log("handed the new login to the leader", 1, t).await;
+    f.hosts[leader]
+        .daemon()
+        .wait_log("adopted a new login from `tokend login` on another", 1, t)
+        .await;
+    let g = f.converged(1, t).await;
+    for h in &f.hosts {
+        assert!(f.api_accepts(h).await, "{}'s token is refused\n{}", h.name, f.dump());
+    }
+    // From there it refreshes like any token, and the hand-off is gone everywhere.
+    f.hosts[leader].daemon().signal(libc::SIGUSR1);
+    f.converged(g + 1, t).await;
+    assert!(f.etcd[0].get("/t/main/handoff").await.is_none(), "the hand-off key is left over");
+    let file = tokend::store::State::handoff_path(&f.hosts[follower].dir.join("main.state.json"));
+    assert!(!file.exists(), "the hand-off file is left over");
     f.assert_clean();
 }
 

@@ -12,20 +12,22 @@ fn code_token() -> TokenSpec {
     TokenSpec::new("code").grant("grant = \"authorization_code\"")
 }
 
-type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+pub(crate) type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
 
 /// Starts `tokend login`, returns the child, its stdout and the authorize URL it printed.
 async fn start_login(w: &World, extra: &[&str]) -> ((tokio::process::Child, Lines), String) {
+    start_login_on(&w.config_path(), "code", extra).await
+}
+
+/// The same for any config and token.
+pub(crate) async fn start_login_on(
+    config: &std::path::Path,
+    token: &str,
+    extra: &[&str],
+) -> ((tokio::process::Child, Lines), String) {
     let mut child = tokio::process::Command::new(BIN)
-        .args([
-            "login",
-            "--config",
-            w.config_path().to_str().unwrap(),
-            "--token",
-            "code",
-            "--timeout",
-            "30",
-        ])
+        .args(["login", "--config", config.to_str().unwrap(), "--token", token])
+        .args(["--timeout", "30"])
         .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -47,7 +49,7 @@ async fn start_login(w: &World, extra: &[&str]) -> ((tokio::process::Child, Line
     ((child, lines), url)
 }
 
-async fn finish((mut child, mut lines): (tokio::process::Child, Lines)) -> String {
+pub(crate) async fn finish((mut child, mut lines): (tokio::process::Child, Lines)) -> String {
     let mut out = String::new();
     tokio::time::timeout(T, async {
         while let Some(l) = lines.next_line().await.unwrap() {
