@@ -27,6 +27,9 @@ pub enum LoginOutcome {
     StateWritten,
     /// A daemon holds the lock: it was handed the new state (pid named).
     HandedToDaemon(u32),
+    /// Multi-host mode, no daemon running here: the state file is etcd's mirror, so the new
+    /// state waits in the hand-off file, which the daemon passes to the leader when it starts.
+    LeftForCluster,
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -84,12 +87,17 @@ pub async fn login(
         .await?;
     let previous = State::load(&cfg.state_file).ok().flatten();
     let new = crate::refresher::next_state(&cfg.name, tokens, previous.as_ref(), true, Utc::now());
-    store(cfg, &new)
+    store(cfg, &new, config.cluster.is_some())
 }
 
 /// Writes under the lock, or hands the state to the daemon that holds it.
-fn store(cfg: &TokenConfig, state: &State) -> anyhow::Result<LoginOutcome> {
+fn store(cfg: &TokenConfig, state: &State, cluster: bool) -> anyhow::Result<LoginOutcome> {
     match StateLock::acquire(&cfg.state_file) {
+        Ok(_lock) if cluster => {
+            let bytes = serde_json::to_vec_pretty(state)?;
+            write_atomic(&State::handoff_path(&cfg.state_file), &bytes, 0o600)?;
+            Ok(LoginOutcome::LeftForCluster)
+        }
         Ok(_lock) => {
             state.save(&cfg.state_file)?;
             Ok(LoginOutcome::StateWritten)

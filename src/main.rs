@@ -310,6 +310,9 @@ async fn login(
         tokend::login::LoginOutcome::HandedToDaemon(pid) => println!(
             "tokend login: handed to the running tokend (pid {pid}), which publishes it now"
         ),
+        tokend::login::LoginOutcome::LeftForCluster => println!(
+            "tokend login: saved for \"{token}\"; tokend passes it to the cluster's leader when it starts"
+        ),
     }
     Ok(())
 }

@@ -167,6 +167,8 @@ pub async fn run(
 async fn campaign_loop(ctx: &Ctx, commands: &mut mpsc::Receiver<Command>, policy: &mut Policy) {
     let mut lease_rx = ctx.cluster.lease();
     let mut attempt = 0u32;
+    // A `tokend login` made while this daemon was stopped.
+    forward_handoff(ctx).await;
     loop {
         // A lease first: its keep-alive is already running when the campaign starts.
         let lease = loop {
@@ -396,7 +398,10 @@ impl Leader<'_> {
                     }
                     if self.policy.needs_login && Instant::now() >= handoff_at {
                         handoff_at = Instant::now() + HANDOFF_POLL;
-                        if !self.adopt_handoff(&mut cur).await {
+                        // A login made on this host (kept while etcd was away), or forwarded.
+                        if !self.adopt_local(&mut cur, true).await
+                            || (self.policy.needs_login && !self.adopt_handoff(&mut cur).await)
+                        {
                             return Outcome::Lost;
                         }
                     }

@@ -451,7 +451,7 @@ async fn tokend_login_on_a_follower_reaches_the_leader() {
     let etcd = Etcd::start_cluster(w.dir.path(), 1).await;
     let spec =
         TokenSpec::new("main").schedule("0 0 0 1 1 *").grant("grant = \"authorization_code\"");
-    let f = Fleet::on(w, etcd, 2, 2, spec, "").await;
+    let mut f = Fleet::on(w, etcd, 2, 2, spec, "").await;
     let leader = f.leader(Duration::from_secs(10)).await;
     let follower = 1 - leader;
     f.hosts[leader].daemon().wait_log("needs login", 1, Duration::from_secs(10)).await;
@@ -460,23 +460,54 @@ async fn tokend_login_on_a_follower_reaches_the_leader() {
     assert!(page.contains("authorized"), "{page}");
     let out = crate::login::finish(child).await;
     assert!(out.contains("handed to the running tokend"), "{out}");
-    let t = Duration::from_secs(10);
-    f.hosts[follower].daemon().wait_log("handed the new login to the leader", 1, t).await;
+    let wait = Duration::from_secs(10);
+    f.hosts[follower].daemon().wait_log("handed the new login to the leader", 1, wait).await;
     f.hosts[leader]
         .daemon()
-        .wait_log("adopted a new login from `tokend login` on another", 1, t)
+        .wait_log("adopted a new login from `tokend login` on another", 1, wait)
         .await;
-    let g = f.converged(1, t).await;
+    let g = f.converged(1, wait).await;
     for h in &f.hosts {
         assert!(f.api_accepts(h).await, "{}'s token is refused\n{}", h.name, f.dump());
     }
     // From there it refreshes like any token, and the hand-off is gone everywhere.
     f.hosts[leader].daemon().signal(libc::SIGUSR1);
-    f.converged(g + 1, t).await;
+    f.converged(g + 1, wait).await;
     assert!(f.etcd[0].get("/t/main/handoff").await.is_none(), "the hand-off key is left over");
     let file = tokend::store::State::handoff_path(&f.hosts[follower].dir.join("main.state.json"));
     assert!(!file.exists(), "the hand-off file is left over");
     f.assert_clean();
+
+    // The session is revoked: the leader finds the chain dead and the token needs login again.
+    let state = State::load(&f.hosts[leader].dir.join("main.state.json")).unwrap().unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/restapi/oauth/revoke", f.w.server.url()))
+        .basic_auth(crate::harness::CLIENT_ID, Some(crate::harness::CLIENT_SECRET))
+        .form(&[("token", state.refresh_token.unwrap().expose())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    f.hosts[leader].daemon().signal(libc::SIGUSR1);
+    f.hosts[leader].daemon().wait_log("permanent failure: needs login", 1, wait).await;
+    // A login on a host whose daemon is stopped waits in the hand-off file (the state file is
+    // etcd's mirror there), and the daemon passes it on when it starts: nothing is lost.
+    let mut stopped = f.hosts[follower].daemon.take().unwrap();
+    assert!(stopped.stop().await.success());
+    let (child, url) = crate::login::start_login_on(&f.hosts[follower].config, "main", &[]).await;
+    reqwest::get(&url).await.unwrap();
+    let out = crate::login::finish(child).await;
+    assert!(out.contains("passes it to the cluster's leader when it starts"), "{out}");
+    f.start_host(follower).await;
+    f.hosts[leader]
+        .daemon()
+        .wait_log("adopted a new login from `tokend login` on another", 2, wait)
+        .await;
+    f.converged(g + 2, wait).await;
+    for h in &f.hosts {
+        assert!(f.api_accepts(h).await, "{}'s token is refused\n{}", h.name, f.dump());
+    }
+    assert_eq!(f.w.stats().sessions_created, 2, "the two logins, nothing else");
 }
 
 #[tokio::test]
