@@ -94,8 +94,7 @@ pub async fn login(
 fn store(cfg: &TokenConfig, state: &State, cluster: bool) -> anyhow::Result<LoginOutcome> {
     match StateLock::acquire(&cfg.state_file) {
         Ok(_lock) if cluster => {
-            let bytes = serde_json::to_vec_pretty(state)?;
-            write_atomic(&State::handoff_path(&cfg.state_file), &bytes, 0o600)?;
+            write_handoff(cfg, state)?;
             Ok(LoginOutcome::LeftForCluster)
         }
         Ok(_lock) => {
@@ -108,13 +107,19 @@ fn store(cfg: &TokenConfig, state: &State, cluster: bool) -> anyhow::Result<Logi
                 .trim()
                 .parse()
                 .map_err(|_| anyhow::anyhow!("the lock holder did not record its pid"))?;
-            let bytes = serde_json::to_vec_pretty(state)?;
-            write_atomic(&State::handoff_path(&cfg.state_file), &bytes, 0o600)?;
+            write_handoff(cfg, state)?;
             crate::signal::send(pid, crate::signal::Signal::Usr1)?;
             Ok(LoginOutcome::HandedToDaemon(pid))
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The new state, beside the state file, for a daemon to adopt.
+fn write_handoff(cfg: &TokenConfig, state: &State) -> anyhow::Result<()> {
+    let bytes = serde_json::to_vec_pretty(state)?;
+    write_atomic(&State::handoff_path(&cfg.state_file), &bytes, 0o600)?;
+    Ok(())
 }
 
 fn authorize_url(cfg: &TokenConfig, redirect: &str, state: &str, verifier: &str) -> reqwest::Url {

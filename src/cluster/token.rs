@@ -488,9 +488,7 @@ impl Leader<'_> {
             found = State::load(&source).ok().flatten();
         }
         let Some(mut state) = found else { return true };
-        let usable = state.refresh_token.is_some()
-            && state.refresh_expires_at.is_none_or(|t| t > Utc::now());
-        if !usable {
+        if !state.can_refresh(Utc::now()) {
             info!(token = %self.name(), path = %source.display(), "local state has no usable refresh token; not importing it");
             return true;
         }
@@ -530,11 +528,8 @@ impl Leader<'_> {
                 return true;
             }
         };
-        let usable = |s: &State| {
-            s.refresh_token.is_some() && s.refresh_expires_at.is_none_or(|t| t > Utc::now())
-        };
         let mut state = match decode_state(self.ctx.cluster.codec(), &bytes, key.as_bytes()) {
-            Ok(s) if usable(&s) => s,
+            Ok(s) if s.can_refresh(Utc::now()) => s,
             Ok(_) | Err(_) => {
                 warn!(token = %self.name(), key = %key, "a login forwarded through etcd is unusable (no live refresh token, or unreadable); deleting it");
                 let txn =

@@ -55,6 +55,11 @@ pub enum StateError {
 }
 
 impl State {
+    /// Whether it holds a refresh token that has not expired at `now`.
+    pub fn can_refresh(&self, now: DateTime<Utc>) -> bool {
+        self.refresh_token.is_some() && self.refresh_expires_at.is_none_or(|t| t > now)
+    }
+
     /// Reads a state file; `Ok(None)` when there is none yet.
     pub fn load(path: &Path) -> Result<Option<Self>, StateError> {
         let bytes = match std::fs::read(path) {

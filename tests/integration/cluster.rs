@@ -480,14 +480,7 @@ async fn tokend_login_on_a_follower_reaches_the_leader() {
 
     // The session is revoked: the leader finds the chain dead and the token needs login again.
     let state = State::load(&f.hosts[leader].dir.join("main.state.json")).unwrap().unwrap();
-    let resp = reqwest::Client::new()
-        .post(format!("{}/restapi/oauth/revoke", f.w.server.url()))
-        .basic_auth(crate::harness::CLIENT_ID, Some(crate::harness::CLIENT_SECRET))
-        .form(&[("token", state.refresh_token.unwrap().expose())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    f.w.revoke(state.refresh_token.unwrap().expose()).await;
     f.hosts[leader].daemon().signal(libc::SIGUSR1);
     f.hosts[leader].daemon().wait_log("permanent failure: needs login", 1, wait).await;
     // A login on a host whose daemon is stopped waits in the hand-off file (the state file is

@@ -174,21 +174,10 @@ async fn lost_response_is_recovered_by_replaying_the_same_refresh_token() {
     assert!(d.stop().await.success());
 }
 
-async fn revoke(w: &World, token: &str) {
-    let resp = reqwest::Client::new()
-        .post(format!("{}/restapi/oauth/revoke", w.server.url()))
-        .basic_auth(crate::harness::CLIENT_ID, Some(crate::harness::CLIENT_SECRET))
-        .form(&[("token", token)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-}
-
 #[tokio::test]
 async fn invalid_grant_leads_to_a_jwt_relogin() {
     let (w, mut d) = started(TokenSpec::new("main")).await;
-    revoke(&w, w.state("main").refresh_token.unwrap().expose()).await;
+    w.revoke(w.state("main").refresh_token.unwrap().expose()).await;
     d.signal(libc::SIGUSR1);
     w.wait_generation("main", 2, T).await;
     let stats = w.stats();
@@ -222,7 +211,7 @@ async fn dead_chain_without_a_login_grant_needs_login_and_keeps_sinks() {
     d.wait_ready().await;
     assert_eq!(w.generation("main"), 1);
     let sink_before = std::fs::read(w.path("main.json")).unwrap();
-    revoke(&w, w.state("main").refresh_token.unwrap().expose()).await;
+    w.revoke(w.state("main").refresh_token.unwrap().expose()).await;
     d.signal(libc::SIGUSR1);
     d.wait_log("needs login", 1, T).await;
     let out = d.output();

@@ -182,6 +182,18 @@ impl World {
         Daemon { child: Some(child), log }
     }
 
+    /// Ends the session of this token at the fake server (`POST /restapi/oauth/revoke`).
+    pub async fn revoke(&self, token: &str) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/restapi/oauth/revoke", self.server.url()))
+            .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+
     /// Waits for the json sink of `name` to reach `generation`.
     pub async fn wait_generation(&self, name: &str, generation: u64, timeout: Duration) {
         wait_until(&format!("{name} generation {generation}"), timeout, || {
