@@ -256,32 +256,19 @@ impl Daemon {
         Ok(ready_rx)
     }
 
-    #[cfg(feature = "etcd")]
+    /// The token's task: the cluster's (election and mirror) in multi-host mode, else a
+    /// refresher.
     fn spawn_task(
         &self,
         cfg: TokenConfig,
         rx: mpsc::Receiver<Command>,
         ready: oneshot::Sender<()>,
     ) -> JoinHandle<()> {
-        match &self.cluster {
-            Some((cluster, _)) => tokio::spawn(crate::cluster::run_token(
-                cfg,
-                self.shared.clone(),
-                cluster.clone(),
-                rx,
-                ready,
-            )),
-            None => tokio::spawn(Refresher::new(cfg, self.shared.clone()).run(rx, ready)),
+        #[cfg(feature = "etcd")]
+        if let Some((cluster, _)) = &self.cluster {
+            let (shared, cluster) = (self.shared.clone(), cluster.clone());
+            return tokio::spawn(crate::cluster::run_token(cfg, shared, cluster, rx, ready));
         }
-    }
-
-    #[cfg(not(feature = "etcd"))]
-    fn spawn_task(
-        &self,
-        cfg: TokenConfig,
-        rx: mpsc::Receiver<Command>,
-        ready: oneshot::Sender<()>,
-    ) -> JoinHandle<()> {
         tokio::spawn(Refresher::new(cfg, self.shared.clone()).run(rx, ready))
     }
 
