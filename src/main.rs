@@ -165,6 +165,9 @@ struct FakeServerArgs {
     /// The penalty after the limit is hit, in seconds; each request during it restarts it.
     #[arg(long, default_value = "60", value_parser = secs)]
     rate_penalty: Duration,
+    /// Added round trip on API and token calls in milliseconds, half each way (a WAN).
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
     /// A fault for the first token requests: KIND[,key=value...], e.g. "status503,retry_after=2,count=3".
     /// Kinds: status500 status503 status429 hang(ms=) reset malformed truncated html
     /// missing_access_token oversized(bytes=) commit_then_drop. Repeatable.
@@ -196,6 +199,7 @@ impl FakeServerArgs {
                 window: self.rate_window,
                 penalty: self.rate_penalty,
             }),
+            latency: Duration::from_millis(self.latency_ms),
             ..FakeConfig::default()
         };
         let app = &mut config.apps[0];

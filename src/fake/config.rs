@@ -81,6 +81,10 @@ pub struct FakeConfig {
     pub rate_limit: Option<RateLimit>,
     /// How long an authorization code stays valid.
     pub code_ttl: Duration,
+    /// Added round-trip time on API and token calls, half before handling and half after:
+    /// the WAN between a client and RingCentral, which opens the window at each rotation in
+    /// which a call still carries the token the refresh just killed.
+    pub latency: Duration,
 }
 
 impl Default for FakeConfig {
@@ -108,6 +112,7 @@ impl Default for FakeConfig {
                 penalty: Duration::from_secs(60),
             }),
             code_ttl: Duration::from_secs(60),
+            latency: Duration::ZERO,
         }
     }
 }

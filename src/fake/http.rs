@@ -30,7 +30,7 @@ struct ConnCtx {
     kill: Arc<Notify>,
 }
 
-pub(super) fn router(shared: Arc<Shared>) -> Router {
+pub(super) fn router(shared: Arc<Shared>, latency: Duration) -> Router {
     Router::new()
         .route("/restapi/oauth/token", post(token))
         .route("/restapi/oauth/revoke", post(revoke))
@@ -43,6 +43,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
             get(admin_faults).post(admin_add_faults).delete(admin_clear_faults),
         )
         .route("/__admin/tokens", get(admin_tokens))
+        .layer(axum::middleware::from_fn_with_state(latency, add_latency))
         .layer(axum::middleware::map_response(add_request_id))
         .with_state(shared)
 }
@@ -90,6 +91,22 @@ fn reset(fd: std::os::fd::RawFd) {
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
     }
+}
+
+/// Half the configured round trip before the handler sees the request, half after it answered
+/// (admin calls are the test's own, not RingCentral's, and stay fast).
+async fn add_latency(
+    State(latency): State<Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if latency.is_zero() || req.uri().path().starts_with("/__admin/") {
+        return next.run(req).await;
+    }
+    tokio::time::sleep(latency / 2).await;
+    let resp = next.run(req).await;
+    tokio::time::sleep(latency / 2).await;
+    resp
 }
 
 async fn drop_connection(ctx: &ConnCtx) -> Response {

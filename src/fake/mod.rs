@@ -99,13 +99,14 @@ impl FakeServer {
     pub async fn bind(config: FakeConfig, addr: SocketAddr) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let latency = config.latency;
         let shared = Arc::new(Shared {
             auth: Mutex::new(auth::Auth::new(config)),
             faults: Mutex::new(faults::FaultQueue::default()),
             in_flight: std::sync::atomic::AtomicU64::new(0),
         });
         let (stop, stopped) = watch::channel(false);
-        let router = http::router(shared.clone());
+        let router = http::router(shared.clone(), latency);
         let task = tokio::spawn(http::serve(listener, router, stopped));
         Ok(Self { addr, shared, stop, task })
     }

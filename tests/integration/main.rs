@@ -11,6 +11,7 @@ mod harness;
 mod interop;
 mod login;
 mod metrics;
+mod rotation;
 mod soak;
 mod status;
 mod systemd;

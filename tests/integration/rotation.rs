@@ -1,0 +1,150 @@
+//! The rotation window: callers hammering the API while the daemon rotates the token, through a
+//! fake server with a WAN-like round trip (without it the window is a millisecond wide and hides).
+
+use crate::harness::{Daemon, TokenSpec, World};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokend::fake::FakeConfig;
+
+pub const EXTENSION: &str = "/restapi/v1.0/account/~/extension/~";
+
+/// The round trip the issue measured the window with.
+pub const RTT: Duration = Duration::from_millis(100);
+
+/// A fake server with a 100 ms round trip and no auth rate limit (many rotations in a row).
+pub fn wan_fake() -> FakeConfig {
+    FakeConfig { latency: RTT, ..FakeConfig::for_tests() }
+}
+
+/// How a caller reaches the API.
+#[derive(Clone)]
+pub enum Caller {
+    /// The README's file-reader contract at its best: re-read the json sink before every single
+    /// call, send that token straight to the server, never retry.
+    FileReader { sink: PathBuf, server: String },
+}
+
+/// Calls and failed calls, counted by every caller of one kind.
+#[derive(Default)]
+pub struct Tally {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl Tally {
+    pub fn get(&self) -> (u64, u64) {
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+}
+
+/// `n` callers calling with no pause until `stop` turns true.
+pub fn spawn_callers(
+    n: usize,
+    caller: &Caller,
+    stop: &Arc<AtomicBool>,
+) -> (Arc<Tally>, Vec<tokio::task::JoinHandle<()>>) {
+    let tally = Arc::new(Tally::default());
+    let tasks = (0..n)
+        .map(|_| {
+            let (caller, stop, tally) = (caller.clone(), stop.clone(), tally.clone());
+            tokio::spawn(async move {
+                // One client per caller: its own keep-alive connection, like separate programs.
+                let client = reqwest::Client::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let ok = call_once(&client, &caller).await;
+                    let counter = if ok { &tally.ok } else { &tally.failed };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    (tally, tasks)
+}
+
+async fn call_once(client: &reqwest::Client, caller: &Caller) -> bool {
+    let request = match caller {
+        Caller::FileReader { sink, server } => {
+            let doc: tokend::store::SinkDoc =
+                serde_json::from_slice(&std::fs::read(sink).expect("sink")).expect("sink json");
+            client.get(format!("{server}{EXTENSION}")).bearer_auth(doc.access_token)
+        }
+    };
+    request.send().await.is_ok_and(|r| r.status().is_success())
+}
+
+/// Rotates the token `n` times with SIGUSR1, each time waiting for the new generation and then
+/// for `calls` more successful calls, so that callers run on every token in between.
+pub async fn rotate(w: &World, d: &Daemon, n: u64, tallies: &[&Tally]) {
+    let start = w.generation("main");
+    for i in 1..=n {
+        d.signal(libc::SIGUSR1);
+        w.wait_generation("main", start + i, Duration::from_secs(30)).await;
+        let before: Vec<u64> = tallies.iter().map(|t| t.get().0).collect();
+        crate::harness::wait_until("calls on the new token", Duration::from_secs(30), || {
+            tallies.iter().zip(&before).all(|(t, b)| t.get().0 >= b + 16)
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn fake_latency_is_half_each_way_on_api_and_token_calls() {
+    let w = World::with(wan_fake()).await;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let login = client
+        .post(format!("{}/restapi/oauth/token", w.server.url()))
+        .basic_auth(crate::harness::CLIENT_ID, Some(crate::harness::CLIENT_SECRET))
+        .form(&[
+            ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+            ("assertion", crate::harness::JWT),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= RTT, "token call took {:?}", started.elapsed());
+    let token = login.json::<serde_json::Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let started = Instant::now();
+    let resp = client
+        .get(format!("{}{EXTENSION}", w.server.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(started.elapsed() >= RTT, "API call took {:?}", started.elapsed());
+    // The admin API is the test's own and stays fast.
+    let started = Instant::now();
+    assert_eq!(w.stats().api_accepted, 1);
+    assert!(started.elapsed() < RTT);
+}
+
+/// The window the proxy closes, measured: file readers without retries fail at each rotation.
+#[tokio::test]
+async fn file_readers_fail_calls_at_each_rotation_over_a_wan() {
+    let w = World::with(wan_fake()).await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let d = w.daemon();
+    d.wait_ready().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = Caller::FileReader { sink: w.path("main.json"), server: w.server.url() };
+    let (tally, tasks) = spawn_callers(16, &reader, &stop);
+    let rotations = 5;
+    rotate(&w, &d, rotations, &[&tally]).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, failed) = tally.get();
+    eprintln!(
+        "file readers, 16 callers, {rotations} rotations, 100 ms RTT: {failed} of {} calls failed ({:.1} per rotation)",
+        ok + failed,
+        failed as f64 / rotations as f64
+    );
+    assert!(failed > 0, "no call failed: the fake's latency did not open the window");
+}
