@@ -6,13 +6,12 @@ mod raw;
 mod secret_source;
 
 use crate::logging::LogFormat;
-use crate::secret::Secret;
 use chrono::{DateTime, Utc};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use secret_source::SecretSource;
+pub use secret_source::{ConfigSecret, SecretSource};
 
 /// The default config path of `tokend run`.
 pub const DEFAULT_PATH: &str = "/etc/tokend/config.toml";
@@ -70,16 +69,19 @@ pub struct ClusterConfig {
     pub prefix: String,
     /// The election lease: a dead leader is replaced after about this long.
     pub lease_ttl: Duration,
-    /// This host's name in the election and in logs (default: the host name).
+    /// This host's name in the election and in logs (default: the host name, read by
+    /// `Config::resolve_secrets`; empty until then).
     pub node: String,
     /// etcd authentication (user, password).
-    pub user: Option<(String, Secret)>,
+    pub user: Option<(String, ConfigSecret)>,
     /// TLS to etcd: the CA to trust, and an optional client certificate and key.
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     /// AES-256-GCM key (32 bytes, base64) sealing the values stored in etcd.
-    pub encryption_key: Option<Secret>,
+    pub encryption_key: Option<ConfigSecret>,
+    /// The TLS files, checked for existence when resolving (key, line, path).
+    pub(crate) files: Vec<(String, usize, PathBuf)>,
 }
 
 /// Default etcd key prefix.
@@ -100,16 +102,16 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grant {
     Jwt {
-        assertion: Secret,
+        assertion: ConfigSecret,
     },
     /// Bootstrap from a refresh token obtained elsewhere; usable once.
     RefreshToken {
-        refresh_token: Secret,
+        refresh_token: ConfigSecret,
     },
     /// Legacy; RingCentral is switching it off.
     Password {
         username: String,
-        password: Secret,
+        password: ConfigSecret,
         extension: Option<String>,
     },
     /// Interactive: `tokend login` writes the first state.
@@ -236,7 +238,7 @@ pub struct TokenConfig {
     pub server: reqwest::Url,
     pub token_url: reqwest::Url,
     pub client_id: String,
-    pub client_secret: Option<Secret>,
+    pub client_secret: Option<ConfigSecret>,
     pub grant: Grant,
     pub state_file: PathBuf,
     pub schedule: Schedule,
@@ -255,7 +257,7 @@ pub struct TokenConfig {
 }
 
 impl Config {
-    /// Reads, parses, validates and resolves secrets.
+    /// Reads, parses and validates; reads no secret (see `load_resolved`).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_path_buf(),
@@ -282,13 +284,49 @@ impl Config {
         }
     }
 
-    /// Parses `text` as if read from `path` (relative paths in it resolve against its directory).
+    /// `load`, then `resolve_secrets`: for the commands that use the secrets (`run`, `login`).
+    pub fn load_resolved(path: &Path) -> Result<Self, ConfigError> {
+        let mut config = Self::load(path)?;
+        config.resolve_secrets()?;
+        Ok(config)
+    }
+
+    /// Parses `text` as if read from `path` (relative paths in it resolve against its
+    /// directory). Pure: reads no file, no environment, no secret.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         raw::parse(path, text)
     }
 
+    /// The second step, for the commands that talk to a server: reads every secret (env,
+    /// file, systemd credential), the host name and the TLS files. Errors name file, line, key.
+    pub fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        let file = self.path.clone();
+        for t in &mut self.tokens {
+            for s in t.secrets_mut() {
+                s.resolve(&file)?;
+            }
+        }
+        if let Some(c) = &mut self.cluster {
+            raw::resolve_cluster(&file, c)?;
+        }
+        Ok(())
+    }
+
     pub fn token(&self, name: &str) -> Option<&TokenConfig> {
         self.tokens.iter().find(|t| t.name == name)
+    }
+}
+
+impl TokenConfig {
+    /// Every secret of this token.
+    fn secrets_mut(&mut self) -> impl Iterator<Item = &mut ConfigSecret> {
+        let grant = match &mut self.grant {
+            Grant::Jwt { assertion: s }
+            | Grant::RefreshToken { refresh_token: s }
+            | Grant::Password { password: s, .. } => Some(s),
+            Grant::AuthorizationCode { .. } => None,
+        };
+        self.client_secret.as_mut().into_iter().chain(grant)
     }
 }
 

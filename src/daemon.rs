@@ -327,7 +327,7 @@ impl Daemon {
 
     /// SIGHUP: a new config replaces the old only if it is valid; tokens that changed restart.
     async fn reload(&mut self) {
-        let new = match Config::load(&self.config.path) {
+        let new = match Config::load_resolved(&self.config.path) {
             Ok(c) => c,
             Err(e) => {
                 error!(error = %e, "config reload failed; keeping the running config");

@@ -33,7 +33,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
     println!(
         "tokend demo: daemon refreshes every {every}s; the watcher calls the API with each new token. Ctrl-C stops.\n"
     );
-    let config = Config::load(&config_path)?;
+    let config = Config::load_resolved(&config_path)?;
     let (tx, rx) = mpsc::channel(4);
     forward_signals(tx.clone())?;
     let daemon = tokio::spawn(daemon::run(config, rx));

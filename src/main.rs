@@ -212,6 +212,13 @@ impl FakeServerArgs {
     }
 }
 
+/// What to do when `login` runs outside the unit that holds the credentials.
+const LOGIN_HINT: &str = "\n  the secrets are systemd credentials of tokend.service: run the login with them \
+     (README, \"Install as a systemd service\"):\n  sudo systemd-run --pty --wait --collect \
+     --service-type=exec -p User=tokend -p Group=tokend-readers \
+     -p LoadCredential=client_secret:/etc/tokend/client_secret \
+     tokend login --config /etc/tokend/config.toml --token NAME --no-browser";
+
 /// A failure with the exit code it maps to.
 struct Failure(u8, String);
 
@@ -273,12 +280,18 @@ fn init_logging(format: LogFormat) {
     tokend::logging::init(format);
 }
 
+/// The config as `check`, `status` read it: parsed and validated, no secret read.
 fn load(path: &std::path::Path) -> Result<Config, Failure> {
     Config::load(path).map_err(|e| Failure(78, e.to_string()))
 }
 
+/// The config with its secrets, for the commands that talk to a server.
+fn load_resolved(path: &std::path::Path) -> Result<Config, Failure> {
+    Config::load_resolved(path).map_err(|e| Failure(78, e.to_string()))
+}
+
 async fn run(path: &std::path::Path) -> Result<(), Failure> {
-    let config = load(path)?;
+    let config = load_resolved(path)?;
     init_logging(config.log_format);
     for w in &config.warnings {
         tracing::warn!("{w}");
@@ -306,7 +319,10 @@ async fn login(
     token: &str,
     opts: tokend::login::LoginOptions,
 ) -> Result<(), Failure> {
-    let config = load(path)?;
+    let config = load_resolved(path).map_err(|Failure(code, message)| {
+        let hint = if message.contains("CREDENTIALS_DIRECTORY") { LOGIN_HINT } else { "" };
+        Failure(code, format!("{message}{hint}"))
+    })?;
     match tokend::login::login(&config, token, opts).await? {
         tokend::login::LoginOutcome::StateWritten => {
             println!("tokend login: state written for \"{token}\"; start or restart tokend");

@@ -107,13 +107,13 @@ impl OAuthClient {
         let mut form: Vec<(&str, String)> = match &cfg.grant {
             Grant::Jwt { assertion } => vec![
                 ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer".into()),
-                ("assertion", assertion.expose().into()),
+                ("assertion", assertion.get().expose().into()),
             ],
             Grant::Password { username, password, extension } => {
                 let mut f = vec![
                     ("grant_type", "password".into()),
                     ("username", username.clone()),
-                    ("password", password.expose().into()),
+                    ("password", password.get().expose().into()),
                 ];
                 if let Some(ext) = extension {
                     f.push(("extension", ext.clone()));
@@ -123,7 +123,7 @@ impl OAuthClient {
             Grant::RefreshToken { refresh_token } => {
                 vec![
                     ("grant_type", "refresh_token".into()),
-                    ("refresh_token", refresh_token.expose().into()),
+                    ("refresh_token", refresh_token.get().expose().into()),
                 ]
             }
             Grant::AuthorizationCode { .. } => {
@@ -183,7 +183,7 @@ impl OAuthClient {
         let mut req =
             self.http.post(cfg.token_url.clone()).timeout(cfg.request_timeout).form(&form);
         if let Some(secret) = &cfg.client_secret {
-            req = req.basic_auth(&cfg.client_id, Some(secret.expose()));
+            req = req.basic_auth(&cfg.client_id, Some(secret.get().expose()));
         }
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();

@@ -12,7 +12,7 @@ use std::fmt::Write;
 #[derive(Debug, Serialize)]
 pub struct TokenReport {
     pub name: String,
-    /// ok | needs_login | expired | no_state | unreadable
+    /// ok | not_running | needs_login | expired | no_state | unreadable
     pub health: &'static str,
     pub daemon_pid: Option<u32>,
     pub generation: Option<u64>,
@@ -91,10 +91,18 @@ pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
     if r.needs_login {
         r.health = "needs_login";
     }
-    // A plan is only a plan while a daemon is there to carry it out.
+    // A plan is only a plan while a daemon is there to carry it out; a good token that
+    // nobody refreshes lapses within the hour, so it is not healthy.
     if pid.is_some() {
         r.next_refresh_at = status.next_refresh_at.map(ts);
         r.cluster = status.cluster;
+    } else if r.health == "ok" {
+        r.health = "not_running";
+        r.problem = Some(format!(
+            "no tokend refreshes this token; the access token lapses at {}: start it \
+             (systemctl start tokend)",
+            r.access_expires_at.as_deref().unwrap_or("?")
+        ));
     }
     r
 }

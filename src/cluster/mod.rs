@@ -87,7 +87,7 @@ impl Cluster {
     /// Builds the node; connects lazily, so a daemon starts (and serves its local files)
     /// while etcd is down. `start` begins the lease keeper.
     pub fn new(cfg: ClusterConfig) -> Result<Self, String> {
-        let codec = Codec::new(cfg.encryption_key.as_ref())?;
+        let codec = Codec::new(cfg.encryption_key.as_ref().map(crate::config::ConfigSecret::get))?;
         let inner = Inner {
             cfg,
             codec,
@@ -172,7 +172,7 @@ impl Cluster {
         }
         if let Some((user, password)) = &cfg.user {
             o = o
-                .with_user(user.clone(), password.expose().to_string())
+                .with_user(user.clone(), password.get().expose().to_string())
                 .with_auto_token_refresh(true);
         }
         if cfg.endpoints.iter().any(|e| e.starts_with("https:")) {

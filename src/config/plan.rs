@@ -1,6 +1,6 @@
 //! `tokend check`'s resolved plan: what the daemon would do, with no secret in it.
 
-use super::{Config, Grant, TokenConfig};
+use super::{Config, ConfigSecret, Grant, TokenConfig};
 use chrono::Utc;
 use std::fmt::Write;
 
@@ -13,7 +13,7 @@ impl Config {
             let _ = writeln!(
                 out,
                 "\ncluster (etcd): node {:?}, endpoints {}, prefix {}, lease TTL {} s",
-                c.node,
+                if c.node.is_empty() { "(this host's name)" } else { c.node.as_str() },
                 c.endpoints.join(", "),
                 c.prefix,
                 c.lease_ttl.as_secs()
@@ -38,14 +38,19 @@ fn token_plan(out: &mut String, t: &TokenConfig) {
     let _ = writeln!(out, "\ntoken \"{}\"", t.name);
     let _ = writeln!(out, "  token endpoint  {}", t.token_url);
     let _ = writeln!(out, "  client_id       {}", t.client_id);
-    let secret = if t.client_secret.is_some() { "set" } else { "none (public app)" };
+    let secret =
+        t.client_secret.as_ref().map_or_else(|| "none (public app)".into(), ConfigSecret::describe);
     let _ = writeln!(out, "  client_secret   {secret}");
     let grant = match &t.grant {
-        Grant::Password { username, .. } => format!("password (legacy) as {username}"),
+        Grant::Password { username, password, .. } => {
+            format!("password (legacy) as {username}, password {}", password.describe())
+        }
         Grant::AuthorizationCode { .. } => {
             "authorization_code (first state from `tokend login`)".into()
         }
-        g => format!("{} (secret set)", g.name()),
+        Grant::Jwt { assertion: s } | Grant::RefreshToken { refresh_token: s } => {
+            format!("{} (secret {})", t.grant.name(), s.describe())
+        }
     };
     let _ = writeln!(out, "  grant           {grant}");
     let _ = writeln!(out, "  state_file      {}", t.state_file.display());

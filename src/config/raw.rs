@@ -1,6 +1,6 @@
 //! Stage one: the raw serde schema (unknown keys refused), and its validation into `Config`.
 
-use super::secret_source::{RawSecret, SecretSource};
+use super::secret_source::{ConfigSecret, RawSecret, SecretSource};
 use super::{
     ClusterConfig, Config, ConfigError, DEFAULT_MAX_CONCURRENT, DEFAULT_SCHEDULE, Grant, Hook,
     MetricsConfig, RateBudget, RetryPolicy, Schedule, SinkConfig, SinkFormat, TokenConfig,
@@ -133,6 +133,12 @@ impl Ctx<'_> {
             key,
             message: message.into(),
         }
+    }
+
+    /// A secret as the config names it; read later, by `Config::resolve_secrets`.
+    fn secret(&self, s: &Spanned<RawSecret>, key: String) -> ConfigSecret {
+        let source = SecretSource::from_raw(s.get_ref().clone());
+        ConfigSecret::new(source, key, self.line_of(s.span().start))
     }
 
     /// A relative path in the config resolves against the config's directory.
@@ -319,6 +325,7 @@ fn cluster(ctx: &Ctx<'_>, raw: Spanned<RawCluster>) -> Result<ClusterConfig, Con
             d
         }
     };
+    // Empty means "the host name", read by `resolve_cluster` (parsing reads nothing).
     let node = match &raw.node {
         Some(n) => {
             if n.get_ref().trim().is_empty() {
@@ -326,9 +333,7 @@ fn cluster(ctx: &Ctx<'_>, raw: Spanned<RawCluster>) -> Result<ClusterConfig, Con
             }
             n.get_ref().clone()
         }
-        None => hostname().ok_or_else(|| {
-            ctx.err_at(None, key("node"), "cannot read the host name; set node = \"...\"")
-        })?,
+        None => String::new(),
     };
     let access = cluster_access(ctx, &raw, tls)?;
     Ok(ClusterConfig {
@@ -341,16 +346,18 @@ fn cluster(ctx: &Ctx<'_>, raw: Spanned<RawCluster>) -> Result<ClusterConfig, Con
         cert_file: access.cert_file,
         key_file: access.key_file,
         encryption_key: access.encryption_key,
+        files: access.files,
     })
 }
 
 /// Who we are to etcd and how the stored values are sealed.
 struct ClusterAccess {
-    user: Option<(String, crate::secret::Secret)>,
-    encryption_key: Option<crate::secret::Secret>,
+    user: Option<(String, ConfigSecret)>,
+    encryption_key: Option<ConfigSecret>,
     ca_file: Option<PathBuf>,
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
+    files: Vec<(String, usize, PathBuf)>,
 }
 
 fn cluster_access(
@@ -359,37 +366,30 @@ fn cluster_access(
     tls: bool,
 ) -> Result<ClusterAccess, ConfigError> {
     let key = |k: &str| format!("cluster.{k}");
-    let resolve = |s: &Spanned<RawSecret>, k: &str| -> Result<_, ConfigError> {
-        SecretSource::from_raw(s.get_ref().clone()).resolve().map_err(|m| ctx.err(s, key(k), m))
-    };
     let user = match (&raw.username, &raw.password) {
         (None, None) => None,
-        (Some(u), Some(p)) => Some((u.get_ref().clone(), resolve(p, "password")?)),
+        (Some(u), Some(p)) => Some((u.get_ref().clone(), ctx.secret(p, key("password")))),
         (Some(u), None) => return Err(ctx.err(u, key("password"), "username needs a password")),
         (None, Some(p)) => return Err(ctx.err(p, key("username"), "password needs a username")),
     };
     let encryption_key = match &raw.encryption_key {
         None => None,
         Some(k) => {
-            let secret = resolve(k, "encryption_key")?;
-            let bytes = base64::Engine::decode(
-                &base64::engine::general_purpose::STANDARD,
-                secret.expose().trim(),
-            );
-            if bytes.map(|b| b.len()) != Ok(32) {
-                return Err(ctx.err(k, key("encryption_key"), "must be 32 random bytes in base64; make one with `head -c 32 /dev/urandom | base64`"));
+            // A literal key is checked now; one from elsewhere when it is read.
+            if let RawSecret::Literal(secret) = k.get_ref() {
+                check_encryption_key(secret).map_err(|m| ctx.err(k, key("encryption_key"), m))?;
             }
-            Some(secret)
+            Some(ctx.secret(k, key("encryption_key")))
         }
     };
-    let file = |f: &Option<Spanned<String>>, k: &str| -> Result<Option<PathBuf>, ConfigError> {
+    let mut files = Vec::new();
+    let mut file = |f: &Option<Spanned<String>>, k: &str| -> Result<Option<PathBuf>, ConfigError> {
         let Some(f) = f else { return Ok(None) };
         let p = ctx.path(f.get_ref());
         if !tls {
             return Err(ctx.err(f, key(k), "TLS files need https:// endpoints"));
         }
-        std::fs::metadata(&p)
-            .map_err(|e| ctx.err(f, key(k), format!("cannot read {}: {e}", p.display())))?;
+        files.push((key(k), ctx.line_of(f.span().start), p.clone()));
         Ok(Some(p))
     };
     let (ca_file, cert_file, key_file) = (
@@ -400,7 +400,47 @@ fn cluster_access(
     if cert_file.is_some() != key_file.is_some() {
         return Err(ctx.err_at(None, key("cert_file"), "cert_file and key_file go together"));
     }
-    Ok(ClusterAccess { user, encryption_key, ca_file, cert_file, key_file })
+    Ok(ClusterAccess { user, encryption_key, ca_file, cert_file, key_file, files })
+}
+
+fn check_encryption_key(secret: &crate::secret::Secret) -> Result<(), String> {
+    let bytes =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, secret.expose().trim());
+    if bytes.map(|b| b.len()) == Ok(32) {
+        Ok(())
+    } else {
+        Err("must be 32 random bytes in base64; make one with `head -c 32 /dev/urandom | base64`"
+            .into())
+    }
+}
+
+/// `[cluster]`'s part of `Config::resolve_secrets`: the secrets, the host name as the default
+/// node name, and the TLS files.
+pub(super) fn resolve_cluster(file: &Path, c: &mut ClusterConfig) -> Result<(), ConfigError> {
+    let err = |key: &str, line: Option<usize>, message: String| ConfigError {
+        file: file.to_path_buf(),
+        line,
+        key: key.to_string(),
+        message,
+    };
+    if let Some((_, password)) = &mut c.user {
+        password.resolve(file)?;
+    }
+    if let Some(k) = &mut c.encryption_key {
+        k.resolve(file)?;
+        let line = Some(k.line());
+        check_encryption_key(k.get()).map_err(|m| err("cluster.encryption_key", line, m))?;
+    }
+    if c.node.is_empty() {
+        c.node = hostname().ok_or_else(|| {
+            err("cluster.node", None, "cannot read the host name; set node = \"...\"".into())
+        })?;
+    }
+    for (key, line, path) in &c.files {
+        std::fs::metadata(path)
+            .map_err(|e| err(key, Some(*line), format!("cannot read {}: {e}", path.display())))?;
+    }
+    Ok(())
 }
 
 /// The kernel's host name.
@@ -450,11 +490,7 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
         Some(u) => url(ctx, u, key("token_url"))?,
         None => server.join("/restapi/oauth/token").expect("static path joins"),
     };
-    let resolve = |s: &Spanned<RawSecret>, k: &str| -> Result<_, ConfigError> {
-        SecretSource::from_raw(s.get_ref().clone()).resolve().map_err(|m| ctx.err(s, key(k), m))
-    };
-    let client_secret =
-        t.client_secret.as_ref().map(|s| resolve(s, "client_secret")).transpose()?;
+    let client_secret = t.client_secret.as_ref().map(|s| ctx.secret(s, key("client_secret")));
     let grant = grant(ctx, &t, &key)?;
     let schedule_text = t.schedule.as_ref().map_or(DEFAULT_SCHEDULE, |s| s.get_ref().as_str());
     let schedule = Schedule::parse(schedule_text).map_err(|m| match &t.schedule {
@@ -546,15 +582,12 @@ fn has_literal_secret(t: &RawToken) -> bool {
 }
 
 fn grant(ctx: &Ctx<'_>, t: &RawToken, key: &dyn Fn(&str) -> String) -> Result<Grant, ConfigError> {
-    let resolve = |s: &Spanned<RawSecret>, k: &str| -> Result<_, ConfigError> {
-        SecretSource::from_raw(s.get_ref().clone()).resolve().map_err(|m| ctx.err(s, key(k), m))
-    };
     let grant = match t.grant.get_ref().as_str() {
         "jwt" => {
             let jwt = t.jwt.as_ref().ok_or_else(|| {
                 ctx.err(&t.grant, key("jwt"), "grant = \"jwt\" needs a `jwt` secret")
             })?;
-            Grant::Jwt { assertion: resolve(jwt, "jwt")? }
+            Grant::Jwt { assertion: ctx.secret(jwt, key("jwt")) }
         }
         "refresh_token" => {
             let rt = t.refresh_token.as_ref().ok_or_else(|| {
@@ -564,7 +597,7 @@ fn grant(ctx: &Ctx<'_>, t: &RawToken, key: &dyn Fn(&str) -> String) -> Result<Gr
                     "grant = \"refresh_token\" needs a `refresh_token` secret to bootstrap from",
                 )
             })?;
-            Grant::RefreshToken { refresh_token: resolve(rt, "refresh_token")? }
+            Grant::RefreshToken { refresh_token: ctx.secret(rt, key("refresh_token")) }
         }
         "password" => {
             let (Some(user), Some(pw)) = (&t.username, &t.password) else {
@@ -576,7 +609,7 @@ fn grant(ctx: &Ctx<'_>, t: &RawToken, key: &dyn Fn(&str) -> String) -> Result<Gr
             };
             Grant::Password {
                 username: user.get_ref().clone(),
-                password: resolve(pw, "password")?,
+                password: ctx.secret(pw, key("password")),
                 extension: t.extension.clone(),
             }
         }

@@ -103,3 +103,61 @@ fn read(path: &std::path::Path) -> Result<String, String> {
 fn non_empty(value: String, what: &str) -> Result<Secret, String> {
     if value.trim().is_empty() { Err(format!("{what} is empty")) } else { Ok(Secret::new(value)) }
 }
+
+/// A secret the config names: where it comes from, where the config says so (for errors),
+/// and its value once `Config::resolve_secrets` has read it. Parsing reads nothing, so
+/// `check`, `status`, `token` and `watch` work where the secrets do not exist (outside the
+/// unit that holds the `{ credential = .. }` files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSecret {
+    source: SecretSource,
+    key: String,
+    line: usize,
+    value: Option<Secret>,
+}
+
+impl ConfigSecret {
+    pub(super) fn new(source: SecretSource, key: String, line: usize) -> Self {
+        Self { source, key, line, value: None }
+    }
+
+    /// The config line that names it.
+    pub(super) fn line(&self) -> usize {
+        self.line
+    }
+
+    /// Where the value comes from.
+    pub fn source(&self) -> &SecretSource {
+        &self.source
+    }
+
+    /// The value. Only the commands that use a secret (`run`, `login`, `demo`) call this, and
+    /// they resolve first: calling it on an unresolved config is a bug, not an input error.
+    pub fn get(&self) -> &Secret {
+        self.value
+            .as_ref()
+            .unwrap_or_else(|| panic!("secret `{}` used before Config::resolve_secrets", self.key))
+    }
+
+    /// Reads the value, or says which file, line and key could not be resolved.
+    pub(super) fn resolve(&mut self, file: &std::path::Path) -> Result<(), super::ConfigError> {
+        let value = self.source.resolve().map_err(|message| super::ConfigError {
+            file: file.to_path_buf(),
+            line: Some(self.line),
+            key: self.key.clone(),
+            message,
+        })?;
+        self.value = Some(value);
+        Ok(())
+    }
+
+    /// How `tokend check` shows it: the source, never the value.
+    pub fn describe(&self) -> String {
+        match &self.source {
+            SecretSource::Literal(_) => "set in the config".into(),
+            SecretSource::Env(v) => format!("from environment variable {v}"),
+            SecretSource::File(p) => format!("from file {}", p.display()),
+            SecretSource::Credential(n) => format!("from systemd credential {n:?}"),
+        }
+    }
+}

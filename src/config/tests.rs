@@ -90,13 +90,52 @@ fn schedule_and_jitter_are_checked() {
     assert_eq!(parse(&text).unwrap().tokens[0].jitter, Duration::from_secs(1));
 }
 
+/// Resolving is the second step: the error names the file, the secret's line and its key.
+fn resolve_err(text: &str) -> ConfigError {
+    parse(text).expect("parses without reading secrets").resolve_secrets().unwrap_err()
+}
+
+#[test]
+fn parsing_reads_no_secret() {
+    // Every source that exists only inside the unit (or nowhere) parses: check, status,
+    // token and watch work outside it.
+    for source in [
+        r#"{ env = "TOKEND_TEST_JWT_UNSET_XYZ" }"#,
+        r#"{ credential = "jwt" }"#,
+        r#"{ file = "/nonexistent/jwt" }"#,
+    ] {
+        let c = parse(&GOOD.replace(r#"{ env = "TOKEND_TEST_JWT_UNSET_XYZ" }"#, source)).unwrap();
+        assert!(c.plan().contains("jwt (secret from "), "{}", c.plan());
+    }
+    let mut c = parse(&with_jwt(GOOD)).unwrap();
+    c.resolve_secrets().unwrap();
+    assert!(
+        matches!(&c.tokens[0].grant, Grant::Jwt { assertion } if assertion.get().expose() == "jwt-literal")
+    );
+}
+
+#[test]
+#[should_panic(expected = "used before Config::resolve_secrets")]
+fn an_unresolved_secret_is_never_read_as_empty() {
+    let c = parse(&with_jwt(GOOD)).unwrap();
+    let _ = c.tokens[0].client_secret.as_ref().unwrap().get();
+}
+
 #[test]
 fn secret_sources_say_where_they_looked() {
-    let e = err(GOOD);
+    let e = resolve_err(GOOD);
     assert!(e.message.contains("TOKEND_TEST_JWT_UNSET_XYZ") && e.key.ends_with("jwt"), "{e}");
+    assert_eq!(e.line, Some(11), "{e}");
+    assert!(
+        e.to_string().starts_with("/etc/tokend/config.toml:11: key `token \"main\".jwt`"),
+        "{e}"
+    );
     let text = GOOD
         .replace(r#"{ env = "TOKEND_TEST_JWT_UNSET_XYZ" }"#, r#"{ file = "/nonexistent/jwt" }"#);
-    assert!(err(&text).message.contains("/nonexistent/jwt"));
+    assert!(resolve_err(&text).message.contains("/nonexistent/jwt"));
+    let text =
+        GOOD.replace(r#"{ env = "TOKEND_TEST_JWT_UNSET_XYZ" }"#, r#"{ credential = "jwt" }"#);
+    assert!(resolve_err(&text).message.contains("CREDENTIALS_DIRECTORY"));
     let text = GOOD.replace(r#"{ env = "TOKEND_TEST_JWT_UNSET_XYZ" }"#, r#"{ vault = "x" }"#);
     assert!(err(&text).message.contains("unknown secret source"), "{}", err(&text));
 }
@@ -132,6 +171,18 @@ fn cluster_section_defaults_and_errors() {
     .unwrap();
     let debug = format!("{:?}", sealed.cluster);
     assert!(!debug.contains(key), "{debug}");
+    // No node: the host name, read when resolving, not when parsing.
+    assert_eq!(sealed.cluster.as_ref().unwrap().node, "");
+    let e = parse(&with_cluster(
+        "[cluster]\nendpoints = [\"https://e:1\"]\nnode = \"a\"\nca_file = \"/nonexistent/ca.pem\"",
+    ))
+    .unwrap()
+    .resolve_secrets()
+    .unwrap_err();
+    assert_eq!((e.line, e.key.as_str()), (Some(4), "cluster.ca_file"), "{e}");
+    let mut resolved = sealed.clone();
+    resolved.resolve_secrets().unwrap();
+    assert!(!resolved.cluster.as_ref().unwrap().node.is_empty());
     assert_eq!(sealed.cluster.unwrap().prefix, "/x");
     for (section, line, key, needle) in [
         ("[cluster]\nendpoints = []", 2, "cluster.endpoints", "at least one"),

@@ -22,7 +22,7 @@ async fn plan_names_everything_but_secrets() {
         "main.state.json",
         "main.json (json, mode 0640)",
         "main.raw (raw, mode 0644)",
-        "jwt (secret set)",
+        "jwt (secret set in the config)",
         "/bin/true",
     ] {
         assert!(out.contains(needle), "{needle:?} not in plan:\n{out}");
@@ -40,18 +40,6 @@ async fn every_kind_of_config_error_names_file_line_and_key() {
         ("mode = \"0640\"", "mode = \"999\"", "sink.mode", "octal"),
         ("format = \"json\"", "format = \"xml\"", "sink.format", "valid: \"json\", \"raw\""),
         ("grant = \"jwt\"", "grant = \"saml\"", "grant", "valid:"),
-        (
-            "client_secret = \"tokend-demo-secret\"",
-            "client_secret = { env = \"TOKEND_NO_SUCH_VAR\" }",
-            "client_secret",
-            "TOKEND_NO_SUCH_VAR is not set",
-        ),
-        (
-            "client_secret = \"tokend-demo-secret\"",
-            "client_secret = { credential = \"secret\" }",
-            "client_secret",
-            "CREDENTIALS_DIRECTORY",
-        ),
         (
             "retry_initial = \"100ms\"",
             "retry_initial = \"soon\"",
@@ -100,4 +88,45 @@ async fn the_shipped_example_config_is_valid() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `check` (and `status`) read no secret: a config whose secrets exist only inside the unit
+/// checks fine outside it, and says where each secret will come from. `run` reads them and
+/// stops with exit 78, the file, the line and the key when one is missing.
+#[tokio::test]
+async fn check_reads_no_secret_and_run_names_the_missing_one() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let good = std::fs::read_to_string(w.config_path()).unwrap();
+    for (to, source, missing) in [
+        (
+            "client_secret = { env = \"TOKEND_NO_SUCH_VAR\" }",
+            "from environment variable TOKEND_NO_SUCH_VAR",
+            "TOKEND_NO_SUCH_VAR is not set",
+        ),
+        (
+            "client_secret = { credential = \"secret\" }",
+            "from systemd credential \"secret\"",
+            "CREDENTIALS_DIRECTORY",
+        ),
+    ] {
+        let bad = good.replacen("client_secret = \"tokend-demo-secret\"", to, 1);
+        std::fs::write(w.config_path(), &bad).unwrap();
+        let (code, out, err) = check(&w);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(source), "{source:?} not in plan:\n{out}");
+        let status = tokend(&["status", "--config", w.config_path().to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&status.stderr);
+        assert_ne!(status.status.code(), Some(78), "status read a secret: {err}");
+        let line = bad.lines().position(|l| l.starts_with("client_secret")).unwrap() + 1;
+        let run = tokend(&["run", "--config", w.config_path().to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(78), "{err}");
+        let prefix =
+            format!("{}:{line}: key `token \"main\".client_secret`", w.config_path().display());
+        assert!(
+            err.contains(&prefix) && err.contains(missing),
+            "{prefix:?}/{missing:?} not in: {err}"
+        );
+    }
 }

@@ -56,8 +56,14 @@ async fn status_in_each_state() {
     let (_, text, _) = status(&w);
     assert!(text.contains("last error      CMN-211") && text.contains("(transient)"), "{text}");
     assert!(d.stop().await.success());
-    let (_, text, v) = status(&w);
+    // A good token that nobody refreshes lapses within the hour: not healthy, exit 1.
+    let (code, text, v) = status(&w);
     assert!(v[0]["next_refresh_at"].is_null() && text.contains("daemon not running"), "{text}");
+    assert_eq!((code, v[0]["health"].as_str()), (1, Some("not_running")), "{text}");
+    assert!(
+        text.contains("main: NOT RUNNING") && text.contains("systemctl start tokend"),
+        "{text}"
+    );
     for secret in w.server.issued_tokens() {
         assert!(!text.contains(&secret) && !v.to_string().contains(&secret));
     }
