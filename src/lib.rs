@@ -21,5 +21,6 @@ pub mod shutdown;
 pub mod signal;
 pub mod status;
 pub mod store;
+pub mod text;
 pub mod time;
 pub mod watch;

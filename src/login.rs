@@ -85,7 +85,7 @@ pub async fn login(
     let tokens = OAuthClient::new(cfg.request_timeout)
         .exchange_code(cfg, &code, &redirect, &verifier)
         .await?;
-    let previous = State::load(&cfg.state_file).ok().flatten();
+    let previous = State::load_for(&cfg.state_file, &cfg.name).ok().flatten();
     let new = crate::refresher::next_state(&cfg.name, tokens, previous.as_ref(), true, Utc::now());
     store(cfg, &new, config.cluster.is_some())
 }

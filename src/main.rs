@@ -90,8 +90,9 @@ enum Command {
     Watch {
         /// The sink file (it need not exist yet).
         path: PathBuf,
-        /// Poll every this many milliseconds instead of using inotify (for NFS and the like).
-        #[arg(long, value_name = "MS")]
+        /// Poll every this many milliseconds instead of using inotify (for NFS and the like);
+        /// at least 10.
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=86_400_000))]
         poll_ms: Option<u64>,
         /// Exit after this many tokens (the current one counts).
         #[arg(long)]

@@ -9,6 +9,16 @@ use std::time::Duration;
 /// Replies larger than this are refused (a token reply is under 2 KiB).
 pub const MAX_BODY: usize = 256 * 1024;
 
+/// The longest lifetime taken from a reply (`expires_in`, `refresh_token_expires_in`): ten
+/// years. Longer values are clamped here, where they enter, so that no date arithmetic
+/// downstream can overflow (a reply of 10^13 s used to panic the token's task).
+pub const MAX_LIFETIME_SECS: u64 = 10 * 366 * 86_400;
+
+/// The longest `Retry-After` honoured: an hour (RingCentral's penalty is 60 s). Longer
+/// values are clamped so that a hostile header cannot park a token for years or overflow
+/// the monotonic clock.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// A successful token reply.
 #[derive(Debug, Clone)]
 pub struct TokenSet {
@@ -242,7 +252,7 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, OAuthError>
 
 /// `Retry-After` in seconds (HTTP dates are not used by RingCentral).
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+    v.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER))
 }
 
 #[derive(Deserialize)]
@@ -288,26 +298,42 @@ pub fn parse_reply(
             let code = e.errors.into_iter().find_map(|i| i.error_code).or(e.error_code);
             (e.error, code, e.error_description.or(e.message))
         });
+        // Whatever the server wrote is logged and shown: no control character may forge a
+        // log line or reach a terminal.
+        let clean = |s: Option<String>| s.map(|s| crate::text::server_text(&s));
+        let (error, code, description) = (clean(error), clean(code), clean(description));
         // RingCentral: without Retry-After on 429/503, wait at least 30 s.
         let retry_after =
-            retry_after.or(matches!(status, 429 | 503).then_some(Duration::from_secs(30)));
+            retry_after
+                .map(|d| d.min(MAX_RETRY_AFTER))
+                .or(matches!(status, 429 | 503).then_some(Duration::from_secs(30)));
         return Err(OAuthError::Server { status, error, code, description, retry_after });
     }
     let raw: RawReply = serde_json::from_slice(body)
         .map_err(|e| bad(format!("not a JSON token reply: {}", e.classify_str())))?;
     let access_token =
         raw.access_token.filter(|t| !t.is_empty()).ok_or_else(|| bad("no access_token".into()))?;
+    // A token goes into HTTP headers and shell substitutions: CR, LF or an escape sequence
+    // in it would inject a header. Refused as unusable (transient: a replay may fix it).
+    if !crate::text::is_token(&access_token) {
+        return Err(bad("access_token holds characters outside visible ASCII".into()));
+    }
+    let refresh_token = raw.refresh_token.filter(|t| !t.is_empty());
+    if refresh_token.as_deref().is_some_and(|t| !crate::text::is_token(t)) {
+        return Err(bad("refresh_token holds characters outside visible ASCII".into()));
+    }
     let expires_in = raw.expires_in.ok_or_else(|| bad("no expires_in".into()))?;
+    let clean = |s: String| crate::text::escape_controls(&s).into_owned();
     Ok(TokenSet {
         access_token: AccessToken::new(access_token),
-        token_type: raw.token_type.unwrap_or_else(|| "bearer".into()),
-        expires_in,
-        refresh_token: raw.refresh_token.filter(|t| !t.is_empty()).map(RefreshToken::new),
-        refresh_token_expires_in: raw.refresh_token_expires_in,
-        scope: raw.scope,
-        owner_id: raw.owner_id.map(value_string),
-        endpoint_id: raw.endpoint_id,
-        session_id: raw.session_id.map(value_string),
+        token_type: raw.token_type.map_or_else(|| "bearer".into(), clean),
+        expires_in: expires_in.min(MAX_LIFETIME_SECS),
+        refresh_token: refresh_token.map(RefreshToken::new),
+        refresh_token_expires_in: raw.refresh_token_expires_in.map(|s| s.min(MAX_LIFETIME_SECS)),
+        scope: raw.scope.map(clean),
+        owner_id: raw.owner_id.map(value_string).map(clean),
+        endpoint_id: raw.endpoint_id.map(clean),
+        session_id: raw.session_id.map(value_string).map(clean),
     })
 }
 
@@ -368,6 +394,40 @@ mod tests {
             let text = format!("{e} {e:?}");
             assert!(!text.contains("SECRET"), "{text}");
         }
+    }
+
+    #[test]
+    fn numbers_from_the_server_are_clamped_where_they_enter() {
+        let body = br#"{"access_token":"a","expires_in":10000000000000,"refresh_token":"r","refresh_token_expires_in":18446744073709551615}"#;
+        let t = parse_reply(200, body, None).unwrap();
+        assert_eq!(t.expires_in, MAX_LIFETIME_SECS);
+        assert_eq!(t.refresh_token_expires_in, Some(MAX_LIFETIME_SECS));
+        let e = parse_reply(429, b"{}", Some(Duration::from_secs(u64::MAX))).unwrap_err();
+        assert_eq!(e.retry_after(), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("99999999999999999"), Some(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn tokens_outside_visible_ascii_are_unusable() {
+        // JSON escapes: the reply is valid JSON whose strings hold CR, LF, ESC, a space.
+        for (at, rt) in
+            [(r"AT1\r\nX-Evil: 1", "r"), ("a b", "r"), ("ok", r"R\u001b[31m"), ("ok", r"r\n")]
+        {
+            let body =
+                format!(r#"{{"access_token":"{at}","expires_in":60,"refresh_token":"{rt}"}}"#);
+            let e = parse_reply(200, body.as_bytes(), None).unwrap_err();
+            assert!(matches!(e, OAuthError::Body { .. }) && e.is_transient(), "{at:?} {rt:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn server_text_cannot_forge_a_log_line() {
+        let body = br#"{"error":"x\n2026-01-01T00:00:00Z INFO tokend::refresher: refreshed token=main generation=99","errorCode":"\u001b[31mOAU-1","error_description":"a\rb"}"#;
+        let e = parse_reply(400, body, None).unwrap_err();
+        let text = format!("{e} {} {e:?}", e.code());
+        assert!(!text.contains(['\n', '\r', '\u{1b}']), "{text}");
+        assert!(e.code().starts_with(r"\u{1b}[31mOAU-1"), "{text}");
+        assert!(e.to_string().contains(r"x\n2026"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `tokend token` and `tokend watch`: the reader side for shells and other languages.
 
-use crate::watch::{Mode, Token, TokenWatcher, read_sink};
+use crate::watch::{Mode, ReadError, Token, TokenWatcher, read_sink};
 use chrono::Utc;
 use std::path::Path;
 use std::time::Duration;
@@ -62,12 +62,19 @@ pub async fn watch(opts: WatchOptions<'_>) -> Result<(), String> {
     let mode = opts.poll.map_or(Mode::Notify, Mode::Poll);
     let mut watcher = TokenWatcher::with_mode(opts.path, mode)
         .map_err(|e| format!("{}: {e}", opts.path.display()))?;
+    // A FIFO, a device or a directory never becomes a sink: say so and stop, not wait.
+    if let Some(e @ ReadError::Io { .. }) = watcher.last_error()
+        && std::fs::metadata(opts.path).is_ok_and(|m| !m.is_file())
+    {
+        return Err(e.to_string());
+    }
     let mut seen = 0u64;
     let mut next = watcher.current();
+    let mut reported = None;
     loop {
         let token = match next.take() {
             Some(t) => t,
-            None => watcher.changed().await.ok_or("watcher stopped")?,
+            None => next_token(&mut watcher, &mut reported).await?,
         };
         seen += 1;
         if opts.command.is_empty() {
@@ -82,6 +89,32 @@ pub async fn watch(opts: WatchOptions<'_>) -> Result<(), String> {
         }
         if opts.count.is_some_and(|c| seen >= c) {
             return Ok(());
+        }
+    }
+}
+
+/// Waits for the next token; meanwhile says on stderr (once per new reason) why the file
+/// gives none, so that a watch of the wrong file is not silent.
+async fn next_token(
+    watcher: &mut TokenWatcher,
+    reported: &mut Option<ReadError>,
+) -> Result<std::sync::Arc<Token>, String> {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        // A missing file is normal before the daemon's first write.
+        let error = watcher.last_error().filter(|e| !matches!(e, ReadError::Missing { .. }));
+        if error.is_some() && error != *reported {
+            if let Some(e) = &error {
+                eprintln!("tokend watch: waiting: {e}");
+            }
+            reported.clone_from(&error);
+        }
+        tokio::select! {
+            t = watcher.changed() => {
+                *reported = None;
+                return t.ok_or_else(|| "watcher stopped".to_string());
+            }
+            _ = every.tick() => {}
         }
     }
 }

@@ -138,7 +138,7 @@ impl Refresher {
 
     /// Start-up: load the state and publish from it at once (a reboot empties /run).
     fn start(&mut self) {
-        match State::load(&self.cfg.state_file) {
+        match State::load_for(&self.cfg.state_file, &self.cfg.name) {
             Ok(Some(state)) => self.adopt(state),
             Ok(None) => self.bootstrap("no state file yet"),
             Err(StateError::Corrupt { path, message }) => {
@@ -198,7 +198,7 @@ impl Refresher {
     /// when one was adopted (then no refresh is needed).
     fn adopt_handoff(&mut self) -> bool {
         let path = State::handoff_path(&self.cfg.state_file);
-        let handed = match State::load(&path) {
+        let handed = match State::load_for(&path, &self.cfg.name) {
             Ok(Some(s)) => s,
             Ok(None) => return false,
             Err(e) => {
@@ -208,7 +208,8 @@ impl Refresher {
         };
         let mut state = handed;
         if let Some(cur) = &self.state {
-            state.generation = state.generation.max(cur.generation + 1);
+            state.generation =
+                state.generation.max(next_generation(&self.cfg.name, cur.generation));
         }
         info!(token = %self.name(), generation = state.generation, fingerprint = %state.access_token.fingerprint(), "adopted a new login from `tokend login` (new session)");
         self.state = Some(state);
@@ -561,7 +562,7 @@ pub fn next_state(
     State {
         version: STATE_VERSION,
         name: name.to_string(),
-        generation: previous.map_or(1, |p| p.generation + 1),
+        generation: previous.map_or(1, |p| next_generation(name, p.generation)),
         token_type: tokens.token_type,
         access_expires_at: now + secs(tokens.expires_in),
         refresh_expires_at: tokens.refresh_token_expires_in.map(|s| now + secs(s)),
@@ -577,4 +578,14 @@ pub fn next_state(
         access_token: tokens.access_token,
         refresh_token: tokens.refresh_token,
     }
+}
+
+/// The generation after `g`: one more, but never past `MAX_GENERATION` (never a wrap to 0,
+/// which would send it back); reaching the top is an ERROR, as nothing can grow any more.
+pub fn next_generation(name: &str, g: u64) -> u64 {
+    if g >= crate::store::MAX_GENERATION {
+        error!(token = %name, generation = g, "the generation is at its maximum and stays there; readers that compare generations will not see new tokens (move the state file aside to start again at 1)");
+        return crate::store::MAX_GENERATION;
+    }
+    g + 1
 }

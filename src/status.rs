@@ -37,15 +37,16 @@ fn ts(t: DateTime<Utc>) -> String {
 
 /// The pid in the token's lock file, if that process is alive.
 fn daemon_pid(cfg: &TokenConfig) -> Option<u32> {
-    let text = std::fs::read_to_string(StateLock::path_for(&cfg.state_file)).ok()?;
-    let pid: u32 = text.trim().parse().ok()?;
+    // A regular file only: a FIFO in its place must not block the daemon's status summary.
+    let bytes = crate::store::read_regular(&StateLock::path_for(&cfg.state_file), 64).ok()?;
+    let pid: u32 = std::str::from_utf8(&bytes).ok()?.trim().parse().ok()?;
     std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
 }
 
 /// Builds the report of one token.
 pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
     let status = Status::load(&cfg.state_file).unwrap_or_default();
-    let state = State::load(&cfg.state_file);
+    let state = State::load_for(&cfg.state_file, &cfg.name);
     let pid = daemon_pid(cfg);
     let mut r = TokenReport {
         name: cfg.name.clone(),

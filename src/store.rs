@@ -3,10 +3,14 @@
 
 mod atomic;
 mod lock;
+mod read;
 mod sink;
 mod state;
 
 pub use atomic::{check_dir_writable, remove_stale_temps, write_atomic};
 pub use lock::{LockError, StateLock};
+pub use read::{MAX_FILE, read_regular};
 pub use sink::{SinkDoc, render_sink, write_stale_sinks};
-pub use state::{ClusterStatus, ErrorRecord, STATE_VERSION, State, StateError, Status};
+pub use state::{
+    ClusterStatus, ErrorRecord, MAX_GENERATION, STATE_VERSION, State, StateError, Status,
+};

@@ -18,7 +18,6 @@
 //! ```
 
 use crate::secret::AccessToken;
-use crate::store::SinkDoc;
 use chrono::{DateTime, Utc};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use std::ffi::OsString;
@@ -61,37 +60,24 @@ pub enum ReadError {
     Unparsable { path: PathBuf, message: String },
 }
 
-/// Parses a sink's bytes: json (starts with `{`) or raw (the token alone).
+/// Parses a sink's bytes: json (starts with `{`) or raw (the token alone). A json sink needs
+/// only `access_token` and an expiry (`expires_at` or `expire_time`); other fields are
+/// optional and unknown ones ignored, so a reader works with a newer or older writer. The
+/// token must be visible ASCII (it goes into headers); errors never quote it.
 pub fn parse_sink(path: &Path, bytes: &[u8]) -> Result<Token, ReadError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| ReadError::Unparsable { path: path.into(), message: "not UTF-8".into() })?;
+    let bad = |message: String| ReadError::Unparsable { path: path.into(), message };
+    let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
     let trimmed = text.trim();
     if trimmed.is_empty() {
         return Err(ReadError::Empty { path: path.into() });
     }
     if trimmed.starts_with('{') {
-        let doc: SinkDoc = serde_json::from_str(trimmed).map_err(|e| ReadError::Unparsable {
-            path: path.into(),
-            message: format!("json at line {} column {}", e.line(), e.column()),
-        })?;
-        if doc.access_token.is_empty() {
-            return Err(ReadError::Unparsable {
-                path: path.into(),
-                message: "empty access_token".into(),
-            });
-        }
-        return Ok(Token {
-            access_token: AccessToken::new(doc.access_token),
-            generation: Some(doc.generation),
-            expires_at: Some(doc.expires_at),
-            token_type: doc.token_type,
-        });
+        return parse_json_sink(trimmed).map_err(bad);
     }
-    if trimmed.contains(char::is_whitespace) {
-        return Err(ReadError::Unparsable {
-            path: path.into(),
-            message: "a raw sink holds one token without spaces".into(),
-        });
+    if !crate::text::is_token(trimmed) {
+        return Err(bad(
+            "a raw sink holds one token of visible ASCII characters (no spaces or controls)".into(),
+        ));
     }
     Ok(Token {
         access_token: AccessToken::new(trimmed),
@@ -101,12 +87,65 @@ pub fn parse_sink(path: &Path, bytes: &[u8]) -> Result<Token, ReadError> {
     })
 }
 
-/// Reads and parses a sink once.
+/// The fields a reader uses; everything else in the document is ignored.
+fn parse_json_sink(text: &str) -> Result<Token, String> {
+    use serde_json::Value;
+    let doc: serde_json::Map<String, Value> = serde_json::from_str(text)
+        .map_err(|e| format!("json at line {} column {}", e.line(), e.column()))?;
+    let access_token = match doc.get("access_token") {
+        None => return Err("no access_token field".into()),
+        Some(Value::String(t)) if crate::text::is_token(t) => t.clone(),
+        Some(Value::String(t)) if t.is_empty() => return Err("empty access_token".into()),
+        Some(Value::String(_)) => {
+            return Err("access_token holds characters outside visible ASCII".into());
+        }
+        Some(_) => return Err("access_token is not a string".into()),
+    };
+    let expires_at = json_expiry(&doc)?;
+    let generation = match doc.get("generation") {
+        None | Some(Value::Null) => None,
+        Some(g) => Some(g.as_u64().ok_or("generation is not a whole number")?),
+    };
+    let token_type = match doc.get("token_type") {
+        Some(Value::String(t)) => crate::text::escape_controls(t).into_owned(),
+        _ => "bearer".into(),
+    };
+    Ok(Token {
+        access_token: AccessToken::new(access_token),
+        generation,
+        expires_at: Some(expires_at),
+        token_type,
+    })
+}
+
+/// `expires_at` (RFC 3339), else `expire_time` (ms since the epoch, the RingCentral JS SDK's).
+fn json_expiry(doc: &serde_json::Map<String, serde_json::Value>) -> Result<DateTime<Utc>, String> {
+    if let Some(v) = doc.get("expires_at") {
+        return v
+            .as_str()
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .ok_or_else(|| "expires_at is not an RFC 3339 time".into());
+    }
+    match doc.get("expire_time") {
+        None => {
+            Err("no expiry: needs expires_at (RFC 3339) or expire_time (ms since the epoch)".into())
+        }
+        Some(v) => v
+            .as_i64()
+            .and_then(DateTime::from_timestamp_millis)
+            .ok_or_else(|| "expire_time is not a time in ms since the epoch".into()),
+    }
+}
+
+/// Reads and parses a sink once: a regular file of at most `MAX_FILE` bytes (a FIFO, a
+/// device or a huge file is refused with the reason, never read).
 pub fn read_sink(path: &Path) -> Result<Token, ReadError> {
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ReadError::Missing { path: path.into() },
-        _ => ReadError::Io { path: path.into(), message: e.to_string() },
-    })?;
+    let bytes =
+        crate::store::read_regular(path, crate::store::MAX_FILE).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ReadError::Missing { path: path.into() },
+            _ => ReadError::Io { path: path.into(), message: e.to_string() },
+        })?;
     parse_sink(path, &bytes)
 }
 
@@ -333,8 +372,12 @@ fn start_notify(inner: &Arc<Inner>) -> std::io::Result<Arc<Mutex<notify::Recomme
     Ok(watcher)
 }
 
+/// The shortest poll interval: a zero interval would spin a core.
+pub const MIN_POLL: Duration = Duration::from_millis(10);
+
 fn start_poll(inner: &Arc<Inner>, every: Duration) -> Arc<std::sync::atomic::AtomicBool> {
     use std::os::unix::fs::MetadataExt;
+    let every = every.max(MIN_POLL);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_thread = stop.clone();
     let weak = Arc::downgrade(inner);
@@ -358,4 +401,61 @@ fn start_poll(inner: &Arc<Inner>, every: Duration) -> Arc<std::sync::atomic::Ato
         })
         .expect("spawn poll thread");
     stop
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Token, String> {
+        parse_sink(Path::new("/s"), text.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn json_needs_only_a_token_and_an_expiry() {
+        let t = parse(r#"{"access_token":"a","expires_at":"2030-01-01T00:00:00Z"}"#).unwrap();
+        assert_eq!((t.generation, t.token_type.as_str()), (None, "bearer"));
+        let t = parse(r#"{"access_token":"a","expire_time":1893456000000,"x":[1],"generation":4}"#)
+            .unwrap();
+        assert_eq!(t.expires_at.unwrap().to_rfc3339(), "2030-01-01T00:00:00+00:00");
+        assert_eq!(t.generation, Some(4));
+    }
+
+    #[test]
+    fn json_errors_name_the_field_and_never_the_token() {
+        let table = [
+            (r#"{"expires_at":"2030-01-01T00:00:00Z"}"#, "no access_token field"),
+            (r#"{"access_token":"SECRET"}"#, "no expiry: needs expires_at"),
+            (r#"{"access_token":"SECRET","expires_at":"soon"}"#, "expires_at is not"),
+            (r#"{"access_token":"SECRET","expire_time":"x"}"#, "expire_time is not"),
+            (r#"{"access_token":7,"expire_time":1}"#, "access_token is not a string"),
+            (r#"{"access_token":"","expire_time":1}"#, "empty access_token"),
+            (r#"{"access_token":"SECRET\r\nX: 1","expire_time":1}"#, "outside visible ASCII"),
+            (r#"{"access_token":"SECRET","expire_time":1,"generation":-1}"#, "generation"),
+        ];
+        for (text, want) in table {
+            let e = parse(text).unwrap_err();
+            assert!(e.contains(want) && !e.contains("SECRET"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn raw_is_one_visible_ascii_token() {
+        assert_eq!(parse("abc.def\n").unwrap().access_token.expose(), "abc.def");
+        for bad in ["AT1\r\nX-Evil: 1", "a\u{1b}[31m", "tok\u{0}en", "a b"] {
+            assert!(parse(bad).unwrap_err().contains("visible ASCII"), "{bad:?}");
+        }
+        assert!(parse(&"\0".repeat(64)).is_err(), "NUL bytes are not a token");
+    }
+
+    #[test]
+    fn read_sink_refuses_devices_and_huge_files() {
+        let e = read_sink(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        std::fs::File::create(&big).unwrap().set_len(1 << 30).unwrap();
+        let e = read_sink(&big).unwrap_err().to_string();
+        assert!(e.contains("larger than"), "{e}");
+    }
 }

@@ -32,6 +32,11 @@ pub enum FaultKind {
     /// Process the request (rotating the tokens), then wait before replying: a client that
     /// dies or times out meanwhile never learns the new pair.
     CommitThenHang { ms: u64 },
+    /// Process the request, then overwrite fields of a 200 reply with those of `fields` (a
+    /// JSON object): a hostile or broken server whose reply carries a real new pair.
+    CommitThenPatch { fields: String },
+    /// Answer `status` with `body` (JSON) without processing the request.
+    Reply { status: u16, body: String },
 }
 
 /// A fault and how many token requests it still applies to.
@@ -66,7 +71,7 @@ impl std::str::FromStr for Fault {
             format!(
                 "bad fault {s:?}: {e} (kinds: status500, status503, status429, hang, reset, \
                  malformed, truncated, html, missing_access_token, oversized, commit_then_drop, \
-                 commit_then_hang)"
+                 commit_then_hang, commit_then_patch, reply)"
             )
         })
     }

@@ -202,18 +202,39 @@ async fn token(
     match &fault {
         Some(FaultKind::Hang { ms }) => tokio::time::sleep(Duration::from_millis(*ms)).await,
         Some(FaultKind::Reset) => return drop_connection(&ctx).await,
-        Some(FaultKind::CommitThenDrop | FaultKind::CommitThenHang { .. }) | None => {}
+        Some(
+            FaultKind::CommitThenDrop
+            | FaultKind::CommitThenHang { .. }
+            | FaultKind::CommitThenPatch { .. },
+        )
+        | None => {}
         Some(other) => return fault_response(other),
     }
     let reply = handle_token(&shared, &headers, &body);
     match fault {
         Some(FaultKind::CommitThenDrop) => return drop_connection(&ctx).await,
+        Some(FaultKind::CommitThenPatch { fields }) => return patch_reply(reply, &fields).await,
         Some(FaultKind::CommitThenHang { ms }) => {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         _ => {}
     }
     reply
+}
+
+/// Overwrites fields of a 200 reply; other replies pass unchanged.
+async fn patch_reply(reply: Response, fields: &str) -> Response {
+    if reply.status() != StatusCode::OK {
+        return reply;
+    }
+    let bytes = axum::body::to_bytes(reply.into_body(), 1 << 20).await.unwrap_or_default();
+    let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    if let (Some(obj), Ok(serde_json::Value::Object(patch))) =
+        (v.as_object_mut(), serde_json::from_str::<serde_json::Value>(fields))
+    {
+        obj.extend(patch);
+    }
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
 }
 
 fn handle_token(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
@@ -309,10 +330,17 @@ fn fault_response(kind: &FaultKind) -> Response {
             let n = bytes.unwrap_or(4 << 20);
             ok(format!("{{\"padding\":\"{}\"}}", "x".repeat(n.saturating_sub(14))))
         }
+        FaultKind::Reply { status, body } => (
+            StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            [(header::CONTENT_TYPE, "application/json")],
+            body.clone(),
+        )
+            .into_response(),
         FaultKind::Hang { .. }
         | FaultKind::Reset
         | FaultKind::CommitThenDrop
-        | FaultKind::CommitThenHang { .. } => {
+        | FaultKind::CommitThenHang { .. }
+        | FaultKind::CommitThenPatch { .. } => {
             unreachable!("handled by the caller")
         }
     }

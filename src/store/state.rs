@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 /// Bumped when the layout changes incompatibly.
 pub const STATE_VERSION: u32 = 1;
 
+/// The highest generation: 2^53 - 1, the largest integer every JSON reader (JavaScript's
+/// `Number`) holds exactly. A state file beyond it is corrupt; a refresh at it keeps it
+/// (saturates, with an ERROR) rather than wrap to 0, so the generation never goes back.
+pub const MAX_GENERATION: u64 = (1 << 53) - 1;
+
 /// Everything needed to resume a token without a new login. Mode 0600.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -60,23 +65,58 @@ impl State {
         self.refresh_token.is_some() && self.refresh_expires_at.is_none_or(|t| t > now)
     }
 
-    /// Reads a state file; `Ok(None)` when there is none yet.
+    /// Reads a state file; `Ok(None)` when there is none yet. Only a regular file of at most
+    /// `MAX_FILE` bytes is read (a FIFO put in its place must not block the daemon); one
+    /// that is not regular is an I/O error (kept, never logged in over), one too large or
+    /// with values no writer of ours produces is corrupt.
     pub fn load(path: &Path) -> Result<Option<Self>, StateError> {
-        let bytes = match std::fs::read(path) {
+        let bytes = match super::read::read_regular(path, super::read::MAX_FILE) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                return Err(StateError::Corrupt { path: path.into(), message: e.to_string() });
+            }
             Err(source) => return Err(StateError::Io { path: path.into(), source }),
         };
+        let corrupt = |message: String| StateError::Corrupt { path: path.into(), message };
         // serde_json's messages quote no input values, only positions and field names.
-        let state: Self = serde_json::from_slice(&bytes)
-            .map_err(|e| StateError::Corrupt { path: path.into(), message: e.to_string() })?;
-        if state.version != STATE_VERSION {
-            return Err(StateError::Corrupt {
-                path: path.into(),
-                message: format!("version {} is not {STATE_VERSION}", state.version),
-            });
-        }
+        let state: Self = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        state.validate().map_err(corrupt)?;
         Ok(Some(state))
+    }
+
+    /// Reads the state file of token `name`: a state written for another token (a file
+    /// copied over this one) is corrupt, so that two tokens never refresh one chain.
+    pub fn load_for(path: &Path, name: &str) -> Result<Option<Self>, StateError> {
+        let state = Self::load(path)?;
+        match &state {
+            Some(s) if s.name != name => Err(StateError::Corrupt {
+                path: path.into(),
+                message: format!(
+                    "it belongs to token {:?}, not {name:?}",
+                    crate::text::escape_controls(&s.name)
+                ),
+            }),
+            _ => Ok(state),
+        }
+    }
+
+    /// What no writer of ours produces: another version, a generation past
+    /// `MAX_GENERATION`, a token that is not visible ASCII (it would be published).
+    fn validate(&self) -> Result<(), String> {
+        if self.version != STATE_VERSION {
+            return Err(format!("version {} is not {STATE_VERSION}", self.version));
+        }
+        if self.generation > MAX_GENERATION {
+            return Err(format!("generation {} is beyond {MAX_GENERATION}", self.generation));
+        }
+        if !crate::text::is_token(self.access_token.expose()) {
+            return Err("access_token holds characters outside visible ASCII".into());
+        }
+        if self.refresh_token.as_ref().is_some_and(|t| !crate::text::is_token(t.expose())) {
+            return Err("refresh_token holds characters outside visible ASCII".into());
+        }
+        Ok(())
     }
 
     /// Durably replaces the state file (mode 0600).
@@ -97,14 +137,31 @@ impl State {
         sibling(state_file, ".login")
     }
 
-    /// Moves a corrupt state file aside so it is kept, not silently overwritten.
+    /// Moves a corrupt state file aside so it is kept, not silently overwritten: as
+    /// `.corrupt-<time>`, or `.corrupt-<time>-<n>` when that name is taken (two in one
+    /// second). A hard link never replaces an existing name, unlike a rename.
     pub fn quarantine(path: &Path) -> std::io::Result<PathBuf> {
         let stamp = Utc::now().format("%Y%m%dT%H%M%SZ");
-        let mut name = path.file_name().unwrap_or_default().to_os_string();
-        name.push(format!(".corrupt-{stamp}"));
-        let aside = path.with_file_name(name);
-        std::fs::rename(path, &aside)?;
-        Ok(aside)
+        for n in 0..1000 {
+            let mut name = path.file_name().unwrap_or_default().to_os_string();
+            name.push(format!(".corrupt-{stamp}"));
+            if n > 0 {
+                name.push(format!("-{n}"));
+            }
+            let aside = path.with_file_name(name);
+            match std::fs::hard_link(path, &aside) {
+                Ok(()) => {
+                    std::fs::remove_file(path)?;
+                    return Ok(aside);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "1,000 files were moved aside in this second; keeping this one in place",
+        ))
     }
 }
 
@@ -159,6 +216,55 @@ mod tests {
         let aside = State::quarantine(&path).unwrap();
         assert!(aside.exists() && !path.exists());
     }
+
+    #[test]
+    fn quarantines_in_one_second_never_overwrite_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        let mut kept = Vec::new();
+        for i in 0..5 {
+            std::fs::write(&path, format!("bad {i}")).unwrap();
+            kept.push(State::quarantine(&path).unwrap());
+        }
+        for (i, aside) in kept.iter().enumerate() {
+            assert_eq!(std::fs::read_to_string(aside).unwrap(), format!("bad {i}"), "{aside:?}");
+        }
+    }
+
+    type Break = fn(&mut State);
+
+    #[test]
+    fn refuses_what_no_writer_of_ours_produces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        let cases: [(&str, Break); 4] = [
+            ("beyond", |s| s.generation = MAX_GENERATION + 1),
+            ("access_token", |s| s.access_token = AccessToken::new("AT1\r\nX-Evil: 1")),
+            ("refresh_token", |s| s.refresh_token = Some(RefreshToken::new("r t"))),
+            ("version", |s| s.version = 7),
+        ];
+        for (want, break_it) in cases {
+            let mut s = sample();
+            break_it(&mut s);
+            s.save(&path).unwrap();
+            let err = State::load(&path).unwrap_err().to_string();
+            assert!(err.contains("corrupt") && err.contains(want), "{want}: {err}");
+        }
+        let mut s = sample();
+        s.generation = MAX_GENERATION;
+        s.save(&path).unwrap();
+        assert!(State::load(&path).is_ok());
+    }
+
+    #[test]
+    fn a_state_of_another_token_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.state.json");
+        sample().save(&path).unwrap();
+        assert!(State::load_for(&path, "main").unwrap().is_some());
+        let err = State::load_for(&path, "b").unwrap_err().to_string();
+        assert!(err.contains("corrupt") && err.contains("belongs to token \"main\""), "{err}");
+    }
 }
 
 /// Non-secret facts for `tokend status`, beside the state file as `<state>.status.json`.
@@ -198,7 +304,8 @@ impl Status {
     }
 
     pub fn load(state_file: &Path) -> Option<Self> {
-        let bytes = std::fs::read(Self::path_for(state_file)).ok()?;
+        let bytes =
+            super::read::read_regular(&Self::path_for(state_file), super::read::MAX_FILE).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 

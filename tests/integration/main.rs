@@ -8,6 +8,7 @@ mod daemon;
 mod examples;
 mod fake_server;
 mod harness;
+mod hostile;
 mod interop;
 mod login;
 mod metrics;

@@ -1,0 +1,256 @@
+//! Hostile and careless input (issue 17): a hostile token endpoint, swapped and special files,
+//! bad readers' input. Each test failed before its fix.
+
+use crate::harness::{TokenSpec, World, tokend, wait_until};
+use std::time::Duration;
+use tokend::fake::{Fault, FaultKind};
+
+const T: Duration = Duration::from_secs(20);
+
+fn patch(fields: &serde_json::Value) -> Fault {
+    Fault { kind: FaultKind::CommitThenPatch { fields: fields.to_string() }, count: 1 }
+}
+
+fn status_of(w: &World) -> (i32, String) {
+    let out = tokend(&["status", "--config", w.config_path().to_str().unwrap()]);
+    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// #1: lifetimes of 10^13 s used to panic the token's task (DateTime overflow) while `status`
+/// said OK; on the refresh path the server's new pair was never saved.
+#[tokio::test]
+async fn huge_lifetimes_are_clamped_and_the_new_pair_is_saved() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    w.server.inject(patch(&serde_json::json!({"expires_in": 10_000_000_000_000u64})));
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    w.wait_generation("main", 1, T).await;
+    let years = (w.state("main").access_expires_at - chrono::Utc::now()).num_days() / 365;
+    assert!((9..=10).contains(&years), "clamped to ten years, got {years} years");
+    let before = w.state("main").refresh_token;
+    w.server.inject(patch(&serde_json::json!({"refresh_token_expires_in": u64::MAX})));
+    d.signal(libc::SIGUSR1);
+    w.wait_generation("main", 2, T).await;
+    assert_ne!(w.state("main").refresh_token, before, "the server's new pair is saved");
+    assert!(!w.path("main.state.json.intent").exists(), "no refresh left in flight");
+    d.signal(libc::SIGUSR1);
+    w.wait_generation("main", 3, T).await;
+    let (code, text) = status_of(&w);
+    assert_eq!(code, 0, "{text}");
+    assert!(!d.output().contains("panicked"), "{}", d.output());
+    assert!(d.stop().await.success());
+}
+
+/// #8: an error reply whose `error`/`errorCode` holds a newline or ESC used to forge a log
+/// line and put raw escape sequences into the log, the `.status` file and `tokend status`.
+#[tokio::test]
+async fn server_text_cannot_forge_log_lines_or_reach_the_terminal() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    let forged = "INFO tokend::refresher: refreshed token=main generation=99";
+    let body = serde_json::json!({
+        "error": format!("invalid_request\n{forged}"),
+        "errorCode": "\u{1b}[31mOAU-999\u{1b}]0;owned\u{7}",
+        "error_description": "a\r\nb"
+    });
+    w.server
+        .inject(Fault { kind: FaultKind::Reply { status: 400, body: body.to_string() }, count: 1 });
+    d.signal(libc::SIGUSR1);
+    d.wait_log("permanent failure", 1, T).await;
+    let log = d.output();
+    assert!(!log.lines().any(|l| l.trim_start().starts_with("INFO tokend::refresher")), "{log}");
+    assert!(!log.contains('\u{1b}') && !log.contains('\u{7}'), "raw escape in the log");
+    let status_file = std::fs::read(w.path("main.state.json.status")).unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status_file).unwrap();
+    for field in ["code", "message"] {
+        let v = status["last_error"][field].as_str().unwrap();
+        assert!(!v.contains(char::is_control), "{field}: {v:?}");
+    }
+    let (_, text) = status_of(&w);
+    assert!(text.contains("OAU-999") && !text.contains('\u{1b}'), "{text:?}");
+    assert!(!text.lines().any(|l| l.starts_with("INFO")), "{text}");
+    assert!(d.stop().await.success());
+}
+
+/// #9: a token with CR/LF used to be published and printed by `tokend token`.
+#[tokio::test]
+async fn a_token_with_controls_is_never_published() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    w.server.inject(patch(&serde_json::json!({"access_token": "AT1\r\nX-Evil: 1\u{1b}[31m"})));
+    d.signal(libc::SIGUSR1);
+    w.wait_generation("main", 2, T).await;
+    assert_eq!(w.stats().grace_replays, 1, "the same refresh token was replayed");
+    let raw = std::fs::read(w.path("main.raw")).unwrap();
+    assert!(raw.iter().all(|b| (0x21..=0x7e).contains(b)), "{raw:?}");
+    assert!(d.output().contains("outside visible ASCII"), "{}", d.output());
+    assert!(d.stop().await.success());
+    // A sink someone else wrote is refused by the reader too.
+    std::fs::write(w.path("evil.raw"), "AT1\r\nX-Evil: 1").unwrap();
+    let out = tokend(&["token", w.path("evil.raw").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "nothing printed");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("visible ASCII"));
+}
+
+/// #6: a state file copied from another token used to be adopted: b published a's account
+/// and both refreshed one chain.
+#[tokio::test]
+async fn a_state_file_of_another_token_is_kept_aside() {
+    let mut fake = tokend::fake::FakeConfig::for_tests();
+    fake.users.push(tokend::fake::User::numbered(crate::harness::JWT, 1));
+    let w = World::with(fake).await;
+    let jwt = format!("grant = \"jwt\"\njwt = \"{}-1\"", crate::harness::JWT);
+    let b = TokenSpec::new("b").grant(&jwt);
+    w.write_config(&[TokenSpec::new("a"), b]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    assert!(d.stop().await.success());
+    std::fs::copy(w.path("a.state.json"), w.path("b.state.json")).unwrap();
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    assert!(d.output().contains("belongs to token \"a\""), "{}", d.output());
+    let kept = std::fs::read_dir(w.dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref().unwrap().file_name().to_string_lossy().starts_with("b.state.json.corrupt-")
+        })
+        .count();
+    assert_eq!(kept, 1);
+    assert_eq!(w.sink("b").unwrap().owner_id.as_deref(), Some("100001"));
+    assert_ne!(w.state("a").refresh_token, w.state("b").refresh_token);
+    assert!(d.stop().await.success());
+}
+
+/// #7: a FIFO in place of the state file used to hang the main loop on SIGHUP (the status
+/// summary opened it), so SIGTERM was ignored; `tokend status` hung too.
+#[tokio::test]
+async fn a_fifo_never_blocks_the_daemon_or_status() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    let state = w.path("main.state.json");
+    std::fs::remove_file(&state).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(&state).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo (coreutils) is missing");
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 1, T).await;
+    let (code, text) = status_of(&w);
+    assert_eq!(code, 1);
+    assert!(text.contains("not a regular file (a FIFO)"), "{text}");
+    assert!(d.stop().await.success(), "SIGTERM is still heard");
+}
+
+/// #11: `tokend token` on a 1 GiB sparse file printed 1 GiB of NUL bytes; on /dev/zero it
+/// grew without bound; `tokend watch` waited silently; `--poll-ms 0` spun a core.
+#[tokio::test]
+async fn readers_refuse_special_huge_and_foreign_files() {
+    let w = World::new().await;
+    let sparse = w.path("sparse.json");
+    std::fs::File::create(&sparse).unwrap().set_len(1 << 30).unwrap();
+    for (path, want) in
+        [(sparse.to_str().unwrap(), "larger than"), ("/dev/zero", "not a regular file")]
+    {
+        let out = tokend(&["token", path]);
+        assert_eq!(out.status.code(), Some(1), "{path}");
+        assert!(out.stdout.is_empty());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{path}: {out:?}");
+    }
+    let out = tokend(&["watch", "/dev/zero"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"), "{out:?}");
+    let out = tokend(&["watch", "--poll-ms", "0", "/dev/null"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // A file that is not a sink: the watch says why it has nothing.
+    let notes = w.path("notes.txt");
+    std::fs::write(&notes, "just some notes\n").unwrap();
+    let mut child = std::process::Command::new(crate::harness::BIN)
+        .args(["watch", notes.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while line.len() < 4096 && stderr.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        String::from_utf8_lossy(&line).into_owned()
+    });
+    let line = tokio::time::timeout(T, line).await.expect("watch said nothing").unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("not a tokend sink"), "{line}");
+}
+
+/// #12: two quarantines in one second used to overwrite each other.
+#[tokio::test]
+async fn kept_aside_files_are_never_overwritten() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    // Every name the next quarantine could take in the coming minute is already taken.
+    let now = chrono::Utc::now();
+    let taken: Vec<_> = (0..60)
+        .map(|s| {
+            let stamp = (now + chrono::Duration::seconds(s)).format("%Y%m%dT%H%M%SZ");
+            let p = w.path(&format!("main.state.json.corrupt-{stamp}"));
+            std::fs::write(&p, format!("kept {s}")).unwrap();
+            p
+        })
+        .collect();
+    std::fs::write(w.path("main.state.json"), "{ not a state").unwrap();
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    assert!(d.output().contains("moved aside"), "{}", d.output());
+    for (s, p) in taken.iter().enumerate() {
+        assert_eq!(std::fs::read_to_string(p).unwrap(), format!("kept {s}"));
+    }
+    let kept_as = d.output().lines().find_map(|l| {
+        l.split("kept_as=").nth(1).map(|r| r.split_whitespace().next().unwrap().to_string())
+    });
+    assert!(kept_as.as_deref().is_some_and(|k| k.ends_with("-1")), "{kept_as:?}");
+    assert_eq!(std::fs::read_to_string(kept_as.unwrap()).unwrap(), "{ not a state");
+    assert!(d.stop().await.success());
+}
+
+/// #13: the generation used to wrap from u64::MAX to 0 in release builds.
+#[tokio::test]
+async fn the_generation_never_wraps() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    assert!(d.stop().await.success());
+    let path = w.path("main.state.json");
+    let mut state = w.state("main");
+    state.generation = tokend::store::MAX_GENERATION;
+    state.save(&path).unwrap();
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    d.signal(libc::SIGUSR1);
+    d.wait_log("generation is at its maximum", 1, T).await;
+    wait_until("a new token at the top generation", T, || {
+        w.state("main").refreshed_at > state.refreshed_at
+    })
+    .await;
+    assert_eq!(w.generation("main"), tokend::store::MAX_GENERATION);
+    assert!(d.stop().await.success());
+    // Past the top, a state is corrupt: kept aside, never wrapped.
+    let mut state = w.state("main");
+    state.generation = u64::MAX;
+    state.save(&path).unwrap();
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    assert!(d.output().contains("is beyond"), "{}", d.output());
+    assert_eq!(w.generation("main"), 1);
+    assert!(d.stop().await.success());
+}
