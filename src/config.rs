@@ -312,6 +312,18 @@ impl Config {
         Ok(())
     }
 
+    /// Only token `name`'s secrets: `tokend login` needs that token's client secret, not the
+    /// other tokens' secrets (which may exist only inside the unit). No such token: nothing.
+    pub fn resolve_token_secrets(&mut self, name: &str) -> Result<(), ConfigError> {
+        let file = self.path.clone();
+        if let Some(t) = self.tokens.iter_mut().find(|t| t.name == name) {
+            for s in t.secrets_mut() {
+                s.resolve(&file)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn token(&self, name: &str) -> Option<&TokenConfig> {
         self.tokens.iter().find(|t| t.name == name)
     }

@@ -214,10 +214,9 @@ impl FakeServerArgs {
 }
 
 /// What to do when `login` runs outside the unit that holds the credentials.
-const LOGIN_HINT: &str = "\n  the secrets are systemd credentials of tokend.service: run the login with them \
-     (README, \"Install as a systemd service\"):\n  sudo systemd-run --pty --wait --collect \
-     --service-type=exec -p User=tokend -p Group=tokend-readers \
-     -p LoadCredential=client_secret:/etc/tokend/client_secret \
+const LOGIN_HINT: &str = "\n  the secrets are systemd credentials of tokend.service: run the login with them, \
+     as the README shows:\n  sudo systemd-run --pipe --wait --collect --quiet -p User=tokend \
+     -p Group=tokend-readers -p LoadCredential=client_secret:/etc/tokend/client_secret \
      tokend login --config /etc/tokend/config.toml --token NAME --no-browser";
 
 /// A failure with the exit code it maps to.
@@ -286,7 +285,7 @@ fn load(path: &std::path::Path) -> Result<Config, Failure> {
     Config::load(path).map_err(|e| Failure(78, e.to_string()))
 }
 
-/// The config with its secrets, for the commands that talk to a server.
+/// The config with its secrets, for the daemon.
 fn load_resolved(path: &std::path::Path) -> Result<Config, Failure> {
     Config::load_resolved(path).map_err(|e| Failure(78, e.to_string()))
 }
@@ -320,9 +319,11 @@ async fn login(
     token: &str,
     opts: tokend::login::LoginOptions,
 ) -> Result<(), Failure> {
-    let config = load_resolved(path).map_err(|Failure(code, message)| {
+    let mut config = load(path)?;
+    config.resolve_token_secrets(token).map_err(|e| {
+        let message = e.to_string();
         let hint = if message.contains("CREDENTIALS_DIRECTORY") { LOGIN_HINT } else { "" };
-        Failure(code, format!("{message}{hint}"))
+        Failure(78, format!("{message}{hint}"))
     })?;
     match tokend::login::login(&config, token, opts).await? {
         tokend::login::LoginOutcome::StateWritten => {

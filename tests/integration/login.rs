@@ -85,6 +85,40 @@ async fn login_through_the_loopback_redirect_writes_the_state() {
     assert_eq!(w.stats().logins_by_grant["authorization_code"], 1);
 }
 
+/// `tokend login` reads only its own token's secrets: another token's JWT that exists only
+/// inside the unit (a systemd credential) does not stop it; its own missing client secret
+/// stops it with the key named and the systemd-run line to use instead.
+#[tokio::test]
+async fn login_reads_only_its_own_tokens_secrets() {
+    let w = World::new().await;
+    let unit_only = TokenSpec::new("main").grant("grant = \"jwt\"\njwt = { credential = \"jwt\" }");
+    w.write_config(&[unit_only, code_token()]);
+    let (child, url) = start_login(&w, &[]).await;
+    reqwest::get(&url).await.unwrap();
+    assert!(finish(child).await.contains("state written"));
+    assert_eq!(w.state("code").generation, 1);
+    let text = std::fs::read_to_string(w.config_path()).unwrap();
+    let own = text.replacen(
+        &format!("client_secret = \"{}\"", crate::harness::CLIENT_SECRET),
+        "client_secret = { credential = \"client_secret\" }",
+        2,
+    );
+    std::fs::write(w.config_path(), own).unwrap();
+    let out = crate::harness::tokend(&[
+        "login",
+        "--config",
+        w.config_path().to_str().unwrap(),
+        "--token",
+        "code",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("key `token \"code\".client_secret`") && err.contains("systemd-run"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn login_accepts_a_pasted_redirect_url_without_a_browser() {
     let w = World::new().await;
