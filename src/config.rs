@@ -2,11 +2,13 @@
 //! validated `Config` of proper types. Every error names the file, the line and the key.
 
 mod plan;
+mod proxy;
 mod raw;
 mod secret_source;
 
 use crate::logging::LogFormat;
 use chrono::{DateTime, Utc};
+pub use proxy::{Listen, ProxyConfig};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -254,6 +256,8 @@ pub struct TokenConfig {
     pub scope: Option<String>,
     pub on_refresh: Option<Hook>,
     pub sinks: Vec<SinkConfig>,
+    /// Local API proxies that add this token's current access token.
+    pub proxies: Vec<ProxyConfig>,
 }
 
 impl Config {

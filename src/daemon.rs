@@ -42,6 +42,8 @@ pub enum DaemonError {
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("cluster: {0}")]
     Cluster(String),
+    #[error("token {token}: proxy.listen {listen}: {source}")]
+    ProxyListen { token: String, listen: crate::config::Listen, source: std::io::Error },
 }
 
 impl DaemonError {
@@ -53,7 +55,7 @@ impl DaemonError {
             Self::NotWritable { .. } => 73,
             Self::Lock(_) => 75,
             Self::Scheduler(_) => 70,
-            Self::Listen { .. } => 71,
+            Self::Listen { .. } | Self::ProxyListen { .. } => 71,
         }
     }
 }
@@ -102,6 +104,8 @@ struct TokenHandle {
     cfg: TokenConfig,
     tx: mpsc::Sender<Command>,
     task: JoinHandle<()>,
+    /// The token's proxies (listeners and their connections).
+    proxies: Vec<JoinHandle<()>>,
     _lock: StateLock,
 }
 
@@ -122,6 +126,8 @@ pub struct Daemon {
     exporters: Vec<JoinHandle<()>>,
     scheduler: JobScheduler,
     tokens: BTreeMap<String, TokenHandle>,
+    /// The proxies' upstream client (one pool for the daemon), made when a proxy first needs it.
+    upstream: std::sync::OnceLock<reqwest::Client>,
     /// Multi-host mode: the etcd connection and the task keeping the node's lease.
     #[cfg(feature = "etcd")]
     cluster: Option<(crate::cluster::Cluster, JoinHandle<()>)>,
@@ -188,6 +194,7 @@ impl Daemon {
             metrics,
             requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
             client: crate::oauth::OAuthClient::new(std::time::Duration::from_secs(30)),
+            gate: None,
         };
         #[cfg(feature = "etcd")]
         let cluster = match &config.cluster {
@@ -206,6 +213,7 @@ impl Daemon {
             exporters,
             scheduler,
             tokens: BTreeMap::new(),
+            upstream: std::sync::OnceLock::new(),
             schedules: BTreeMap::new(),
             #[cfg(feature = "etcd")]
             cluster,
@@ -249,11 +257,31 @@ impl Daemon {
     ) -> Result<oneshot::Receiver<()>, DaemonError> {
         let (tx, rx) = mpsc::channel(8);
         let (ready_tx, ready_rx) = oneshot::channel();
+        let (gate, proxies) = self.start_proxies(&cfg, &tx).await?;
         self.join_schedule(&cfg, tx.clone()).await?;
-        let task = self.spawn_task(cfg.clone(), rx, ready_tx);
-        info!(token = %cfg.name, schedule = %cfg.schedule.expr, sinks = cfg.sinks.len(), "token started");
-        self.tokens.insert(cfg.name.clone(), TokenHandle { cfg, tx, task, _lock: lock });
+        let task = self.spawn_task(cfg.clone(), gate, rx, ready_tx);
+        info!(token = %cfg.name, schedule = %cfg.schedule.expr, sinks = cfg.sinks.len(), proxies = cfg.proxies.len(), "token started");
+        self.tokens.insert(cfg.name.clone(), TokenHandle { cfg, tx, task, proxies, _lock: lock });
         Ok(ready_rx)
+    }
+
+    /// Binds the token's proxies, with the gate its refresher will drive.
+    async fn start_proxies(
+        &self,
+        cfg: &TokenConfig,
+        tx: &mpsc::Sender<Command>,
+    ) -> Result<(Option<Arc<crate::proxy::Gate>>, Vec<JoinHandle<()>>), DaemonError> {
+        if cfg.proxies.is_empty() {
+            return Ok((None, Vec::new()));
+        }
+        let drain = cfg.proxies.iter().map(|p| p.drain_timeout).max().unwrap_or_default();
+        let counters = self.shared.metrics.proxy(&cfg.name);
+        let gate = crate::proxy::Gate::new(&cfg.name, drain, tx.clone(), counters);
+        let client = self.upstream.get_or_init(crate::proxy::upstream_client);
+        let tasks = crate::proxy::start(&cfg.proxies, &gate, client).await.map_err(
+            |(listen, source)| DaemonError::ProxyListen { token: cfg.name.clone(), listen, source },
+        )?;
+        Ok((Some(gate), tasks))
     }
 
     /// The token's task: the cluster's (election and mirror) in multi-host mode, else a
@@ -261,15 +289,17 @@ impl Daemon {
     fn spawn_task(
         &self,
         cfg: TokenConfig,
+        gate: Option<Arc<crate::proxy::Gate>>,
         rx: mpsc::Receiver<Command>,
         ready: oneshot::Sender<()>,
     ) -> JoinHandle<()> {
+        let shared = crate::refresher::Shared { gate, ..self.shared.clone() };
         #[cfg(feature = "etcd")]
         if let Some((cluster, _)) = &self.cluster {
-            let (shared, cluster) = (self.shared.clone(), cluster.clone());
+            let cluster = cluster.clone();
             return tokio::spawn(crate::cluster::run_token(cfg, shared, cluster, rx, ready));
         }
-        tokio::spawn(Refresher::new(cfg, self.shared.clone()).run(rx, ready))
+        tokio::spawn(Refresher::new(cfg, shared).run(rx, ready))
     }
 
     async fn join_schedule(
@@ -369,6 +399,11 @@ impl Daemon {
 
     async fn stop_token(&mut self, name: &str) {
         let Some(handle) = self.tokens.remove(name) else { return };
+        for p in handle.proxies {
+            // Awaited so that its socket file is gone before a reload binds the path again.
+            p.abort();
+            let _ = p.await;
+        }
         self.leave_schedule(&handle.cfg).await;
         let _ = handle.tx.send(Command::Stop).await;
         if tokio::time::timeout(STOP_GRACE, handle.task).await.is_err() {

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod notify;
 pub mod oauth;
 pub mod policy;
+pub mod proxy;
 pub mod reader_cli;
 pub mod refresher;
 pub mod secret;

@@ -5,7 +5,8 @@
 use chrono::Utc;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -28,10 +29,45 @@ pub struct TokenMetrics {
     pub near_expiry: Duration,
 }
 
+/// One token's proxy figures: counted on every request, so atomics, not the metrics lock.
+#[derive(Debug, Default)]
+pub struct ProxyCounters {
+    /// Responses by status class: 1xx..5xx at 1..=5; index 0 counts any other code.
+    pub responses: [AtomicU64; 6],
+    /// Requests that waited for a refresh to finish, and their total wait.
+    pub held: AtomicU64,
+    pub held_micros: AtomicU64,
+    /// Requests sent again after a 401 on a replaced token.
+    pub replays: AtomicU64,
+    /// Refreshes asked for by a 401 on the current token.
+    pub forced_refreshes: AtomicU64,
+}
+
+impl ProxyCounters {
+    pub fn count_status(&self, status: u16) {
+        let class = usize::from(status / 100);
+        let i = if (1..=5).contains(&class) { class } else { 0 };
+        self.responses[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, token: &str, out: &mut String) {
+        for (i, n) in self.responses.iter().enumerate() {
+            let class = if i == 0 { "other".to_string() } else { format!("{i}xx") };
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "tokend_proxy_requests_total{{token=\"{token}\",class=\"{class}\"}} {n}"
+            );
+        }
+    }
+}
+
 /// All tokens' figures; refreshers update, the exporters read.
 #[derive(Debug, Default)]
 pub struct Metrics {
     tokens: Mutex<BTreeMap<String, TokenMetrics>>,
+    /// Tokens with a proxy.
+    proxies: Mutex<BTreeMap<String, Arc<ProxyCounters>>>,
     /// Wakes the textfile writer.
     pub changed: Notify,
 }
@@ -42,7 +78,13 @@ impl Metrics {
         self.changed.notify_one();
     }
 
+    /// The proxy counters of `token`, created on first use.
+    pub fn proxy(&self, token: &str) -> Arc<ProxyCounters> {
+        self.proxies.lock().expect("metrics lock").entry(token.to_string()).or_default().clone()
+    }
+
     pub fn remove(&self, token: &str) {
+        self.proxies.lock().expect("metrics lock").remove(token);
         self.tokens.lock().expect("metrics lock").remove(token);
         self.changed.notify_one();
     }
@@ -117,7 +159,50 @@ impl Metrics {
                 );
             }
         }
+        self.render_proxies(&mut out);
         out
+    }
+
+    fn render_proxies(&self, out: &mut String) {
+        type Get = fn(&ProxyCounters) -> f64;
+        let proxies = self.proxies.lock().expect("metrics lock").clone();
+        if proxies.is_empty() {
+            return;
+        }
+        let name = "tokend_proxy_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Proxied requests by response status class.\n# TYPE {name} counter"
+        );
+        for (token, c) in &proxies {
+            c.render(token, out);
+        }
+        let families: [(&str, &str, Get); 4] = [
+            (
+                "tokend_proxy_held_requests_total",
+                "Proxied requests held while the token was refreshed.",
+                |c| c.held.load(Ordering::Relaxed) as f64,
+            ),
+            ("tokend_proxy_held_seconds_total", "Total time proxied requests were held.", |c| {
+                c.held_micros.load(Ordering::Relaxed) as f64 / 1e6
+            }),
+            (
+                "tokend_proxy_replays_total",
+                "Proxied requests replayed after a 401 on a replaced token.",
+                |c| c.replays.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "tokend_proxy_forced_refreshes_total",
+                "Refreshes asked for by a 401 on the current token.",
+                |c| c.forced_refreshes.load(Ordering::Relaxed) as f64,
+            ),
+        ];
+        for (name, help, get) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (token, c) in &proxies {
+                let _ = writeln!(out, "{name}{{token=\"{token}\"}} {}", get(c));
+            }
+        }
     }
 
     /// Reasons the service is unhealthy; empty when healthy.

@@ -41,6 +41,8 @@ pub struct Shared {
     pub requests: Arc<tokio::sync::Semaphore>,
     /// One HTTP client (connection pool, TLS config) for every token.
     pub client: OAuthClient,
+    /// This token's proxy gate, when it has `[[token.proxy]]`s (set per token by the daemon).
+    pub gate: Option<Arc<crate::proxy::Gate>>,
 }
 
 /// One token's refresher. Owns its state; nothing else writes this token's files.
@@ -71,11 +73,13 @@ pub struct Refresher {
     relogin: bool,
     /// Random fraction taken off the safety margin per token generation.
     deadline_jitter: Duration,
+    /// The proxies' gate: closed around each token request, told each durable token.
+    gate: Option<Arc<crate::proxy::Gate>>,
 }
 
 impl Refresher {
     pub fn new(cfg: TokenConfig, shared: Shared) -> Self {
-        let Shared { metrics, requests, client } = shared;
+        let Shared { metrics, requests, client, gate } = shared;
         let budget = RequestBudget::new(cfg.rate.requests, cfg.rate.window);
         Self {
             client,
@@ -92,6 +96,7 @@ impl Refresher {
             budget,
             relogin: false,
             deadline_jitter: Duration::ZERO,
+            gate,
             metrics,
             requests,
             cfg,
@@ -331,6 +336,11 @@ impl Refresher {
             self.write_intent();
         }
         let permit = self.requests.clone().acquire_owned().await.expect("never closed");
+        // Proxied requests still carrying the old token finish first; new ones wait for the
+        // new token (opened below, after it is published).
+        if let Some(gate) = &self.gate {
+            gate.close().await;
+        }
         let started = Instant::now();
         let result = match &refresh_token {
             Some(rt) => self.client.refresh(&self.cfg, rt).await,
@@ -355,6 +365,9 @@ impl Refresher {
                 self.attempt = 0;
             }
             Err(e) => self.on_permanent(&e),
+        }
+        if let Some(gate) = &self.gate {
+            gate.open();
         }
         self.save_status();
     }
@@ -488,6 +501,9 @@ impl Refresher {
             self.state_dirty = false;
             // The new pair is durable: nothing is in flight any more.
             self.clear_intent();
+        }
+        if let Some(gate) = &self.gate {
+            gate.publish(state);
         }
         crate::store::write_stale_sinks(&self.cfg, state, &mut self.stale_sinks);
         if self.stale_sinks.is_empty() {

@@ -667,6 +667,10 @@ impl Leader<'_> {
         }
         let cfg = &self.ctx.cfg;
         let permit = self.ctx.shared.requests.clone().acquire_owned().await.expect("never closed");
+        // This host's proxied requests on the old token finish first (see proxy::Gate).
+        if let Some(gate) = &self.ctx.shared.gate {
+            gate.close().await;
+        }
         let started = Instant::now();
         let result = match &refresh_token {
             Some(rt) => self.ctx.shared.client.refresh(cfg, rt).await,
@@ -674,8 +678,22 @@ impl Leader<'_> {
         };
         let elapsed = started.elapsed();
         drop(permit);
+        let keep = self.after_request(cur, result, refresh_token.is_some(), elapsed).await;
+        if let Some(gate) = &self.ctx.shared.gate {
+            gate.open();
+        }
+        keep
+    }
+
+    async fn after_request(
+        &mut self,
+        cur: &mut Current,
+        result: Result<crate::oauth::TokenSet, crate::oauth::OAuthError>,
+        refreshed: bool,
+        elapsed: std::time::Duration,
+    ) -> bool {
         match result {
-            Ok(tokens) => self.on_success(cur, tokens, refresh_token.is_none(), elapsed).await,
+            Ok(tokens) => self.on_success(cur, tokens, !refreshed, elapsed).await,
             Err(e) if e.is_transient() => {
                 self.on_transient(&e);
                 if e.retry_after().is_some() {
@@ -687,9 +705,7 @@ impl Leader<'_> {
                 }
                 true
             }
-            Err(e) if refresh_token.is_some() && e.is_invalid_grant() => {
-                self.on_invalid_grant(cur, &e).await
-            }
+            Err(e) if refreshed && e.is_invalid_grant() => self.on_invalid_grant(cur, &e).await,
             Err(e) => {
                 self.on_permanent(&e);
                 true
@@ -977,6 +993,11 @@ impl LocalFiles {
                 return false;
             }
             self.dirty = false;
+        }
+        // The proxies send the pair once it is durable here (a follower's proxy replays a 401
+        // once the leader's new pair is mirrored).
+        if let Some(gate) = &ctx.shared.gate {
+            gate.publish(state);
         }
         crate::store::write_stale_sinks(&ctx.cfg, state, &mut self.stale);
         if !self.stale.is_empty() {

@@ -95,6 +95,17 @@ fn token_plan(out: &mut String, t: &TokenConfig) {
     if t.sinks.is_empty() {
         let _ = writeln!(out, "  sink            none (state file only)");
     }
+    for p in &t.proxies {
+        let _ = writeln!(
+            out,
+            "  proxy           {} -> {} (drain {}, replays bodies up to {} bytes{})",
+            p.listen,
+            p.upstream,
+            d(p.drain_timeout),
+            p.replay_body_limit,
+            if p.access_log { ", access log" } else { "" }
+        );
+    }
     if let Some(h) = &t.on_refresh {
         let _ = writeln!(out, "  on_refresh      {:?} (timeout {})", h.argv, d(h.timeout));
     }

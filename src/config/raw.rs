@@ -89,6 +89,8 @@ struct RawToken {
     on_refresh_timeout: Option<Spanned<String>>,
     #[serde(default)]
     sink: Vec<RawSink>,
+    #[serde(default)]
+    proxy: Vec<super::proxy::RawProxy>,
 }
 
 #[derive(Deserialize)]
@@ -102,7 +104,7 @@ struct RawSink {
 }
 
 /// Turns byte offsets into line numbers and builds errors for one file.
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     file: &'a Path,
     text: &'a str,
 }
@@ -112,7 +114,12 @@ impl Ctx<'_> {
         self.text[..offset.min(self.text.len())].matches('\n').count() + 1
     }
 
-    fn err<T>(&self, spanned: &Spanned<T>, key: String, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err<T>(
+        &self,
+        spanned: &Spanned<T>,
+        key: String,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             file: self.file.to_path_buf(),
             line: Some(self.line_of(spanned.span().start)),
@@ -142,7 +149,7 @@ impl Ctx<'_> {
     }
 
     /// A relative path in the config resolves against the config's directory.
-    fn path(&self, p: &str) -> PathBuf {
+    pub(super) fn path(&self, p: &str) -> PathBuf {
         let p = PathBuf::from(p);
         if p.is_absolute() {
             return p;
@@ -544,6 +551,7 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
     };
     let has_literal_secret = has_literal_secret(&t);
     Ok(TokenConfig {
+        proxies: super::proxy::validate_all(ctx, &t.proxy, &server, &key)?,
         has_literal_secret,
         state_file: ctx.path(t.state_file.get_ref()),
         server,
@@ -639,15 +647,7 @@ fn sink(
     };
     let mode = match &s.mode {
         None => 0o640,
-        Some(m) => {
-            u32::from_str_radix(m.get_ref(), 8).ok().filter(|v| *v <= 0o777).ok_or_else(|| {
-                ctx.err(
-                    m,
-                    key("sink.mode"),
-                    format!("{:?} is not an octal file mode like \"0640\"", m.get_ref()),
-                )
-            })?
-        }
+        Some(m) => mode(ctx, m, key("sink.mode"))?,
     };
     if s.include_refresh_token && mode & 0o077 != 0 {
         return Err(ctx.err(&s.path, key("sink.mode"), format!("include_refresh_token = true needs a private mode (0600 or stricter), not {mode:04o}")));
@@ -667,7 +667,17 @@ fn sink(
     })
 }
 
-fn url(ctx: &Ctx<'_>, s: &Spanned<String>, key: String) -> Result<reqwest::Url, ConfigError> {
+pub(super) fn mode(ctx: &Ctx<'_>, m: &Spanned<String>, key: String) -> Result<u32, ConfigError> {
+    u32::from_str_radix(m.get_ref(), 8).ok().filter(|v| *v <= 0o777).ok_or_else(|| {
+        ctx.err(m, key, format!("{:?} is not an octal file mode like \"0640\"", m.get_ref()))
+    })
+}
+
+pub(super) fn url(
+    ctx: &Ctx<'_>,
+    s: &Spanned<String>,
+    key: String,
+) -> Result<reqwest::Url, ConfigError> {
     let u = reqwest::Url::parse(s.get_ref()).map_err(|e| {
         ctx.err(
             s,
@@ -688,7 +698,11 @@ fn url(ctx: &Ctx<'_>, s: &Spanned<String>, key: String) -> Result<reqwest::Url, 
     Ok(u)
 }
 
-fn duration(ctx: &Ctx<'_>, s: &Spanned<String>, key: String) -> Result<Duration, ConfigError> {
+pub(super) fn duration(
+    ctx: &Ctx<'_>,
+    s: &Spanned<String>,
+    key: String,
+) -> Result<Duration, ConfigError> {
     humantime::parse_duration(s.get_ref()).map_err(|e| {
         ctx.err(
             s,

@@ -37,6 +37,8 @@ pub(super) fn router(shared: Arc<Shared>, latency: Duration) -> Router {
         .route("/restapi/oauth/authorize", get(authorize))
         .route("/restapi/v1.0/account/~", get(account))
         .route("/restapi/v1.0/account/~/extension/~", get(extension))
+        .route("/restapi/v1.0/account/~/extension/~/sms", post(sms))
+        .route("/restapi/v1.0/account/~/recording/{bytes}/content", get(recording))
         .route("/__admin/stats", get(admin_stats))
         .route(
             "/__admin/faults",
@@ -444,6 +446,48 @@ async fn account(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respo
         Ok(_) => Json(json!({"id": "400000000", "status": "Confirmed"})).into_response(),
         Err(e) => api_error(&e),
     }
+}
+
+/// Stands for any API call with a body: answers with the body's size and SHA-256, so that a
+/// client can tell its body arrived whole (a proxy's replay included).
+async fn sms(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    use sha2::Digest;
+    let result = shared.auth.lock().expect("auth lock").api_call(bearer(&headers), Instant::now());
+    match result {
+        Ok(_) => {
+            let digest = sha2::Sha256::digest(&body);
+            let hex = digest.iter().fold(String::new(), |mut out, b| {
+                let _ = std::fmt::Write::write_fmt(&mut out, format_args!("{b:02x}"));
+                out
+            });
+            Json(json!({"bytes": body.len(), "sha256": hex})).into_response()
+        }
+        Err(e) => api_error(&e),
+    }
+}
+
+/// A recording download of `bytes` bytes, generated as it streams (never held whole), so a
+/// test can tell a proxy that streams from one that buffers.
+async fn recording(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(bytes): axum::extract::Path<u64>,
+    headers: HeaderMap,
+) -> Response {
+    const CHUNK: u64 = 64 * 1024;
+    let result = shared.auth.lock().expect("auth lock").api_call(bearer(&headers), Instant::now());
+    if let Err(e) = result {
+        return api_error(&e);
+    }
+    let chunks = futures_util::stream::unfold(0u64, move |sent| async move {
+        (sent < bytes).then(|| {
+            let n = CHUNK.min(bytes - sent);
+            (Ok::<_, std::io::Error>(Bytes::from(vec![b'r'; n as usize])), sent + n)
+        })
+    });
+    let mut resp = axum::body::Body::from_stream(chunks).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("audio/mpeg"));
+    resp.headers_mut().insert(header::CONTENT_LENGTH, bytes.into());
+    resp
 }
 
 fn loopback_only(ctx: &ConnCtx) -> Option<Response> {

@@ -12,6 +12,8 @@ mod hostile;
 mod interop;
 mod login;
 mod metrics;
+mod proxy;
+mod proxy_upstream;
 mod rotation;
 mod soak;
 mod status;

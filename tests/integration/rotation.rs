@@ -24,6 +24,8 @@ pub enum Caller {
     /// The README's file-reader contract at its best: re-read the json sink before every single
     /// call, send that token straight to the server, never retry.
     FileReader { sink: PathBuf, server: String },
+    /// Through the proxy's unix socket, sending no token at all.
+    Proxy { socket: PathBuf },
 }
 
 /// Calls and failed calls, counted by every caller of one kind.
@@ -51,7 +53,12 @@ pub fn spawn_callers(
             let (caller, stop, tally) = (caller.clone(), stop.clone(), tally.clone());
             tokio::spawn(async move {
                 // One client per caller: its own keep-alive connection, like separate programs.
-                let client = reqwest::Client::new();
+                let client = match &caller {
+                    Caller::Proxy { socket } => {
+                        reqwest::Client::builder().unix_socket(socket.as_path()).build().unwrap()
+                    }
+                    Caller::FileReader { .. } => reqwest::Client::new(),
+                };
                 while !stop.load(Ordering::Relaxed) {
                     let ok = call_once(&client, &caller).await;
                     let counter = if ok { &tally.ok } else { &tally.failed };
@@ -70,6 +77,7 @@ async fn call_once(client: &reqwest::Client, caller: &Caller) -> bool {
                 serde_json::from_slice(&std::fs::read(sink).expect("sink")).expect("sink json");
             client.get(format!("{server}{EXTENSION}")).bearer_auth(doc.access_token)
         }
+        Caller::Proxy { .. } => client.get(format!("http://proxy{EXTENSION}")),
     };
     request.send().await.is_ok_and(|r| r.status().is_success())
 }
@@ -147,4 +155,44 @@ async fn file_readers_fail_calls_at_each_rotation_over_a_wan() {
         failed as f64 / rotations as f64
     );
     assert!(failed > 0, "no call failed: the fake's latency did not open the window");
+}
+
+/// The goal: through the proxy, no call fails at a rotation. 16 callers with no pause
+/// through 20 rotations with a 100 ms round trip, the file-reader contract beside it as the
+/// baseline (same run, same rotations).
+#[tokio::test]
+async fn no_proxied_call_fails_through_twenty_rotations() {
+    let w = World::with(wan_fake()).await;
+    crate::proxy::write_proxy_config(
+        &w,
+        &TokenSpec::new("main"),
+        "",
+        &crate::proxy::unix_proxy(&w),
+    );
+    let d = w.daemon();
+    d.wait_ready().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = Caller::FileReader { sink: w.path("main.json"), server: w.server.url() };
+    let proxied = Caller::Proxy { socket: w.path("main.sock") };
+    let (files, mut tasks) = spawn_callers(16, &reader, &stop);
+    let (proxy, more) = spawn_callers(16, &proxied, &stop);
+    tasks.extend(more);
+    let rotations = 20;
+    rotate(&w, &d, rotations, &[&files, &proxy]).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (p_ok, p_failed) = proxy.get();
+    let (f_ok, f_failed) = files.get();
+    eprintln!("{rotations} rotations, 16 callers each, no pause, 100 ms RTT:");
+    eprintln!("  through the proxy: {p_failed} of {} calls failed", p_ok + p_failed);
+    eprintln!(
+        "  file readers (baseline): {f_failed} of {} calls failed ({:.1} per rotation)",
+        f_ok + f_failed,
+        f_failed as f64 / rotations as f64
+    );
+    assert_eq!(p_failed, 0, "a proxied call failed at a rotation");
+    assert!(f_failed > 0, "the baseline saw no failure: the rotation window did not open");
+    assert_eq!(d.count("still in flight at the drain timeout"), 0);
 }

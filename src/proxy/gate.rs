@@ -1,0 +1,228 @@
+//! The hook between a token's refresher and its proxies: the current access token, and a gate
+//! the refresher closes before a token request (new requests wait, those in flight finish) and
+//! opens once the new token is published, so that no proxied call carries a token a refresh killed.
+
+use crate::secret::AccessToken;
+use crate::store::State;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// At most one refresh per this long is asked for by 401s on the current token.
+pub const FORCED_REFRESH_EVERY: Duration = Duration::from_secs(60);
+
+/// The token the proxies send.
+#[derive(Debug)]
+pub struct Current {
+    pub token: AccessToken,
+    pub generation: u64,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Admission {
+    /// A refresh is about to start or running: new requests wait.
+    closed: bool,
+    /// Requests sent upstream whose response headers have not come back yet.
+    in_flight: usize,
+}
+
+/// One token's gate, shared by its refresher (or cluster task) and all its proxies.
+pub struct Gate {
+    name: String,
+    admission: watch::Sender<Admission>,
+    current: watch::Sender<Option<Arc<Current>>>,
+    drain_timeout: Duration,
+    /// Asks the token's refresher for a refresh now (a 401 on the current token).
+    refresh: mpsc::Sender<crate::refresher::Command>,
+    last_forced: Mutex<Option<Instant>>,
+    pub counters: Arc<crate::metrics::ProxyCounters>,
+}
+
+/// A request admitted through the gate; the refresher's drain waits for it to drop.
+pub struct Admitted {
+    gate: Arc<Gate>,
+    /// How long the request waited for a refresh to finish.
+    pub held: Option<Duration>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.gate.admission.send_modify(|a| a.in_flight -= 1);
+    }
+}
+
+impl Gate {
+    pub fn new(
+        name: &str,
+        drain_timeout: Duration,
+        refresh: mpsc::Sender<crate::refresher::Command>,
+        counters: Arc<crate::metrics::ProxyCounters>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.to_string(),
+            admission: watch::Sender::new(Admission::default()),
+            current: watch::Sender::new(None),
+            drain_timeout,
+            refresh,
+            last_forced: Mutex::new(None),
+            counters,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Before a token request: stop admitting, then wait (at most `drain_timeout`) for the
+    /// requests in flight, which still carry the token the request is about to kill.
+    pub async fn close(&self) {
+        self.admission.send_modify(|a| a.closed = true);
+        let mut rx = self.admission.subscribe();
+        let drained = rx.wait_for(|a| a.in_flight == 0);
+        if tokio::time::timeout(self.drain_timeout, drained).await.is_err() {
+            tracing::warn!(token = %self.name, timeout_ms = self.drain_timeout.as_millis() as u64, "proxied requests still in flight at the drain timeout; refreshing anyway (a 401 among them is replayed)");
+        }
+    }
+
+    /// After the attempt (published or failed): release the held requests.
+    pub fn open(&self) {
+        self.admission.send_if_modified(|a| std::mem::replace(&mut a.closed, false));
+    }
+
+    /// Makes `state`'s access token the one the proxies send (once it is durable).
+    pub fn publish(&self, state: &State) {
+        self.current.send_if_modified(|cur| {
+            let same = cur
+                .as_ref()
+                .is_some_and(|c| c.generation == state.generation && c.token == state.access_token);
+            if !same {
+                *cur = Some(Arc::new(Current {
+                    token: state.access_token.clone(),
+                    generation: state.generation,
+                    expires_at: state.access_expires_at,
+                }));
+            }
+            !same
+        });
+    }
+
+    /// Waits while the gate is closed, then counts the request in flight.
+    pub async fn admit(self: &Arc<Self>) -> Admitted {
+        let mut held_since = None;
+        let mut rx = self.admission.subscribe();
+        loop {
+            let mut admitted = false;
+            self.admission.send_if_modified(|a| {
+                admitted = !a.closed;
+                a.in_flight += usize::from(admitted);
+                false
+            });
+            if admitted {
+                let held = held_since.map(|t: Instant| t.elapsed());
+                return Admitted { gate: self.clone(), held };
+            }
+            held_since.get_or_insert_with(Instant::now);
+            // The sender lives as long as `self`: this cannot fail.
+            let _ = rx.wait_for(|a| !a.closed).await;
+        }
+    }
+
+    /// The token to send now, waiting up to `wait` for one when there is none or it expired.
+    pub async fn token(&self, wait: Duration) -> Option<Arc<Current>> {
+        let mut rx = self.current.subscribe();
+        let usable =
+            |c: &Option<Arc<Current>>| c.as_ref().is_some_and(|c| c.expires_at > Utc::now());
+        let found = tokio::time::timeout(wait, rx.wait_for(usable)).await;
+        match found {
+            Ok(Ok(c)) => c.clone(),
+            _ => None,
+        }
+    }
+
+    /// A token newer than `generation`, waiting up to `wait` for one.
+    pub async fn newer_than(&self, generation: u64, wait: Duration) -> Option<Arc<Current>> {
+        let mut rx = self.current.subscribe();
+        let newer =
+            |c: &Option<Arc<Current>>| c.as_ref().is_some_and(|c| c.generation > generation);
+        match tokio::time::timeout(wait, rx.wait_for(newer)).await {
+            Ok(Ok(c)) => c.clone(),
+            _ => None,
+        }
+    }
+
+    /// Whether a refresh was asked for within `window` (it may still be under way).
+    pub fn forced_within(&self, window: Duration) -> bool {
+        let last = *self.last_forced.lock().expect("gate lock");
+        last.is_some_and(|t| t.elapsed() < window)
+    }
+
+    /// A 401 on the current, unexpired token: ask for a refresh now, at most once per
+    /// `FORCED_REFRESH_EVERY` (a storm of 401s makes one refresh). Returns whether it asked.
+    pub fn force_refresh(&self) -> bool {
+        let now = Instant::now();
+        {
+            let mut last = self.last_forced.lock().expect("gate lock");
+            if last.is_some_and(|t| now.duration_since(t) < FORCED_REFRESH_EVERY) {
+                return false;
+            }
+            *last = Some(now);
+        }
+        let asked = self.refresh.try_send(crate::refresher::Command::RefreshNow).is_ok();
+        if asked {
+            self.counters.forced_refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(token = %self.name, "the server refused the current access token (revoked?); refreshing now");
+        }
+        asked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(drain: Duration) -> (Arc<Gate>, mpsc::Receiver<crate::refresher::Command>) {
+        let (tx, rx) = mpsc::channel(4);
+        (Gate::new("t", drain, tx, Arc::default()), rx)
+    }
+
+    #[tokio::test]
+    async fn close_waits_for_in_flight_and_holds_new_requests_until_open() {
+        let (g, _rx) = gate(Duration::from_secs(30));
+        let first = g.admit().await;
+        let closer = {
+            let g = g.clone();
+            tokio::spawn(async move { g.close().await })
+        };
+        tokio::task::yield_now().await;
+        let held = {
+            let g = g.clone();
+            tokio::spawn(async move { g.admit().await.held })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!closer.is_finished(), "close returned with a request in flight");
+        drop(first);
+        closer.await.unwrap();
+        assert!(!held.is_finished(), "a request was admitted while closed");
+        g.open();
+        assert!(held.await.unwrap().is_some(), "the held request reports its wait");
+    }
+
+    #[tokio::test]
+    async fn close_gives_up_at_the_drain_timeout() {
+        let (g, _rx) = gate(Duration::from_millis(50));
+        let _stuck = g.admit().await;
+        tokio::time::timeout(Duration::from_secs(10), g.close()).await.expect("bounded");
+    }
+
+    #[tokio::test]
+    async fn a_storm_of_forced_refreshes_asks_once() {
+        let (g, mut rx) = gate(Duration::from_secs(1));
+        let asked = (0..100).filter(|_| g.force_refresh()).count();
+        assert_eq!(asked, 1);
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err());
+    }
+}
