@@ -330,6 +330,8 @@ async fn demo_runs_the_whole_job_and_stops_after_its_cycles() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.matches("-> API 200").count(), 3, "{stdout}");
     assert!(stdout.contains("1 login(s)") && stdout.contains("0 refused"), "{stdout}");
+    let last = stdout.lines().rfind(|l| l.contains("proxied caller:")).unwrap();
+    assert!(last.ends_with(" 0 failed") && !last.contains("proxied caller: 0 calls"), "{stdout}");
 }
 
 #[tokio::test]

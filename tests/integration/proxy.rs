@@ -271,3 +271,58 @@ async fn proxy_metrics_count_requests_by_class() {
     })
     .await;
 }
+
+/// The README's recipes: the official JS and Python SDKs with `server` = the proxy, calling
+/// with no pause while the daemon rotates the token every second over a 100 ms round trip.
+#[tokio::test]
+async fn official_js_and_python_sdks_call_through_the_proxy_across_rotations() {
+    let python = crate::interop::python();
+    let node_sdk = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/node/node_modules/@ringcentral/sdk"
+    ))
+    .exists();
+    assert!(
+        node_sdk || std::env::var_os("CI").is_none(),
+        "CI is set but examples/node/node_modules is missing; run scripts/test"
+    );
+    let w = World::with(crate::rotation::wan_fake()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let spec = TokenSpec::new("main").schedule("* * * * * *");
+    write_proxy_config(&w, &spec, "", &format!("listen = \"127.0.0.1:{port}\""));
+    let d = w.daemon();
+    d.wait_ready().await;
+    let url = format!("http://127.0.0.1:{port}");
+    let ex = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let mut jobs = Vec::new();
+    if let Some(py) = python {
+        let args = vec![format!("{ex}/python/sdk_proxy.py"), url.clone(), "id".into(), "6".into()];
+        jobs.push(("python sdk", tokio::spawn(sdk_run(py.display().to_string(), args))));
+    }
+    if node_sdk {
+        let args = vec![
+            format!("{ex}/node/ringcentral-sdk-proxy.js"),
+            url.clone(),
+            "id".into(),
+            "6".into(),
+        ];
+        jobs.push(("js sdk", tokio::spawn(sdk_run("node".into(), args))));
+    }
+    let start = w.generation("main");
+    assert!(!jobs.is_empty(), "neither SDK is installed: run scripts/test");
+    for (name, job) in jobs {
+        let summary = job.await.unwrap();
+        eprintln!("{name} through the proxy: {summary}");
+        assert_eq!(summary["failed"], 0, "{name}: {summary}");
+        assert!(summary["ok"].as_u64().unwrap() > 20, "{name}: {summary}");
+    }
+    assert!(w.generation("main") >= start + 3, "too few rotations during the run");
+    assert_no_token_in(&w, &d.output());
+}
+
+async fn sdk_run(program: String, args: Vec<String>) -> serde_json::Value {
+    let out = tokio::process::Command::new(&program).args(&args).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{program} {args:?} failed:\n{stderr}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
