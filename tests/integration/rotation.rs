@@ -163,12 +163,8 @@ async fn file_readers_fail_calls_at_each_rotation_over_a_wan() {
 #[tokio::test]
 async fn no_proxied_call_fails_through_twenty_rotations() {
     let w = World::with(wan_fake()).await;
-    crate::proxy::write_proxy_config(
-        &w,
-        &TokenSpec::new("main"),
-        "",
-        &crate::proxy::unix_proxy(&w),
-    );
+    let proxy = format!("{}\naccess_log = true", crate::proxy::unix_proxy(&w));
+    crate::proxy::write_proxy_config(&w, &TokenSpec::new("main"), "", &proxy);
     let d = w.daemon();
     d.wait_ready().await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -195,4 +191,10 @@ async fn no_proxied_call_fails_through_twenty_rotations() {
     assert_eq!(p_failed, 0, "a proxied call failed at a rotation");
     assert!(f_failed > 0, "the baseline saw no failure: the rotation window did not open");
     assert_eq!(d.count("still in flight at the drain timeout"), 0);
+    // The drain alone did it: calls were held at rotations, none needed a replay.
+    let held = d.count("proxied") - d.count("held_ms=0.0");
+    let replayed = d.count("replayed=true");
+    eprintln!("  held at a rotation: {held}; replayed: {replayed}");
+    assert!(held > 0, "no call was held at a rotation");
+    assert_eq!(replayed, 0, "calls were replayed: the drain let old-token calls through");
 }
