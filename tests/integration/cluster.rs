@@ -547,3 +547,46 @@ async fn a_single_host_state_is_imported_without_a_login() {
     assert_eq!(stats.sessions_created, 1, "{stats:?}");
     assert!(stats.rejected.is_empty(), "{stats:?}");
 }
+
+/// A follower's proxy: the leader's refresh kills the token the follower's proxy holds, so a
+/// call in flight there gets a 401, waits for the new pair to be mirrored, and is replayed.
+/// Callers through the follower see no failure while the leader rotates over a 100 ms WAN.
+#[tokio::test]
+async fn a_followers_proxy_replays_once_the_new_pair_is_mirrored() {
+    use crate::rotation::{Caller, spawn_callers, wan_fake};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let w = World::with(wan_fake()).await;
+    let etcd = Etcd::start_cluster(w.dir.path(), 1).await;
+    let spec = TokenSpec::new("main").tail(
+        "[[token.proxy]]\nlisten = \"unix:{dir}/main.sock\"\nmode = \"0600\"\naccess_log = true",
+    );
+    let f = Fleet::on(w, etcd, 2, 2, spec, "").await;
+    let leader = f.leader(Duration::from_secs(10)).await;
+    let follower = 1 - leader;
+    let mut g = f.converged(1, Duration::from_secs(10)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let caller = Caller::Proxy { socket: f.hosts[follower].dir.join("main.sock") };
+    let (tally, tasks) = spawn_callers(8, &caller, &stop);
+    for _ in 0..5 {
+        f.hosts[leader].daemon().signal(libc::SIGUSR1);
+        g = f.converged(g + 1, Duration::from_secs(20)).await;
+        let before = tally.get().0;
+        wait_until("calls on the new token", Duration::from_secs(20), || {
+            tally.get().0 >= before + 8
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, failed) = tally.get();
+    let replayed = f.hosts[follower].daemon().count("replayed=true");
+    eprintln!(
+        "follower's proxy, 8 callers, 5 leader rotations: {failed} of {} failed, {replayed} replayed",
+        ok + failed
+    );
+    assert_eq!(failed, 0, "a call through the follower's proxy failed:\n{}", f.dump());
+    assert!(replayed > 0, "no call hit the rotation window: the test proves nothing");
+}

@@ -44,6 +44,8 @@ pub struct TokenSpec {
     pub schedule: String,
     /// Extra TOML lines inside the [[token]] table.
     pub extra: Vec<String>,
+    /// TOML after the sinks (sub-tables such as `[[token.proxy]]`); `{dir}` is the token's directory.
+    pub tail: String,
 }
 
 impl TokenSpec {
@@ -57,7 +59,13 @@ impl TokenSpec {
                 "retry_max = \"2s\"".into(),
                 "rate_limit = 1000".into(),
             ],
+            tail: String::new(),
         }
+    }
+
+    pub fn tail(mut self, toml: &str) -> Self {
+        self.tail = toml.into();
+        self
     }
 
     pub fn schedule(mut self, s: &str) -> Self {
@@ -79,10 +87,11 @@ impl TokenSpec {
         let n = &self.name;
         let d = dir.display();
         format!(
-            "[[token]]\nname = \"{n}\"\nserver = \"{server}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n{}\nstate_file = \"{d}/{n}.state.json\"\nschedule = \"{}\"\n{}\n\n[[token.sink]]\npath = \"{d}/{n}.json\"\nformat = \"json\"\nmode = \"0640\"\n\n[[token.sink]]\npath = \"{d}/{n}.raw\"\nformat = \"raw\"\nmode = \"0644\"\n\n",
+            "[[token]]\nname = \"{n}\"\nserver = \"{server}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n{}\nstate_file = \"{d}/{n}.state.json\"\nschedule = \"{}\"\n{}\n\n[[token.sink]]\npath = \"{d}/{n}.json\"\nformat = \"json\"\nmode = \"0640\"\n\n[[token.sink]]\npath = \"{d}/{n}.raw\"\nformat = \"raw\"\nmode = \"0644\"\n\n{}\n",
             self.grant,
             self.schedule,
-            self.extra.join("\n")
+            self.extra.join("\n"),
+            self.tail.replace("{dir}", &d.to_string())
         )
     }
 }

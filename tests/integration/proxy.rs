@@ -10,8 +10,8 @@ const T: Duration = Duration::from_secs(30);
 
 /// Writes config.toml: `spec` plus one `[[token.proxy]]` with these lines, and `prelude`.
 pub fn write_proxy_config(w: &World, spec: &TokenSpec, prelude: &str, proxy: &str) {
-    let token = spec.toml(&w.server.url(), w.dir.path());
-    let text = format!("{prelude}\n{token}[[token.proxy]]\n{proxy}\n");
+    let spec = spec.clone().tail(&format!("[[token.proxy]]\n{proxy}"));
+    let text = format!("{prelude}\n{}", spec.toml(&w.server.url(), w.dir.path()));
     std::fs::write(w.config_path(), text).unwrap();
 }
 
