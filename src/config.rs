@@ -139,10 +139,14 @@ impl Grant {
 }
 
 /// A cron schedule with a seconds field, kept with its source text.
+///
+/// The parsed form is shared: croner keeps about 5 kB of bit fields per expression, and
+/// each token's config is held in several places, so 10,000 tokens on one schedule would
+/// otherwise hold 200 MB of identical copies. `raw::parse` parses each distinct expression once.
 #[derive(Clone)]
 pub struct Schedule {
     pub expr: String,
-    cron: croner::Cron,
+    cron: std::sync::Arc<croner::Cron>,
 }
 
 impl fmt::Debug for Schedule {
@@ -170,7 +174,7 @@ impl Schedule {
                      e.g. \"0 */30 * * * *\" for every 30 minutes"
                 )
             })?;
-        let s = Self { expr: expr.to_string(), cron };
+        let s = Self { expr: expr.to_string(), cron: std::sync::Arc::new(cron) };
         s.next_after(Utc::now()).ok_or_else(|| format!("{expr:?} never fires"))?;
         Ok(s)
     }

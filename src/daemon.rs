@@ -118,6 +118,8 @@ struct ScheduleGroup {
 }
 
 pub struct Daemon {
+    /// The running config without its tokens: each token's config is kept once, in its
+    /// `TokenHandle` (and its task), not in a third copy here.
     config: Config,
     schedules: BTreeMap<String, ScheduleGroup>,
     /// Metrics, the request bound and the HTTP client, shared with every refresher.
@@ -184,7 +186,8 @@ pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result
 impl Daemon {
     /// Takes every lock, checks every directory, starts every refresher and waits until each
     /// has published from its state (or reported its failure). Then tells systemd READY=1.
-    pub async fn start(config: Config) -> Result<Self, DaemonError> {
+    pub async fn start(mut config: Config) -> Result<Self, DaemonError> {
+        let tokens = std::mem::take(&mut config.tokens);
         let scheduler =
             JobScheduler::new().await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
         scheduler.start().await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
@@ -208,7 +211,7 @@ impl Daemon {
             }
         };
         let mut daemon = Self {
-            config: config.clone(),
+            config,
             shared,
             exporters,
             scheduler,
@@ -218,15 +221,15 @@ impl Daemon {
             #[cfg(feature = "etcd")]
             cluster,
         };
-        let locks = prepare(&config.tokens)?;
+        let locks = prepare(&tokens)?;
         let mut readies = Vec::new();
-        for (cfg, lock) in config.tokens.iter().cloned().zip(locks) {
+        for (cfg, lock) in tokens.into_iter().zip(locks) {
             readies.push(daemon.spawn(cfg, lock).await?);
         }
         for ready in readies {
             let _ = ready.await;
         }
-        info!(tokens = daemon.tokens.len(), config = %config.path.display(), "tokend ready");
+        info!(tokens = daemon.tokens.len(), config = %daemon.config.path.display(), "tokend ready");
         crate::notify::ready(&daemon.summary());
         Ok(daemon)
     }
@@ -357,7 +360,7 @@ impl Daemon {
 
     /// SIGHUP: a new config replaces the old only if it is valid; tokens that changed restart.
     async fn reload(&mut self) {
-        let new = match Config::load_resolved(&self.config.path) {
+        let mut new = match Config::load_resolved(&self.config.path) {
             Ok(c) => c,
             Err(e) => {
                 error!(error = %e, "config reload failed; keeping the running config");
@@ -371,19 +374,20 @@ impl Daemon {
                 self.stop_token(&name).await;
             }
         }
-        for cfg in &new.tokens {
+        for cfg in std::mem::take(&mut new.tokens) {
             if self.tokens.contains_key(&cfg.name) {
                 continue;
             }
-            let started = match prepare(std::slice::from_ref(cfg)) {
-                Ok(mut locks) => self.spawn(cfg.clone(), locks.remove(0)).await,
+            let name = cfg.name.clone();
+            let started = match prepare(std::slice::from_ref(&cfg)) {
+                Ok(mut locks) => self.spawn(cfg, locks.remove(0)).await,
                 Err(e) => Err(e),
             };
             match started {
                 Ok(ready) => {
                     let _ = ready.await;
                 }
-                Err(e) => error!(token = %cfg.name, error = %e, "cannot start token after reload"),
+                Err(e) => error!(token = %name, error = %e, "cannot start token after reload"),
             }
         }
         if new.log_format != self.config.log_format

@@ -111,7 +111,7 @@ impl Refresher {
         // A login handed over just before a crash or restart is newer than the state file.
         self.adopt_handoff();
         if self.pending.is_some_and(|p| p <= Instant::now()) {
-            self.attempt_refresh().await;
+            Box::pin(self.attempt_refresh()).await;
             // If that failed, publish what the state holds: better than empty sinks after a reboot.
             let unexpired = self.state.as_ref().is_some_and(|s| s.access_expires_at > Utc::now());
             if unexpired && !self.stale_sinks.is_empty() {
@@ -317,7 +317,9 @@ impl Refresher {
             return;
         }
         if self.due(now).is_some_and(|d| d <= now) && self.gate(now) <= now {
-            self.attempt_refresh().await;
+            // Boxed: the HTTP request's future is large, and held inline it would be part of
+            // every idle token's task (10,000 tasks) rather than only of the ones refreshing.
+            Box::pin(self.attempt_refresh()).await;
         }
     }
 
