@@ -465,16 +465,26 @@ async fn start_exporters(
 /// Everything the tokens need before they may start: writable directories (each checked
 /// once), their locks, and no leftovers of a killed writer.
 fn prepare(tokens: &[TokenConfig]) -> Result<Vec<StateLock>, DaemonError> {
-    let mut dirs: BTreeMap<&Path, std::collections::BTreeSet<std::ffi::OsString>> = BTreeMap::new();
+    let mut dirs: BTreeMap<PathBuf, std::collections::BTreeSet<std::ffi::OsString>> =
+        BTreeMap::new();
     for cfg in tokens {
-        for path in std::iter::once(&cfg.state_file).chain(cfg.sinks.iter().map(|s| &s.path)) {
+        // The intent marker and the status file are ours too (not the login hand-off file,
+        // which `tokend login` writes); a kill during their write leaves a temp file as well.
+        let siblings = [
+            crate::store::State::intent_path(&cfg.state_file),
+            crate::store::Status::path_for(&cfg.state_file),
+        ];
+        let paths = std::iter::once(&cfg.state_file)
+            .chain(cfg.sinks.iter().map(|s| &s.path))
+            .chain(siblings.iter());
+        for path in paths {
             let name = path.file_name().unwrap_or_default().to_os_string();
-            dirs.entry(parent(path)).or_default().insert(name);
+            dirs.entry(parent(path).to_path_buf()).or_default().insert(name);
         }
     }
     for dir in dirs.keys() {
         check_dir_writable(dir)
-            .map_err(|source| DaemonError::NotWritable { path: (*dir).into(), source })?;
+            .map_err(|source| DaemonError::NotWritable { path: dir.clone(), source })?;
     }
     let locks = tokens
         .iter()

@@ -7,7 +7,7 @@ use crate::hook;
 use crate::metrics::Metrics;
 use crate::oauth::{OAuthClient, OAuthError, TokenSet};
 use crate::policy::{RequestBudget, backoff, refresh_deadline};
-use crate::store::{ErrorRecord, STATE_VERSION, State, StateError, Status};
+use crate::store::{ErrorRecord, STATE_VERSION, State, StateError, Status, blocking};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -107,15 +107,15 @@ impl Refresher {
     /// from the state, or the first login has succeeded or failed.
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, ready: oneshot::Sender<()>) {
         self.metrics.update(&self.cfg.name, |_| {});
-        self.start();
+        self.start().await;
         // A login handed over just before a crash or restart is newer than the state file.
-        self.adopt_handoff();
+        self.adopt_handoff().await;
         if self.pending.is_some_and(|p| p <= Instant::now()) {
             Box::pin(self.attempt_refresh()).await;
             // If that failed, publish what the state holds: better than empty sinks after a reboot.
             let unexpired = self.state.as_ref().is_some_and(|s| s.access_expires_at > Utc::now());
             if unexpired && !self.stale_sinks.is_empty() {
-                self.flush();
+                self.flush().await;
             }
         }
         let _ = ready.send(());
@@ -124,15 +124,15 @@ impl Refresher {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     None | Some(Command::Stop) => break,
-                    Some(Command::Tick) => if !self.adopt_handoff() { self.on_tick() },
+                    Some(Command::Tick) => if !self.adopt_handoff().await { self.on_tick().await },
                     Some(Command::Recheck) => {}
-                    Some(Command::RefreshNow) => if !self.adopt_handoff() { self.want_now() },
+                    Some(Command::RefreshNow) => if !self.adopt_handoff().await { self.want_now() },
                 },
                 () = tokio::time::sleep_until(wake.into()) => self.on_wake().await,
             }
         }
         if self.state_dirty || !self.stale_sinks.is_empty() {
-            self.flush();
+            self.flush().await;
         }
         info!(token = %self.cfg.name, "refresher stopped");
     }
@@ -142,9 +142,9 @@ impl Refresher {
     }
 
     /// Start-up: load the state and publish from it at once (a reboot empties /run).
-    fn start(&mut self) {
+    async fn start(&mut self) {
         match State::load_for(&self.cfg.state_file, &self.cfg.name) {
-            Ok(Some(state)) => self.adopt(state),
+            Ok(Some(state)) => self.adopt(state).await,
             Ok(None) => self.bootstrap("no state file yet"),
             Err(StateError::Corrupt { path, message }) => {
                 match State::quarantine(&path) {
@@ -164,10 +164,10 @@ impl Refresher {
                 self.record_error("state-io", &e.to_string(), true);
             }
         }
-        self.save_status();
+        self.save_status().await;
     }
 
-    fn adopt(&mut self, state: State) {
+    async fn adopt(&mut self, state: State) {
         let now = Utc::now();
         info!(token = %self.name(), generation = state.generation, access_expires = %crate::time::left(state.access_expires_at, now), "loaded state");
         let expired = state.access_expires_at <= now;
@@ -184,7 +184,7 @@ impl Refresher {
             info!(token = %self.name(), "access token in state has expired; refreshing before publishing");
         } else {
             self.mark_all_sinks_stale();
-            self.flush();
+            self.flush().await;
         }
     }
 
@@ -201,7 +201,7 @@ impl Refresher {
 
     /// Adopts a state that `tokend login` handed over while we hold the lock. Returns true
     /// when one was adopted (then no refresh is needed).
-    fn adopt_handoff(&mut self) -> bool {
+    async fn adopt_handoff(&mut self) -> bool {
         let path = State::handoff_path(&self.cfg.state_file);
         let handed = match State::load_for(&path, &self.cfg.name) {
             Ok(Some(s)) => s,
@@ -227,18 +227,18 @@ impl Refresher {
         self.pending = None;
         self.new_deadline_jitter();
         // Persist first: only then may the hand-off file go.
-        if self.flush() || !self.state_dirty {
+        if self.flush().await || !self.state_dirty {
             let _ = std::fs::remove_file(&path);
         }
-        self.save_status();
+        self.save_status().await;
         true
     }
 
-    fn on_tick(&mut self) {
+    async fn on_tick(&mut self) {
         if self.state.is_none()
             && self.status.last_error.as_ref().is_some_and(|e| e.code == "state-io")
         {
-            self.start();
+            self.start().await;
             return;
         }
         if self.retry_at.is_some() {
@@ -310,7 +310,7 @@ impl Refresher {
         if (self.state_dirty || !self.stale_sinks.is_empty())
             && self.write_retry_at.is_none_or(|t| t <= now)
         {
-            self.flush();
+            self.flush().await;
         }
         // A refresh while the state file is behind would move the chain further from disk.
         if self.state_dirty {
@@ -335,7 +335,7 @@ impl Refresher {
             _ => None,
         };
         if refresh_token.is_some() {
-            self.write_intent();
+            self.write_intent().await;
         }
         let permit = self.requests.clone().acquire_owned().await.expect("never closed");
         // Proxied requests still carrying the old token finish first; new ones wait for the
@@ -351,7 +351,7 @@ impl Refresher {
         let elapsed = started.elapsed();
         drop(permit);
         match result {
-            Ok(tokens) => self.on_success(tokens, refresh_token.is_none(), elapsed),
+            Ok(tokens) => self.on_success(tokens, refresh_token.is_none(), elapsed).await,
             Err(e) if e.is_transient() => self.on_transient(&e),
             Err(e)
                 if refresh_token.is_some()
@@ -371,7 +371,7 @@ impl Refresher {
         if let Some(gate) = &self.gate {
             gate.open();
         }
-        self.save_status();
+        self.save_status().await;
     }
 
     fn on_transient(&mut self, e: &OAuthError) {
@@ -401,13 +401,12 @@ impl Refresher {
         self.record_error(&e.code(), &e.to_string(), false);
     }
 
-    fn write_intent(&self) {
+    async fn write_intent(&self) {
         let text = format!("refresh in flight since {}\n", Utc::now().to_rfc3339());
-        if let Err(e) = crate::store::write_atomic(
-            &State::intent_path(&self.cfg.state_file),
-            text.as_bytes(),
-            0o600,
-        ) {
+        let path = State::intent_path(&self.cfg.state_file);
+        let written =
+            blocking(move || crate::store::write_atomic(&path, text.as_bytes(), 0o600)).await;
+        if let Err(e) = written {
             warn!(token = %self.name(), error = %e, "cannot write the refresh intent marker");
         }
     }
@@ -442,7 +441,7 @@ impl Refresher {
         self.record_error(&e.code(), &e.to_string(), true);
     }
 
-    fn on_success(&mut self, tokens: TokenSet, new_session: bool, elapsed: Duration) {
+    async fn on_success(&mut self, tokens: TokenSet, new_session: bool, elapsed: Duration) {
         let now = Utc::now();
         let state = next_state(&self.cfg.name, tokens, self.state.as_ref(), new_session, now);
         info!(
@@ -467,7 +466,7 @@ impl Refresher {
         self.status.last_success_at = Some(now);
         self.metrics.update(&self.cfg.name, |m| m.last_success = Some(now.timestamp()));
         self.new_deadline_jitter();
-        if self.flush() {
+        if self.flush().await {
             self.run_hook();
         }
     }
@@ -492,10 +491,13 @@ impl Refresher {
     }
 
     /// Persist, then publish. Returns true when everything is on disk.
-    fn flush(&mut self) -> bool {
-        let Some(state) = &self.state else { return true };
+    /// The writes run in the store's blocking pool, so a slow disk holds this token's task
+    /// and no other.
+    async fn flush(&mut self) -> bool {
+        let Some(state) = self.state.clone() else { return true };
         if self.state_dirty {
-            if let Err(e) = state.save(&self.cfg.state_file) {
+            let (s, path) = (state.clone(), self.cfg.state_file.clone());
+            if let Err(e) = blocking(move || s.save(&path)).await {
                 error!(token = %self.name(), path = %self.cfg.state_file.display(), error = %e, "cannot write state; keeping the new token in memory and not publishing until it is saved");
                 self.schedule_write_retry();
                 return false;
@@ -505,9 +507,14 @@ impl Refresher {
             self.clear_intent();
         }
         if let Some(gate) = &self.gate {
-            gate.publish(state);
+            gate.publish(&state);
         }
-        crate::store::write_stale_sinks(&self.cfg, state, &mut self.stale_sinks);
+        let (cfg, mut stale) = (self.cfg.clone(), std::mem::take(&mut self.stale_sinks));
+        self.stale_sinks = blocking(move || {
+            crate::store::write_stale_sinks(&cfg, &state, &mut stale);
+            stale
+        })
+        .await;
         if self.stale_sinks.is_empty() {
             self.write_failures = 0;
             self.write_retry_at = None;
@@ -552,7 +559,7 @@ impl Refresher {
         });
     }
 
-    fn save_status(&mut self) {
+    async fn save_status(&mut self) {
         let due = self
             .due(Instant::now())
             .map(|d| Utc::now() + d.saturating_duration_since(Instant::now()));
@@ -561,7 +568,8 @@ impl Refresher {
             (Some(d), Some(t)) => Some(d.min(t)),
             (d, t) => d.or(t),
         };
-        if let Err(e) = self.status.save(&self.cfg.state_file) {
+        let (status, path) = (self.status.clone(), self.cfg.state_file.clone());
+        if let Err(e) = blocking(move || status.save(&path)).await {
             warn!(token = %self.name(), error = %e, "cannot write status file");
         }
     }

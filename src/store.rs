@@ -3,12 +3,14 @@
 
 mod atomic;
 mod lock;
+mod pool;
 mod read;
 mod sink;
 mod state;
 
 pub use atomic::{check_dir_writable, remove_stale_temps, write_atomic};
 pub use lock::{LockError, StateLock};
+pub use pool::{MAX_WRITES, blocking};
 pub use read::{MAX_FILE, read_regular};
 pub use sink::{SinkDoc, render_sink, write_stale_sinks};
 pub use state::{

@@ -15,6 +15,7 @@ mod metrics;
 mod proxy;
 mod proxy_upstream;
 mod rotation;
+mod slow_disk;
 mod soak;
 mod status;
 mod systemd;

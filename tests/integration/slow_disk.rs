@@ -1,0 +1,160 @@
+//! A disk whose fsync takes a second (tests/slowfs.py, a pass-through FUSE filesystem): the
+//! systemd watchdog pings and SIGTERM keep their timing while the durable writes crawl, because
+//! the writes run in the store's bounded blocking pool, not on the runtime's worker threads.
+
+use crate::harness::{JWT, TokenSpec, World, wait_until};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokend::fake::{FakeConfig, User};
+
+/// Tokens refreshing at once: more than the runtime's worker threads (2 here), so that
+/// writes on the worker threads would block every one of them.
+const TOKENS: usize = 4;
+
+/// The slowed fsync.
+const FSYNC_MS: u64 = 1000;
+
+/// A mounted slowfs; unmounted (lazily, so a stuck reader cannot hold it) on drop.
+struct SlowFs {
+    mountpoint: PathBuf,
+    delay_file: PathBuf,
+    child: Child,
+}
+
+impl SlowFs {
+    fn mount(dir: &Path) -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slowfs.py");
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "/dev/fuse is missing: the slow-disk test needs FUSE"
+        );
+        let probe = Command::new("/usr/bin/python3").args(["-c", "import fusepy"]).output();
+        assert!(
+            probe.is_ok_and(|o| o.status.success()),
+            "python3-fusepy is missing (scripts/deps installs it)"
+        );
+        let (backing, mountpoint) = (dir.join("backing"), dir.join("slow"));
+        let delay_file = dir.join("fsync-delay-ms");
+        std::fs::create_dir_all(&backing).unwrap();
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        std::fs::write(&delay_file, "0").unwrap();
+        let child = Command::new("/usr/bin/python3")
+            .arg(script)
+            .args([&backing, &mountpoint, &delay_file])
+            .spawn()
+            .expect("start slowfs");
+        let fs = Self { mountpoint, delay_file, child };
+        let start = Instant::now();
+        while !is_mounted(&fs.mountpoint) {
+            assert!(start.elapsed() < Duration::from_secs(20), "slowfs did not mount");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        fs
+    }
+
+    fn set_delay(&self, ms: u64) {
+        std::fs::write(&self.delay_file, ms.to_string()).unwrap();
+    }
+}
+
+impl Drop for SlowFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let p = path.to_string_lossy();
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(&*p))
+}
+
+/// The notify socket's messages, each with when it arrived.
+type Log = Arc<Mutex<Vec<(Instant, String)>>>;
+
+fn listen(socket: UnixDatagram, done: Arc<std::sync::atomic::AtomicBool>) -> Log {
+    let log: Log = Arc::default();
+    let l = log.clone();
+    socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(n) = socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                l.lock().unwrap().push((Instant::now(), text));
+            }
+        }
+    });
+    log
+}
+
+/// The longest gap between two watchdog pings after `from` (and up to now).
+fn longest_ping_gap(log: &Log, from: Instant) -> Duration {
+    let msgs = log.lock().unwrap();
+    let pings = msgs.iter().filter(|(t, m)| *t >= from && m.contains("WATCHDOG=1"));
+    let at: Vec<Instant> =
+        std::iter::once(from).chain(pings.map(|m| m.0)).chain([Instant::now()]).collect();
+    at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn slow_fsync_stalls_neither_the_watchdog_nor_sigterm() {
+    let users = (0..TOKENS).map(|n| User::numbered(JWT, n)).collect();
+    let w = World::with(FakeConfig { users, ..FakeConfig::for_tests() }).await;
+    let fs = SlowFs::mount(w.dir.path());
+    let tokens: String = (0..TOKENS)
+        .map(|i| {
+            let jwt = if i == 0 { JWT.to_string() } else { format!("{JWT}-{i}") };
+            TokenSpec::new(&format!("t{i}"))
+                .grant(&format!("grant = \"jwt\"\njwt = \"{jwt}\""))
+                .toml(&w.server.url(), &fs.mountpoint)
+        })
+        .collect();
+    std::fs::write(w.config_path(), tokens).unwrap();
+    let socket_path = w.path("notify.sock");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = listen(UnixDatagram::bind(&socket_path).unwrap(), done.clone());
+    // Pings every 100 ms.
+    let mut d = w.daemon_with(
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap()), ("WATCHDOG_USEC", "200000")],
+        "",
+    );
+    d.wait_ready().await;
+    fs.set_delay(FSYNC_MS);
+    let crawl = Instant::now();
+    d.signal(libc::SIGUSR1);
+    // Every token now writes its intent, state, sinks and status through fsyncs of a second
+    // each: ten seconds of writes per token. Watch the pings meanwhile.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let gap = longest_ping_gap(&log, crawl);
+    assert!(
+        gap < Duration::from_millis(600),
+        "a watchdog ping was {gap:?} late while fsyncs took {FSYNC_MS} ms (interval 100 ms)"
+    );
+    let pending = (0..TOKENS).filter(|i| w.generation(&format!("t{i}")) < 2).count();
+    assert!(pending > 0, "the writes did not crawl: the test shows nothing");
+    let term = Instant::now();
+    d.signal(libc::SIGTERM);
+    let stopping = || log.lock().unwrap().iter().any(|(_, m)| m.contains("STOPPING=1"));
+    wait_until("STOPPING=1", Duration::from_secs(30), stopping).await;
+    let answered = term.elapsed();
+    assert!(
+        answered < Duration::from_millis(600),
+        "SIGTERM was answered after {answered:?} while fsyncs took {FSYNC_MS} ms"
+    );
+    // The graceful stop still finishes the in-flight writes: every new token is on disk.
+    assert!(d.wait_exit(Duration::from_secs(120)).await.success());
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    fs.set_delay(0);
+    for i in 0..TOKENS {
+        let state = tokend::store::State::load(&fs.mountpoint.join(format!("t{i}.state.json")))
+            .unwrap()
+            .expect("state exists");
+        assert_eq!(state.generation, 2, "t{i}'s refreshed pair was not persisted on stop");
+    }
+}
