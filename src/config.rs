@@ -1,6 +1,7 @@
 //! The TOML config in two stages: a raw serde schema that refuses unknown keys, then a
 //! validated `Config` of proper types. Every error names the file, the line and the key.
 
+mod files;
 mod plan;
 mod proxy;
 mod raw;
@@ -13,6 +14,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use files::{BASE_FILES, FileProblem};
 pub use secret_source::{ConfigSecret, SecretSource};
 
 /// The default config path of `tokend run`.
@@ -182,6 +184,11 @@ impl Schedule {
     /// The first tick strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.cron.find_next_occurrence(&t, false).ok()
+    }
+
+    /// Whether the schedule fires more than once from now ("0 0 0 1 1 * 2099" does not).
+    pub fn fires_again(&self) -> bool {
+        self.next_after(Utc::now()).and_then(|t| self.next_after(t)).is_some()
     }
 
     /// The shortest gap between ticks over the next few occurrences: bounds the jitter.

@@ -44,6 +44,13 @@ pub enum DaemonError {
     Cluster(String),
     #[error("token {token}: proxy.listen {listen}: {source}")]
     ProxyListen { token: String, listen: crate::config::Listen, source: std::io::Error },
+    #[error("{0}")]
+    Files(#[from] crate::config::FileProblem),
+    /// EMFILE/ENFILE: not a lock held by another tokend, and not fixed by a restart.
+    #[error(
+        "too many open files at {path}: raise the open-file limit (systemd: LimitNOFILE=; the daemon raises its soft limit to the hard one at start)"
+    )]
+    TooManyFiles { path: PathBuf },
 }
 
 impl DaemonError {
@@ -51,11 +58,14 @@ impl DaemonError {
     /// config error (78) from a transient one.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::Cluster(_) => 78,
-            Self::NotWritable { .. } => 73,
+            Self::Config(_)
+            | Self::Cluster(_)
+            | Self::Files(crate::config::FileProblem::Alias { .. }) => 78,
+            Self::NotWritable { .. } | Self::Files(crate::config::FileProblem::Dir { .. }) => 73,
             Self::Lock(_) => 75,
             Self::Scheduler(_) => 70,
             Self::Listen { .. } | Self::ProxyListen { .. } => 71,
+            Self::Files(crate::config::FileProblem::Limit(_)) | Self::TooManyFiles { .. } => 69,
         }
     }
 }
@@ -106,7 +116,7 @@ struct TokenHandle {
     task: JoinHandle<()>,
     /// The token's proxies (listeners and their connections).
     proxies: Vec<JoinHandle<()>>,
-    _lock: StateLock,
+    lock: StateLock,
 }
 
 /// A running daemon.
@@ -187,6 +197,9 @@ impl Daemon {
     /// Takes every lock, checks every directory, starts every refresher and waits until each
     /// has published from its state (or reported its failure). Then tells systemd READY=1.
     pub async fn start(mut config: Config) -> Result<Self, DaemonError> {
+        raise_open_files();
+        // Everything `check` checks, before anything starts or any lock is taken.
+        config.check_files()?;
         let tokens = std::mem::take(&mut config.tokens);
         let scheduler =
             JobScheduler::new().await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
@@ -264,7 +277,7 @@ impl Daemon {
         self.join_schedule(&cfg, tx.clone()).await?;
         let task = self.spawn_task(cfg.clone(), gate, rx, ready_tx);
         info!(token = %cfg.name, schedule = %cfg.schedule.expr, sinks = cfg.sinks.len(), proxies = cfg.proxies.len(), "token started");
-        self.tokens.insert(cfg.name.clone(), TokenHandle { cfg, tx, task, proxies, _lock: lock });
+        self.tokens.insert(cfg.name.clone(), TokenHandle { cfg, tx, task, proxies, lock });
         Ok(ready_rx)
     }
 
@@ -367,11 +380,21 @@ impl Daemon {
                 return;
             }
         };
+        // Everything that can be checked is checked before anything stops: a reload that
+        // cannot start a token keeps the running one (and the whole running config).
+        let mut locks = match self.reload_locks(&new) {
+            Ok(locks) => locks,
+            Err(e) => {
+                error!(error = %e, "config reload refused; keeping the running config");
+                return;
+            }
+        };
         let old: Vec<String> = self.tokens.keys().cloned().collect();
         for name in old {
             let same = new.token(&name).is_some_and(|c| *c == self.tokens[&name].cfg);
-            if !same {
-                self.stop_token(&name).await;
+            if !same && let Some((path, lock)) = self.stop_token(&name).await {
+                // A changed token on the same state file takes its own lock over.
+                locks.entry(path).or_insert(lock);
             }
         }
         for cfg in std::mem::take(&mut new.tokens) {
@@ -379,11 +402,12 @@ impl Daemon {
                 continue;
             }
             let name = cfg.name.clone();
-            let started = match prepare(std::slice::from_ref(&cfg)) {
-                Ok(mut locks) => self.spawn(cfg, locks.remove(0)).await,
-                Err(e) => Err(e),
+            let Some(lock) = locks.remove(&cfg.state_file) else {
+                error!(token = %name, "cannot start token after reload: its lock was not taken");
+                continue;
             };
-            match started {
+            clean_temps(std::slice::from_ref(&cfg));
+            match self.spawn(cfg, lock).await {
                 Ok(ready) => {
                     let _ = ready.await;
                 }
@@ -401,8 +425,25 @@ impl Daemon {
         crate::notify::status(&self.summary());
     }
 
-    async fn stop_token(&mut self, name: &str) {
-        let Some(handle) = self.tokens.remove(name) else { return };
+    /// Checks the new config's files and takes the locks of the tokens that will start on
+    /// state files no running token holds; a changed token's own lock is handed over later.
+    fn reload_locks(&self, new: &Config) -> Result<BTreeMap<PathBuf, StateLock>, DaemonError> {
+        new.check_files()?;
+        let held: std::collections::BTreeSet<&PathBuf> =
+            self.tokens.values().map(|t| &t.cfg.state_file).collect();
+        let mut locks = BTreeMap::new();
+        for cfg in &new.tokens {
+            let unchanged = self.tokens.get(&cfg.name).is_some_and(|h| h.cfg == *cfg);
+            if !unchanged && !held.contains(&cfg.state_file) {
+                locks.insert(cfg.state_file.clone(), lock(&cfg.state_file)?);
+            }
+        }
+        Ok(locks)
+    }
+
+    /// Stops a token; returns its state file and lock for a successor to take over.
+    async fn stop_token(&mut self, name: &str) -> Option<(PathBuf, StateLock)> {
+        let handle = self.tokens.remove(name)?;
         for p in handle.proxies {
             // Awaited so that its socket file is gone before a reload binds the path again.
             p.abort();
@@ -415,6 +456,7 @@ impl Daemon {
         }
         self.shared.metrics.remove(name);
         info!(token = %name, "token stopped");
+        Some((handle.cfg.state_file, handle.lock))
     }
 
     /// Stops every refresher; each finishes and persists an in-flight refresh first.
@@ -461,10 +503,17 @@ async fn start_exporters(
     Ok(tasks)
 }
 
-/// Everything a token needs before it may start: its lock and writable directories.
-/// Everything the tokens need before they may start: writable directories (each checked
-/// once), their locks, and no leftovers of a killed writer.
+/// The tokens' locks (writable directories and distinct files were checked by
+/// `Config::check_files`), then the leftovers of a killed writer are removed.
 fn prepare(tokens: &[TokenConfig]) -> Result<Vec<StateLock>, DaemonError> {
+    let locks = tokens.iter().map(|cfg| lock(&cfg.state_file)).collect::<Result<Vec<_>, _>>()?;
+    clean_temps(tokens);
+    Ok(locks)
+}
+
+/// Removes temp files a killed writer left beside the tokens' files. Call only while holding
+/// their locks: then such temp files can only be leftovers.
+fn clean_temps(tokens: &[TokenConfig]) {
     let mut dirs: BTreeMap<PathBuf, std::collections::BTreeSet<std::ffi::OsString>> =
         BTreeMap::new();
     for cfg in tokens {
@@ -482,21 +531,34 @@ fn prepare(tokens: &[TokenConfig]) -> Result<Vec<StateLock>, DaemonError> {
             dirs.entry(parent(path).to_path_buf()).or_default().insert(name);
         }
     }
-    for dir in dirs.keys() {
-        check_dir_writable(dir)
-            .map_err(|source| DaemonError::NotWritable { path: dir.clone(), source })?;
-    }
-    let locks = tokens
-        .iter()
-        .map(|cfg| StateLock::acquire(&cfg.state_file))
-        .collect::<Result<Vec<_>, _>>()?;
-    // Holding the locks, temp files of our paths can only be leftovers of a killed writer.
     for (dir, names) in &dirs {
         crate::store::remove_stale_temps(dir, names);
     }
-    Ok(locks)
 }
 
 fn parent(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Takes a token's lock; running out of file descriptors is told apart from a held lock.
+fn lock(state_file: &Path) -> Result<StateLock, DaemonError> {
+    StateLock::acquire(state_file).map_err(|e| match e {
+        LockError::Io { path, source } if crate::limits::is_too_many_files(&source) => {
+            DaemonError::TooManyFiles { path }
+        }
+        e => DaemonError::Lock(e),
+    })
+}
+
+/// Raises the soft open-file limit to the hard one (one lock file per token). Under
+/// `SystemCallFilter=~@resources` setrlimit fails with EPERM: the unit's `LimitNOFILE=`
+/// is then what applies, and `check_files` has already compared it with the tokens.
+fn raise_open_files() {
+    match crate::limits::raise_open_files() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => {
+            let limit = crate::limits::open_files().map_or(0, |(soft, _)| soft);
+            info!(error = %e, limit, "cannot raise the open-file soft limit; keeping it");
+        }
+    }
 }

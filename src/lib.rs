@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod demo;
 pub mod fake;
 pub mod hook;
+pub mod limits;
 pub mod logging;
 pub mod login;
 pub mod metrics;

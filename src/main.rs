@@ -28,7 +28,7 @@ enum Command {
     ///
     /// Signals: SIGTERM/SIGINT stop gracefully, SIGHUP reloads config and secrets, SIGUSR1
     /// refreshes every token now. Exit codes: 78 config error, 73 directory not writable,
-    /// 75 another tokend holds a token's lock.
+    /// 75 another tokend holds a token's lock, 69 open-file limit too low for the tokens.
     Run(ConfigArg),
     /// Show each token's health, expiries, last and next refresh, and last error.
     ///
@@ -341,6 +341,8 @@ async fn login(
 
 fn check(path: &std::path::Path) -> Result<(), Failure> {
     let config = load(path)?;
+    // What `run` and a reload check on disk: distinct files, writable directories, limits.
+    config.check_files().map_err(|e| Failure(78, e.to_string()))?;
     for w in &config.warnings {
         eprintln!("tokend: warning: {w}");
     }

@@ -1,6 +1,7 @@
 //! `tokend check`'s resolved plan: what the daemon would do, with no secret in it.
 
 use super::{Config, ConfigSecret, Grant, TokenConfig};
+use crate::text::{escape_controls, path};
 use chrono::Utc;
 use std::fmt::Write;
 
@@ -36,14 +37,15 @@ impl Config {
 fn token_plan(out: &mut String, t: &TokenConfig) {
     let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let _ = writeln!(out, "\ntoken \"{}\"", t.name);
-    let _ = writeln!(out, "  token endpoint  {}", t.token_url);
-    let _ = writeln!(out, "  client_id       {}", t.client_id);
+    let _ = writeln!(out, "  token endpoint  {}", redact_url(&t.token_url));
+    let _ = writeln!(out, "  client_id       {}", escape_controls(&t.client_id));
     let secret =
         t.client_secret.as_ref().map_or_else(|| "none (public app)".into(), ConfigSecret::describe);
     let _ = writeln!(out, "  client_secret   {secret}");
     let grant = match &t.grant {
         Grant::Password { username, password, .. } => {
-            format!("password (legacy) as {username}, password {}", password.describe())
+            let user = escape_controls(username);
+            format!("password (legacy) as {user}, password {}", password.describe())
         }
         Grant::AuthorizationCode { .. } => {
             "authorization_code (first state from `tokend login`)".into()
@@ -53,17 +55,21 @@ fn token_plan(out: &mut String, t: &TokenConfig) {
         }
     };
     let _ = writeln!(out, "  grant           {grant}");
-    let _ = writeln!(out, "  state_file      {}", t.state_file.display());
+    let _ = writeln!(out, "  state_file      {}", path(&t.state_file));
     let next = t
         .schedule
         .next_after(Utc::now())
         .map(|n| n.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    let often = if t.schedule.fires_again() {
+        format!("every {} at least", d(t.schedule.min_interval()))
+    } else {
+        "then never again".into()
+    };
     let _ = writeln!(
         out,
-        "  schedule        {} (next {}, every {} at least)",
+        "  schedule        {} (next {}, {often})",
         t.schedule.expr,
         next.unwrap_or_default(),
-        d(t.schedule.min_interval())
     );
     let _ = writeln!(out, "  jitter          up to {}", d(t.jitter));
     let _ = writeln!(out, "  safety margin   {} before access token expiry", d(t.safety_margin));
@@ -87,7 +93,7 @@ fn token_plan(out: &mut String, t: &TokenConfig) {
         let _ = writeln!(
             out,
             "  sink            {} ({}, mode {:04o}{rt})",
-            s.path.display(),
+            path(&s.path),
             format!("{:?}", s.format).to_lowercase(),
             s.mode
         );
@@ -109,4 +115,18 @@ fn token_plan(out: &mut String, t: &TokenConfig) {
     if let Some(h) = &t.on_refresh {
         let _ = writeln!(out, "  on_refresh      {:?} (timeout {})", h.argv, d(h.timeout));
     }
+}
+
+/// A URL for people: a password in it and every query value replaced, so that `check`
+/// never prints a credential someone put in `server` or `token_url`.
+pub(super) fn redact_url(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    if u.password().is_some() {
+        let _ = u.set_password(Some("REDACTED"));
+    }
+    if u.query().is_some() {
+        let keys: Vec<String> = u.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        u.query_pairs_mut().clear().extend_pairs(keys.iter().map(|k| (k, "REDACTED")));
+    }
+    escape_controls(u.as_str()).into_owned()
 }

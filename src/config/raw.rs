@@ -81,7 +81,7 @@ struct RawToken {
     safety_margin: Option<Spanned<String>>,
     retry_initial: Option<Spanned<String>>,
     retry_max: Option<Spanned<String>>,
-    rate_limit: Option<Spanned<usize>>,
+    rate_limit: Option<Spanned<u64>>,
     rate_window: Option<Spanned<String>>,
     request_timeout: Option<Spanned<String>>,
     scope: Option<String>,
@@ -258,15 +258,15 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     let metrics = metrics(&ctx, raw.metrics)?;
     let max_concurrent_requests = match raw.daemon.and_then(|d| d.max_concurrent_requests) {
         None => DEFAULT_MAX_CONCURRENT,
-        Some(n) if *n.get_ref() == 0 => {
-            return Err(ctx.err(&n, "daemon.max_concurrent_requests".into(), "must be at least 1"));
+        Some(n) if !(1..=1024).contains(n.get_ref()) => {
+            return Err(ctx.err(&n, "daemon.max_concurrent_requests".into(), "must be 1 to 1024"));
         }
         Some(n) => n.into_inner(),
     };
     let cluster = raw.cluster.map(|c| cluster(&ctx, c)).transpose()?;
     Ok(Config {
         path: file.to_path_buf(),
-        warnings: Vec::new(),
+        warnings: mode_warnings(&tokens),
         log_format,
         metrics,
         max_concurrent_requests,
@@ -498,18 +498,7 @@ fn metrics(ctx: &Ctx<'_>, raw: Option<RawMetrics>) -> Result<MetricsConfig, Conf
 }
 
 fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError> {
-    let name = t.name.get_ref().clone();
-    let valid_name = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if !valid_name {
-        return Err(ctx.err(
-            &t.name,
-            "token.name".into(),
-            format!("{name:?} is not a valid name; use [a-z0-9_-]+"),
-        ));
-    }
+    let name = token_name(ctx, &t.name)?;
     let key = |k: &str| format!("token \"{name}\".{k}");
     let server = url(ctx, &t.server, key("server"))?;
     let token_url = match &t.token_url {
@@ -539,14 +528,19 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
                         k: &str,
                         default: Duration|
      -> Result<Duration, ConfigError> {
-        s.as_ref().map_or(Ok(default), |s| duration(ctx, s, key(k)))
+        let Some(s) = s else { return Ok(default) };
+        let d = duration(ctx, s, key(k))?;
+        within_bounds(k, d).map_err(|m| ctx.err(s, key(k), m))?;
+        Ok(d)
     };
     let retry = RetryPolicy {
         initial: opt_duration(&t.retry_initial, "retry_initial", Duration::from_secs(1))?,
         max: opt_duration(&t.retry_max, "retry_max", Duration::from_secs(300))?,
     };
+    retry_order(ctx, &t, retry, &key)?;
+    let counts = counts(ctx, &t, &key)?;
     let rate = RateBudget {
-        requests: t.rate_limit.as_ref().map_or(5, |r| *r.get_ref()).max(1),
+        requests: counts.rate_limit,
         window: opt_duration(&t.rate_window, "rate_window", Duration::from_secs(60))?,
     };
     let sinks = t.sink.iter().map(|s| sink(ctx, s, &key)).collect::<Result<Vec<_>, _>>()?;
@@ -580,8 +574,8 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
         grant,
         schedule,
         jitter,
-        access_token_ttl: t.access_token_ttl.map(Spanned::into_inner),
-        refresh_token_ttl: t.refresh_token_ttl.map(Spanned::into_inner),
+        access_token_ttl: counts.access_token_ttl,
+        refresh_token_ttl: counts.refresh_token_ttl,
         safety_margin: opt_duration(&t.safety_margin, "safety_margin", Duration::from_secs(300))?,
         retry,
         rate,
@@ -595,6 +589,22 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
         sinks,
         name,
     })
+}
+
+/// A token's name: `[a-z0-9_-]+` (it names files, log fields and metric labels).
+fn token_name(ctx: &Ctx<'_>, name: &Spanned<String>) -> Result<String, ConfigError> {
+    let n = name.get_ref();
+    let valid = !n.is_empty()
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(ctx.err(
+            name,
+            "token.name".into(),
+            format!("{n:?} is not a valid name; use [a-z0-9_-]+"),
+        ));
+    }
+    Ok(n.clone())
 }
 
 /// Whether any secret of `t` is written in the config itself.
@@ -733,4 +743,106 @@ pub(super) fn duration(
 
 fn fmt_d(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string()
+}
+
+/// The most token requests a `rate_window` may allow (more is no limit at all).
+pub const MAX_RATE_LIMIT: u64 = 1000;
+
+/// Each duration's allowed range: a zero retry or window turned a 500 into thousands of
+/// requests a second, a zero timeout into requests that can never succeed; a duration of
+/// years overflows the monotonic clock. (key, at least, at most)
+const DURATION_BOUNDS: &[(&str, Duration, Duration)] = &[
+    ("retry_initial", Duration::from_millis(100), Duration::from_secs(3600)),
+    ("retry_max", Duration::from_millis(100), Duration::from_secs(86_400)),
+    ("rate_window", Duration::from_secs(1), Duration::from_secs(86_400)),
+    ("request_timeout", Duration::from_secs(1), Duration::from_secs(600)),
+    ("safety_margin", Duration::ZERO, Duration::from_secs(7 * 86_400)),
+    ("on_refresh_timeout", Duration::from_millis(100), Duration::from_secs(3600)),
+];
+
+/// Whether duration `key` = `d` is inside its bounds; the message names them.
+fn within_bounds(key: &str, d: Duration) -> Result<(), String> {
+    let Some((_, min, max)) = DURATION_BOUNDS.iter().find(|(k, ..)| *k == key) else {
+        return Ok(());
+    };
+    if d < *min || d > *max {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        return Err(format!(
+            "{} is out of range; use {} to {}",
+            show(d),
+            if min.is_zero() { "0s".into() } else { show(*min) },
+            show(*max)
+        ));
+    }
+    Ok(())
+}
+
+/// Sinks that others may write: anyone with write access can change the token in place
+/// between two refreshes (the daemon replaces the file, it never checks it).
+fn mode_warnings(tokens: &[TokenConfig]) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in tokens {
+        for s in t.sinks.iter().filter(|s| s.mode & 0o022 != 0) {
+            out.push(format!(
+                "token \"{}\": sink {} has mode {:04o}, writable by {}; use 0640 or 0644",
+                t.name,
+                crate::text::path(&s.path),
+                s.mode,
+                if s.mode & 0o002 != 0 { "every user" } else { "its group" }
+            ));
+        }
+    }
+    out
+}
+
+/// A token's counts, each inside its range.
+struct Counts {
+    access_token_ttl: Option<u64>,
+    refresh_token_ttl: Option<u64>,
+    rate_limit: usize,
+}
+
+fn counts(
+    ctx: &Ctx<'_>,
+    t: &RawToken,
+    key: &dyn Fn(&str) -> String,
+) -> Result<Counts, ConfigError> {
+    let count = |v: &Option<Spanned<u64>>, k: &str, range: std::ops::RangeInclusive<u64>| match v {
+        Some(n) if !range.contains(n.get_ref()) => Err(ctx.err(
+            n,
+            key(k),
+            format!("{} is out of range; use {} to {}", n.get_ref(), range.start(), range.end()),
+        )),
+        v => Ok(v.as_ref().map(|n| *n.get_ref())),
+    };
+    let max_ttl = crate::oauth::MAX_LIFETIME_SECS;
+    Ok(Counts {
+        access_token_ttl: count(&t.access_token_ttl, "access_token_ttl", 1..=max_ttl)?,
+        // 0 asks RingCentral for no refresh token.
+        refresh_token_ttl: count(&t.refresh_token_ttl, "refresh_token_ttl", 0..=max_ttl)?,
+        rate_limit: count(&t.rate_limit, "rate_limit", 1..=MAX_RATE_LIMIT)?
+            .map_or(5, |n| usize::try_from(n).unwrap_or(1)),
+    })
+}
+
+/// Backoff grows from `retry_initial` to `retry_max`: the other way round is a mistake.
+fn retry_order(
+    ctx: &Ctx<'_>,
+    t: &RawToken,
+    retry: RetryPolicy,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    if retry.max >= retry.initial {
+        return Ok(());
+    }
+    let at = t.retry_max.as_ref().or(t.retry_initial.as_ref());
+    Err(ctx.err_at(
+        at.map(|s| s.span().start),
+        key("retry_max"),
+        format!(
+            "retry_max ({}) is shorter than retry_initial ({})",
+            fmt_d(retry.max),
+            fmt_d(retry.initial)
+        ),
+    ))
 }

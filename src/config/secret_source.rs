@@ -79,9 +79,13 @@ impl SecretSource {
     /// Reads the secret. Errors say where it was looked for, never what was found.
     pub fn resolve(&self) -> Result<Secret, String> {
         let value = match self {
-            Self::Literal(s) => return non_empty(s.expose().to_string(), "the literal"),
-            Self::Env(var) => std::env::var(var)
-                .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
+            // A trailing newline is never part of a secret (`echo` and heredocs add one; the
+            // server would answer a bare invalid_client): trimmed from every source alike.
+            Self::Literal(s) => return non_empty(trim_newlines(s.expose()), "the literal"),
+            Self::Env(var) => trim_newlines(
+                &std::env::var(var)
+                    .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
+            ),
             Self::File(path) => read(path)?,
             Self::Credential(name) => {
                 let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
@@ -94,10 +98,18 @@ impl SecretSource {
     }
 }
 
+/// A secret file: a regular file of at most 1 MiB (a FIFO or device would block or flood
+/// a SIGHUP reload), UTF-8, trailing newlines trimmed.
 fn read(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
-    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+    let bytes = crate::store::read_regular(path, 1 << 20)
+        .map_err(|e| format!("cannot read secret file {}: {e}", crate::text::path(path)))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("secret file {} is not UTF-8", crate::text::path(path)))?;
+    Ok(trim_newlines(&text))
+}
+
+fn trim_newlines(s: &str) -> String {
+    s.trim_end_matches(['\n', '\r']).to_string()
 }
 
 fn non_empty(value: String, what: &str) -> Result<Secret, String> {

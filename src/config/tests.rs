@@ -243,3 +243,74 @@ fn cluster_section_needs_the_etcd_feature() {
     assert_eq!((e.line, e.key.as_str()), (Some(1), "cluster"));
     assert!(e.message.contains("--features etcd"), "{e}");
 }
+
+#[test]
+fn numbers_from_the_config_are_bounded() {
+    // (line added to the token, key, message) -- each used to be accepted.
+    let cases: &[(&str, &str, &str)] = &[
+        ("retry_initial = \"0s\"", "retry_initial", "out of range; use 100ms to 1h"),
+        ("rate_window = \"0s\"", "rate_window", "out of range; use 1s to 1day"),
+        ("request_timeout = \"0s\"", "request_timeout", "out of range; use 1s to 10m"),
+        ("retry_max = \"100years\"", "retry_max", "out of range"),
+        ("safety_margin = \"30days\"", "safety_margin", "out of range"),
+        (
+            "on_refresh = [\"/bin/true\"]\non_refresh_timeout = \"0s\"",
+            "on_refresh_timeout",
+            "out of range",
+        ),
+        ("rate_limit = 1000000", "rate_limit", "out of range; use 1 to 1000"),
+        ("rate_limit = 0", "rate_limit", "out of range"),
+        ("access_token_ttl = 0", "access_token_ttl", "out of range"),
+        ("access_token_ttl = 10000000000000", "access_token_ttl", "out of range"),
+        ("retry_initial = \"10s\"\nretry_max = \"1s\"", "retry_max", "shorter than"),
+    ];
+    for (line, key, message) in cases {
+        let text = with_jwt(GOOD).replace("grant = \"jwt\"", &format!("grant = \"jwt\"\n{line}"));
+        let e = parse(&text).expect_err(line);
+        assert!(e.key.ends_with(key) && e.message.contains(message), "{line}: {e}");
+        assert!(matches!(e.line, Some(11 | 12)), "{line}: {e}");
+    }
+    let e = err(&format!("[daemon]\nmax_concurrent_requests = 100000\n{}", with_jwt(GOOD)));
+    assert!(e.message.contains("1 to 1024"), "{e}");
+    let ok = with_jwt(GOOD).replace(
+        "grant = \"jwt\"",
+        "grant = \"jwt\"\nretry_initial = \"100ms\"\nrate_limit = 1000\nrequest_timeout = \"1s\"",
+    );
+    assert!(parse(&ok).is_ok());
+}
+
+#[test]
+fn check_warns_about_writable_sinks_and_prints_no_credentials_or_controls() {
+    let text = with_jwt(GOOD)
+        .replace("mode = \"0640\"", "mode = \"0666\"")
+        .replace(
+            "server = \"https://platform.ringcentral.com\"",
+            "server = \"https://id:hunter2@platform.example.com/?client_secret=hunter3\"",
+        )
+        .replace("/run/tokend/main.json", "/run/tokend/main\\u001b[31m.json")
+        .replace("grant = \"jwt\"", "grant = \"jwt\"\nschedule = \"0 0 0 1 1 * 2099\"");
+    let c = parse(&text).unwrap();
+    assert!(
+        c.warnings.iter().any(|w| w.contains("mode 0666, writable by every user")),
+        "{:?}",
+        c.warnings
+    );
+    let plan = c.plan();
+    assert!(!plan.contains("hunter2") && !plan.contains("hunter3"), "{plan}");
+    assert!(plan.contains("REDACTED"), "{plan}");
+    assert!(!plan.contains('\u{1b}') && plan.contains("main\\u{1b}[31m.json"), "{plan}");
+    assert!(plan.contains("then never again") && !plan.contains("every 1h"), "{plan}");
+}
+
+#[test]
+fn secrets_lose_trailing_newlines_from_every_source() {
+    // (`{ env }` values take the same trim; setting a variable needs unsafe in Rust 2024.)
+    let s = SecretSource::Literal(crate::secret::Secret::new("abc\r\n")).resolve().unwrap();
+    assert_eq!(s.expose(), "abc");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("s");
+    std::fs::write(&f, "xyz\n\n").unwrap();
+    assert_eq!(SecretSource::File(f).resolve().unwrap().expose(), "xyz");
+    let e = SecretSource::File("/dev/zero".into()).resolve().unwrap_err();
+    assert!(e.contains("not a regular file"), "{e}");
+}

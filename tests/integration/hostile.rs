@@ -63,8 +63,13 @@ async fn server_text_cannot_forge_log_lines_or_reach_the_terminal() {
     let log = d.output();
     assert!(!log.lines().any(|l| l.trim_start().starts_with("INFO tokend::refresher")), "{log}");
     assert!(!log.contains('\u{1b}') && !log.contains('\u{7}'), "raw escape in the log");
-    let status_file = std::fs::read(w.path("main.state.json.status")).unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status_file).unwrap();
+    let read_status = || -> serde_json::Value {
+        let bytes = std::fs::read(w.path("main.state.json.status")).unwrap_or_default();
+        serde_json::from_slice(&bytes).unwrap_or_default()
+    };
+    // The status file is written just after the log line.
+    wait_until("the error in the status file", T, || read_status()["last_error"].is_object()).await;
+    let status = read_status();
     for field in ["code", "message"] {
         let v = status["last_error"][field].as_str().unwrap();
         assert!(!v.contains(char::is_control), "{field}: {v:?}");
@@ -253,4 +258,171 @@ async fn the_generation_never_wraps() {
     assert!(d.output().contains("is beyond"), "{}", d.output());
     assert_eq!(w.generation("main"), 1);
     assert!(d.stop().await.success());
+}
+
+fn check(w: &World) -> (i32, String) {
+    let out = tokend(&["check", "--config", w.config_path().to_str().unwrap()]);
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap(), text)
+}
+
+/// #2: `retry_initial = "0s"` with `rate_window = "0s"` (or a huge rate_limit) and
+/// `request_timeout = "0s"` were accepted and turned a fault into a flood.
+#[tokio::test]
+async fn check_refuses_configs_that_would_flood_the_server() {
+    let w = World::new().await;
+    for (extra, key) in [
+        ("retry_initial = \"0s\"", "retry_initial"),
+        ("rate_window = \"0s\"", "rate_window"),
+        ("rate_limit = 1000000", "rate_limit"),
+        ("request_timeout = \"0s\"", "request_timeout"),
+    ] {
+        let mut spec = TokenSpec::new("main");
+        spec.extra.retain(|l| !l.starts_with(key));
+        w.write_config(&[spec.extra(extra)]);
+        let (code, text) = check(&w);
+        assert_eq!(code, 78, "{extra}: {text}");
+        assert!(text.contains(&format!(".{key}`")) && text.contains("out of range"), "{text}");
+    }
+    let mut d = w.daemon();
+    assert_eq!(d.wait_exit(T).await.code(), Some(78), "run refuses it too");
+}
+
+/// A config of one token whose first sink is `sink`, plus `more` TOML.
+fn config_with_sink(w: &World, sink: &str, more: &str) {
+    let spec = TokenSpec::new("main");
+    let text = spec.toml(&w.server.url(), w.dir.path()).replacen(
+        &format!("path = \"{}/main.json\"", w.dir.path().display()),
+        &format!("path = \"{sink}\""),
+        1,
+    );
+    std::fs::write(w.config_path(), format!("{more}\n{text}")).unwrap();
+}
+
+/// #3: paths that name one file were not recognized: the state was overwritten by a sink
+/// or the metrics file. `check`, `run` and a reload now compare canonical paths and inodes.
+#[tokio::test]
+async fn paths_that_name_one_file_are_refused_by_check_run_and_reload() {
+    let w = World::new().await;
+    let d = w.dir.path().display().to_string();
+    std::fs::create_dir(w.path("state")).unwrap();
+    std::os::unix::fs::symlink(w.dir.path(), w.path("link")).unwrap();
+    let other = TokenSpec::new("b").toml(&w.server.url(), w.dir.path());
+    let cases = [
+        (format!("{d}/state/../main.state.json"), String::new()),
+        (format!("{d}/link/main.state.json"), String::new()),
+        (format!("{d}/b.state.json"), String::new()),
+        (format!("{d}/x.json"), format!("[metrics]\ntextfile = \"{d}/link/main.state.json\"")),
+    ];
+    for (i, (sink, more)) in cases.iter().enumerate() {
+        config_with_sink(&w, sink, more);
+        if i == 2 {
+            // Token b comes later and owns the state file that main's sink names.
+            let text = std::fs::read_to_string(w.config_path()).unwrap();
+            std::fs::write(w.config_path(), format!("{text}\n{other}")).unwrap();
+        }
+        let (code, text) = check(&w);
+        assert_eq!(code, 78, "{sink}: {text}");
+        assert!(text.contains("is the same file as"), "{sink}: {text}");
+    }
+    let mut run = w.daemon();
+    assert_eq!(run.wait_exit(T).await.code(), Some(78), "{}", run.output());
+    assert!(run.output().contains("is the same file as"));
+    // A reload into such a config is refused and the token keeps running.
+    w.write_config(&[TokenSpec::new("main")]);
+    let mut daemon = w.daemon();
+    daemon.wait_ready().await;
+    config_with_sink(&w, &format!("{d}/link/main.state.json"), "");
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("config reload refused", 1, T).await;
+    daemon.signal(libc::SIGUSR1);
+    w.wait_generation("main", 2, T).await;
+    assert_eq!(w.state("main").generation, 2, "the state file was never overwritten");
+    assert!(daemon.stop().await.success());
+}
+
+/// #4: a reload whose sink is in a missing directory (which `check` accepted) stopped the
+/// running token and started nothing; `status` still said OK.
+#[tokio::test]
+async fn a_reload_that_cannot_start_keeps_the_running_token() {
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    let missing = format!("{}/missing/main.json", w.dir.path().display());
+    config_with_sink(&w, &missing, "");
+    let (code, text) = check(&w);
+    assert_eq!(code, 78, "{text}");
+    assert!(text.contains("missing") && text.contains("No such file"), "{text}");
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reload refused", 1, T).await;
+    assert_eq!(d.count("token stopped"), 0, "{}", d.output());
+    d.signal(libc::SIGUSR1);
+    w.wait_generation("main", 2, T).await;
+    assert_eq!(status_of(&w).0, 0);
+    // Once the directory exists, the same reload goes through.
+    std::fs::create_dir(w.path("missing")).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 1, T).await;
+    wait_until("the new sink", T, || std::path::Path::new(&missing).exists()).await;
+    assert!(d.stop().await.success());
+}
+
+/// #10: 1,100 tokens did not start under a soft limit of 1,024 open files and exited 75,
+/// "another tokend holds the lock". The daemon raises its soft limit to the hard one; with
+/// a hard limit too low it says so with its own exit code, and `check` says it first.
+#[tokio::test]
+async fn many_tokens_start_under_a_low_soft_file_limit() {
+    let w = World::new().await;
+    let tokens: Vec<_> = (0..150).map(|i| TokenSpec::new(&format!("t{i}"))).collect();
+    w.write_config(&tokens);
+    let mut d = w.daemon_with(&[], "ulimit -Sn 100;");
+    d.wait_log("tokend ready", 1, Duration::from_secs(120)).await;
+    assert!(d.stop().await.success());
+    let mut d = w.daemon_with(&[], "ulimit -n 100;");
+    let code = d.wait_exit(T).await.code();
+    assert_eq!(code, Some(69), "{}", d.output());
+    assert!(d.output().contains("the hard limit is 100"), "{}", d.output());
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 100; exec \"$0\" check --config \"$1\"")
+        .arg(crate::harness::BIN)
+        .arg(w.config_path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LimitNOFILE="), "{out:?}");
+}
+
+/// Smaller points: an `{ env }` secret with a trailing newline gave a bare invalid_client;
+/// `check` printed credentials in a URL and control characters raw, accepted a
+/// world-writable sink silently, and called a one-shot schedule "every 1h".
+#[tokio::test]
+async fn careless_secrets_and_what_check_prints() {
+    let w = World::new().await;
+    let spec = TokenSpec::new("main");
+    let text = spec.toml(&w.server.url(), w.dir.path()).replace(
+        &format!("client_secret = \"{}\"", crate::harness::CLIENT_SECRET),
+        "client_secret = { env = \"TOKEND_TEST_SECRET\" }",
+    );
+    std::fs::write(w.config_path(), &text).unwrap();
+    let secret = format!("{}\n", crate::harness::CLIENT_SECRET);
+    let mut d = w.daemon_with(&[("TOKEND_TEST_SECRET", &secret)], "");
+    d.wait_ready().await;
+    w.wait_generation("main", 1, T).await;
+    assert!(d.stop().await.success());
+    let url = w.server.url().replace("http://", "http://id:hunter2@") + "/?client_secret=hunter3";
+    let text = text
+        .replace(&format!("server = \"{}\"", w.server.url()), &format!("server = \"{url}\""))
+        .replace("mode = \"0644\"", "mode = \"0666\"")
+        .replace("schedule = \"0 0 0 1 1 *\"", "schedule = \"0 0 0 1 1 * 2099\"")
+        .replace("main.raw", "main\\u001b[31m.raw");
+    std::fs::write(w.config_path(), &text).unwrap();
+    let (code, out) = check(&w);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("hunter2") && !out.contains("hunter3"), "{out}");
+    assert!(!out.contains('\u{1b}'), "{out:?}");
+    assert!(out.contains("mode 0666, writable by every user"), "{out}");
+    assert!(out.contains("then never again") && !out.contains("every 1h"), "{out}");
 }

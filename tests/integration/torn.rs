@@ -74,7 +74,7 @@ async fn daemon_rewrites_under_concurrent_readers_are_never_torn() {
     // No rate budget in the way: this measures the write path, not the limiter.
     let text = std::fs::read_to_string(w.config_path())
         .unwrap()
-        .replace("rate_limit = 1000", "rate_limit = 1000000");
+        .replace("rate_limit = 1000", "rate_limit = 1000\nrate_window = \"1s\"");
     std::fs::write(w.config_path(), text).unwrap();
     let mut d = w.daemon();
     d.wait_ready().await;
