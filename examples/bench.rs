@@ -407,7 +407,10 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) {
 
 fn main() {
     let a = args();
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/tokend");
+    // Beside this example's own directory (target/release/examples/bench), whatever the
+    // target directory is (CARGO_TARGET_DIR).
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("tokend");
     assert!(bin.exists(), "build it first: cargo build --release");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
