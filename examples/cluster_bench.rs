@@ -48,7 +48,7 @@ impl Host {
         std::fs::create_dir_all(&dir).unwrap();
         let d = dir.display();
         let text = format!(
-            "[cluster]\nendpoints = [\"{etcd}\"]\nprefix = \"/bench{ttl}\"\nlease_ttl = \"{ttl}s\"\nnode = \"h{i}\"\n\n[[token]]\nname = \"main\"\nserver = \"{server}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\ngrant = \"jwt\"\njwt = \"{DEFAULT_JWT}\"\nstate_file = \"{d}/main.state.json\"\nschedule = \"0 0 0 1 1 *\"\nrate_limit = 100000\n[[token.sink]]\npath = \"{d}/main.json\"\n"
+            "[cluster]\nendpoints = [\"{etcd}\"]\nprefix = \"/bench{ttl}\"\nlease_ttl = \"{ttl}s\"\nnode = \"h{i}\"\n\n[[token]]\nname = \"main\"\nserver = \"{server}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\ngrant = \"jwt\"\njwt = \"{DEFAULT_JWT}\"\nstate_file = \"{d}/main.state.json\"\nschedule = \"0 0 0 1 1 *\"\nrate_limit = 1000\nrate_window = \"1s\"\n[[token.sink]]\npath = \"{d}/main.json\"\n"
         );
         let config = dir.join("config.toml");
         std::fs::write(&config, text).unwrap();

@@ -90,3 +90,78 @@ proptest! {
         let _ = tokend::watch::parse_sink(Path::new("/x/s"), &bytes);
     }
 }
+
+/// Extreme and random values of a numeric reply field: mostly small, often at the edges.
+fn extreme_u64() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        0u64..100_000,
+        any::<u64>(),
+        Just(u64::MAX),
+        Just(i64::MAX as u64),
+        Just(i64::MAX as u64 + 1),
+        Just(10_000_000_000_000),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Issue 17's class rule: no number from the server reaches date or generation arithmetic
+    /// unbounded. Every numeric reply field, random or extreme, goes through the whole path:
+    /// parse, next state, save, load, publish (json and raw), read back by the reader.
+    #[test]
+    fn extreme_reply_numbers_survive_the_whole_path(
+        expires_in in extreme_u64(),
+        refresh_expires_in in proptest::option::of(extreme_u64()),
+        retry_after in extreme_u64(),
+        previous_generation in proptest::option::of(prop_oneof![
+            0u64..1000,
+            Just(tokend::store::MAX_GENERATION - 1),
+            Just(tokend::store::MAX_GENERATION),
+        ]),
+    ) {
+        use tokend::config::SinkFormat;
+        let mut reply = serde_json::json!({
+            "access_token": "AT-1", "token_type": "bearer", "expires_in": expires_in,
+            "refresh_token": "RT-1",
+        });
+        if let Some(r) = refresh_expires_in {
+            reply["refresh_token_expires_in"] = r.into();
+        }
+        let limit = Duration::from_secs(tokend::oauth::MAX_LIFETIME_SECS);
+        let e = parse_reply(429, b"{}", Some(Duration::from_secs(retry_after))).unwrap_err();
+        prop_assert!(e.retry_after().unwrap() <= tokend::oauth::MAX_RETRY_AFTER);
+        let tokens = parse_reply(200, reply.to_string().as_bytes(), None).unwrap();
+        prop_assert!(tokens.expires_in <= limit.as_secs());
+        // Files keep milliseconds: a state read back equals the one written.
+        let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 3);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("main.state.json");
+        let previous = previous_generation.map(|g| {
+            let mut s = tokend::refresher::next_state("main", tokens.clone(), None, true, now);
+            s.generation = g;
+            s
+        });
+        let state = tokend::refresher::next_state("main", tokens, previous.as_ref(), false, now);
+        let max_gen = tokend::store::MAX_GENERATION;
+        prop_assert!(state.generation <= max_gen);
+        if let Some(p) = &previous {
+            prop_assert!(state.generation >= p.generation, "the generation never goes back");
+        }
+        let horizon = now + chrono::Duration::from_std(limit).unwrap();
+        prop_assert!(state.access_expires_at <= horizon);
+        prop_assert!(state.refresh_expires_at.is_none_or(|t| t <= horizon));
+        state.save(&path).unwrap();
+        let loaded = tokend::store::State::load_for(&path, "main").unwrap().unwrap();
+        prop_assert_eq!(&loaded, &state);
+        for format in [SinkFormat::Json, SinkFormat::Raw] {
+            let bytes = tokend::store::render_sink(&loaded, format, false, now);
+            let token = tokend::watch::parse_sink(Path::new("/x/s"), &bytes).unwrap();
+            prop_assert_eq!(token.access_token.expose(), "AT-1");
+            if format == SinkFormat::Json {
+                prop_assert_eq!(token.expires_at, Some(state.access_expires_at));
+                prop_assert_eq!(token.generation, Some(state.generation));
+            }
+        }
+    }
+}
