@@ -4,8 +4,9 @@
 
 use crate::config::{Config, ConfigError, TokenConfig};
 use crate::metrics::Metrics;
-use crate::refresher::{Command, Refresher};
+use crate::refresher::Refresher;
 use crate::store::{LockError, StateLock, check_dir_writable};
+use crate::task::{CancellationToken, Command, Shared};
 use futures_util::StreamExt;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -113,6 +114,7 @@ const STOP_GRACE: Duration = Duration::from_secs(90);
 struct TokenHandle {
     cfg: TokenConfig,
     tx: mpsc::Sender<Command>,
+    stop: CancellationToken,
     task: JoinHandle<()>,
     /// The token's proxies (listeners and their connections).
     proxies: Vec<JoinHandle<()>>,
@@ -133,7 +135,7 @@ pub struct Daemon {
     config: Config,
     schedules: BTreeMap<String, ScheduleGroup>,
     /// Metrics, the request bound and the HTTP client, shared with every refresher.
-    shared: crate::refresher::Shared,
+    shared: Shared,
     /// The metrics textfile writer and HTTP server.
     exporters: Vec<JoinHandle<()>>,
     scheduler: JobScheduler,
@@ -206,7 +208,7 @@ impl Daemon {
         scheduler.start().await.map_err(|e| DaemonError::Scheduler(e.to_string()))?;
         let metrics = Arc::new(Metrics::default());
         let exporters = start_exporters(&config, &metrics).await?;
-        let shared = crate::refresher::Shared {
+        let shared = Shared {
             metrics,
             requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
             client: crate::oauth::OAuthClient::new(std::time::Duration::from_secs(30)),
@@ -275,9 +277,11 @@ impl Daemon {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (gate, proxies) = self.start_proxies(&cfg, &tx).await?;
         self.join_schedule(&cfg, tx.clone()).await?;
-        let task = self.spawn_task(cfg.clone(), gate, rx, ready_tx);
+        let stop = CancellationToken::new();
+        let task = self.spawn_task(cfg.clone(), gate, rx, stop.clone(), ready_tx);
         info!(token = %cfg.name, schedule = %cfg.schedule.expr, sinks = cfg.sinks.len(), proxies = cfg.proxies.len(), "token started");
-        self.tokens.insert(cfg.name.clone(), TokenHandle { cfg, tx, task, proxies, lock });
+        let handle = TokenHandle { cfg, tx, stop, task, proxies, lock };
+        self.tokens.insert(handle.cfg.name.clone(), handle);
         Ok(ready_rx)
     }
 
@@ -307,15 +311,16 @@ impl Daemon {
         cfg: TokenConfig,
         gate: Option<Arc<crate::proxy::Gate>>,
         rx: mpsc::Receiver<Command>,
+        stop: CancellationToken,
         ready: oneshot::Sender<()>,
     ) -> JoinHandle<()> {
-        let shared = crate::refresher::Shared { gate, ..self.shared.clone() };
+        let shared = Shared { gate, ..self.shared.clone() };
         #[cfg(feature = "etcd")]
         if let Some((cluster, _)) = &self.cluster {
             let cluster = cluster.clone();
-            return tokio::spawn(crate::cluster::run_token(cfg, shared, cluster, rx, ready));
+            return tokio::spawn(crate::cluster::run_token(cfg, shared, cluster, rx, stop, ready));
         }
-        tokio::spawn(Refresher::new(cfg, shared).run(rx, ready))
+        tokio::spawn(Refresher::new(cfg, shared).run(rx, stop, ready))
     }
 
     async fn join_schedule(
@@ -450,7 +455,7 @@ impl Daemon {
             let _ = p.await;
         }
         self.leave_schedule(&handle.cfg).await;
-        let _ = handle.tx.send(Command::Stop).await;
+        handle.stop.cancel();
         if tokio::time::timeout(STOP_GRACE, handle.task).await.is_err() {
             error!(token = %name, "refresher did not stop in time");
         }
@@ -464,7 +469,7 @@ impl Daemon {
         info!("stopping");
         let names: Vec<String> = self.tokens.keys().cloned().collect();
         for h in self.tokens.values() {
-            let _ = h.tx.try_send(Command::Stop);
+            h.stop.cancel();
         }
         for name in names {
             self.stop_token(&name).await;

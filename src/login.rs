@@ -86,7 +86,7 @@ pub async fn login(
         .exchange_code(cfg, &code, &redirect, &verifier)
         .await?;
     let previous = State::load_for(&cfg.state_file, &cfg.name).ok().flatten();
-    let new = crate::refresher::next_state(&cfg.name, tokens, previous.as_ref(), true, Utc::now());
+    let new = crate::store::next_state(&cfg.name, tokens, previous.as_ref(), true, Utc::now());
     store(cfg, &new, config.cluster.is_some())
 }
 

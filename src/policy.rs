@@ -1,9 +1,413 @@
-//! The refresh decisions as pure functions: when the published token must be replaced, how
-//! long to back off, and how many token requests the rate limit still allows.
+//! Every refresh decision of one token, for one host and for a cluster's leader alike: when
+//! the next token request goes out (tick plus jitter, the expiry deadline with its jitter,
+//! retries with backoff, `Retry-After`, the rate budget), whether it refreshes or logs in, and
+//! when the token needs a login. A pure state machine: each method takes the monotonic `now`,
+//! the wall clock and the random draw as arguments, so tests drive it with a made-up clock.
+//! The refresher (`refresher.rs`) and the cluster leader (`cluster/leader.rs`) keep only I/O.
 
+use crate::config::TokenConfig;
+use crate::oauth::OAuthError;
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// Longest single sleep. Suspend and clock jumps are caught by the daemon's `ClockWatch`,
+/// which sends `Recheck`; this is only a backstop, long so 10,000 idle tokens stay idle.
+pub const MAX_SLEEP: Duration = Duration::from_secs(900);
+
+/// Where the newest refresh token is durable before anything is published: the one point on
+/// which one host and a cluster must decide differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainHome {
+    /// One host: the state file. While it is behind (a write failed), no refresh goes out: a
+    /// refresh would move the chain further from what is on disk.
+    StateFile,
+    /// A cluster: etcd, written by the leader's fenced transaction before any host publishes.
+    /// A host's own files are only a mirror, so a failed local write never holds a refresh.
+    Etcd,
+}
+
+/// What the next token request sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// The stored refresh token.
+    Refresh,
+    /// The configured grant: a new session.
+    Login,
+}
+
+/// How a token request failed, as the policy needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Connect, timeout, 5xx, 408, 429: try again later.
+    Transient { retry_after: Option<Duration> },
+    /// `invalid_grant` on a refresh: the refresh chain is dead (in a cluster: confirmed in etcd).
+    DeadChain,
+    /// Anything else the server refuses for good (`invalid_client`, a refused login).
+    Permanent,
+    /// The cluster store did not answer (etcd): retry soon, on the store's own backoff.
+    Store,
+}
+
+impl Failure {
+    /// How the policy sees an error of the token endpoint (`was_refresh`: not a login).
+    pub fn of(e: &OAuthError, was_refresh: bool) -> Self {
+        if e.is_transient() {
+            Self::Transient { retry_after: e.retry_after() }
+        } else if was_refresh && e.is_invalid_grant() {
+            Self::DeadChain
+        } else {
+            Self::Permanent
+        }
+    }
+}
+
+/// What the policy decided after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Try again after this delay (the attempt number is `Policy::attempt`).
+    Retry(Duration),
+    /// Log in again at once (a new session).
+    Relogin,
+    /// Stop trying on the deadline; keep serving; try again on the next tick, SIGUSR1 or SIGHUP.
+    NeedsLogin,
+}
+
+/// The rules of one token, from its config.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    pub jitter: Duration,
+    pub safety_margin: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub requests: usize,
+    pub window: Duration,
+    /// The grant can start a new session without a person (jwt, password).
+    pub can_relogin: bool,
+    /// The grant can get a first token without a person (all but authorization_code: a
+    /// configured refresh token counts, though it cannot start a second session).
+    pub can_log_in: bool,
+    pub home: ChainHome,
+}
+
+impl Rules {
+    pub fn new(cfg: &TokenConfig, home: ChainHome) -> Self {
+        Self {
+            jitter: cfg.jitter,
+            safety_margin: cfg.safety_margin,
+            retry_initial: cfg.retry.initial,
+            retry_max: cfg.retry.max,
+            requests: cfg.rate.requests,
+            window: cfg.rate.window,
+            can_relogin: cfg.grant.can_relogin(),
+            can_log_in: !matches!(cfg.grant, crate::config::Grant::AuthorizationCode { .. }),
+            home,
+        }
+    }
+}
+
+/// One token's refresh state machine. A cluster's candidate keeps it across terms, as the
+/// rate budget must survive a change of leader on the same host.
+#[derive(Debug)]
+pub struct Policy {
+    rules: Rules,
+    /// A refresh is wanted at this time (tick plus jitter, SIGUSR1, bootstrap, replay).
+    pending: Option<Instant>,
+    /// A transient failure: the next attempt waits until then.
+    retry_at: Option<Instant>,
+    attempt: u32,
+    /// After a `Retry-After`: nothing goes out before this.
+    not_before: Option<Instant>,
+    budget: RequestBudget,
+    /// The refresh chain is dead: the next attempt logs in (new session).
+    relogin: bool,
+    /// A person must log in (or the config be fixed): no refresh on the deadline.
+    needs_login: bool,
+    /// The published token: issued and expiry (wall clock).
+    token: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// Random fraction taken off the safety margin per token, so tokens issued together
+    /// spread their refreshes.
+    deadline_jitter: Duration,
+}
+
+impl Policy {
+    pub fn new(rules: Rules) -> Self {
+        Self {
+            budget: RequestBudget::new(rules.requests, rules.window),
+            rules,
+            pending: None,
+            retry_at: None,
+            attempt: 0,
+            not_before: None,
+            relogin: false,
+            needs_login: false,
+            token: None,
+            deadline_jitter: Duration::ZERO,
+        }
+    }
+
+    pub fn needs_login(&self) -> bool {
+        self.needs_login
+    }
+
+    /// Transient failures in a row.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The token now published (issued, expires) and a new deadline jitter (`rand01` in [0,1)).
+    pub fn token_changed(&mut self, issued: DateTime<Utc>, expires: DateTime<Utc>, rand01: f64) {
+        self.token = Some((issued, expires));
+        let lifetime = (expires - issued).to_std().unwrap_or_default();
+        let cap = (self.rules.safety_margin.min(lifetime / 2) / 10).min(Duration::from_secs(30));
+        self.deadline_jitter = cap.mul_f64(rand01.clamp(0.0, 1.0));
+    }
+
+    /// No token to refresh: the next attempt logs in if the grant can, else a person must.
+    /// True when a login is scheduled.
+    pub fn bootstrap(&mut self, now: Instant) -> bool {
+        if self.rules.can_log_in {
+            self.pending = Some(now);
+        } else {
+            self.needs_login = true;
+        }
+        self.rules.can_log_in
+    }
+
+    /// A refresh is wanted by now (bootstrap, replay), whatever the deadline says.
+    pub fn wanted(&self, now: Instant) -> bool {
+        self.pending.is_some_and(|p| p <= now)
+    }
+
+    /// The token must be refreshed before it is published (a refresh was in flight).
+    pub fn replay(&mut self, now: Instant) {
+        self.pending = Some(now);
+    }
+
+    /// The store holds something this host must not refresh or log in over (an unreadable
+    /// pair): wait for a person.
+    pub fn hold(&mut self) {
+        self.needs_login = true;
+        self.relogin = false;
+        self.pending = None;
+    }
+
+    /// A cron tick: refresh after a random part (`rand01`) of the jitter, unless a retry is
+    /// already scheduled on its own.
+    pub fn on_tick(&mut self, now: Instant, rand01: f64) {
+        if self.retry_at.is_some() {
+            return;
+        }
+        let at = now + self.rules.jitter.mul_f64(rand01.clamp(0.0, 1.0));
+        self.pending = Some(self.pending.map_or(at, |p| p.min(at)));
+    }
+
+    /// SIGUSR1: refresh now, whatever the backoff (the rate budget and `Retry-After` still hold).
+    pub fn refresh_now(&mut self, now: Instant) {
+        self.retry_at = None;
+        self.pending = Some(now);
+    }
+
+    /// A person logged in (`tokend login`): the new state needs nothing until its deadline.
+    pub fn logged_in(&mut self) {
+        (self.needs_login, self.relogin, self.retry_at, self.pending, self.attempt) =
+            (false, false, None, None, 0);
+    }
+
+    /// The wall-clock time after which the published token would be inside the margin.
+    pub fn deadline(&self) -> Option<DateTime<Utc>> {
+        let (issued, expires) = self.token?;
+        if self.needs_login {
+            return None;
+        }
+        let d = refresh_deadline(issued, expires, self.rules.safety_margin);
+        Some(d - chrono::Duration::from_std(self.deadline_jitter).unwrap_or_default())
+    }
+
+    /// When an attempt is due, ignoring the gates.
+    pub fn due(&self, now: Instant, wall: DateTime<Utc>) -> Option<Instant> {
+        if let Some(r) = self.retry_at {
+            return Some(r);
+        }
+        let deadline = self.deadline().map(|d| now + (d - wall).to_std().unwrap_or_default());
+        match (self.pending, deadline) {
+            (Some(p), Some(d)) => Some(p.min(d)),
+            (p, d) => p.or(d),
+        }
+    }
+
+    /// The earliest instant an attempt may be sent: rate budget and `Retry-After`.
+    pub fn gate(&self, now: Instant) -> Instant {
+        let budget = self.budget.earliest(now);
+        self.not_before.map_or(budget, |nb| nb.max(budget))
+    }
+
+    /// One host only: a refresh waits while the state file is behind (see `ChainHome`).
+    fn held_by_disk(&self, state_file_behind: bool) -> bool {
+        self.rules.home == ChainHome::StateFile && state_file_behind
+    }
+
+    /// When to wake next for a token request (at most `MAX_SLEEP` away).
+    pub fn next_wake(&self, now: Instant, wall: DateTime<Utc>, state_file_behind: bool) -> Instant {
+        let max = now + MAX_SLEEP;
+        if self.held_by_disk(state_file_behind) {
+            return max;
+        }
+        self.due(now, wall).map_or(max, |d| d.max(self.gate(now)).min(max))
+    }
+
+    /// Whether a token request should go out now.
+    pub fn should_attempt(
+        &self,
+        now: Instant,
+        wall: DateTime<Utc>,
+        state_file_behind: bool,
+    ) -> bool {
+        !self.held_by_disk(state_file_behind)
+            && self.due(now, wall).is_some_and(|d| d <= now)
+            && self.gate(now) <= now
+    }
+
+    /// A token request goes out now, counted in the budget; None when there is nothing the
+    /// grant can send without a person (authorization_code with no refresh token): then only
+    /// `tokend login` helps. `has_refresh_token`: the published state holds one.
+    pub fn begin(&mut self, now: Instant, has_refresh_token: bool) -> Option<Request> {
+        self.pending = None;
+        let request = if has_refresh_token && !self.relogin {
+            Request::Refresh
+        } else if self.rules.can_log_in {
+            Request::Login
+        } else {
+            return None;
+        };
+        self.budget.record(now);
+        Some(request)
+    }
+
+    /// A new token is published: everything starts afresh.
+    pub fn on_success(&mut self, issued: DateTime<Utc>, expires: DateTime<Utc>, rand01: f64) {
+        (self.relogin, self.needs_login, self.retry_at, self.not_before, self.attempt) =
+            (false, false, None, None, 0);
+        self.token_changed(issued, expires, rand01);
+    }
+
+    /// A failed request (or a failed store write in a cluster); `rand01` draws the backoff jitter.
+    pub fn on_failure(&mut self, now: Instant, failure: Failure, rand01: f64) -> Next {
+        match failure {
+            Failure::Transient { retry_after } => {
+                self.attempt += 1;
+                let r = self.rules;
+                let delay =
+                    backoff(self.attempt, r.retry_initial, r.retry_max, retry_after, rand01);
+                self.retry_at = Some(now + delay);
+                if let Some(ra) = retry_after {
+                    self.not_before = Some(now + ra);
+                }
+                Next::Retry(delay)
+            }
+            Failure::Store => {
+                self.attempt += 1;
+                let delay = store_backoff(self.attempt, rand01);
+                self.retry_at = Some(now + delay);
+                Next::Retry(delay)
+            }
+            Failure::DeadChain if self.rules.can_relogin => {
+                (self.relogin, self.pending, self.retry_at, self.attempt) =
+                    (true, Some(now), None, 0);
+                Next::Relogin
+            }
+            Failure::DeadChain | Failure::Permanent => {
+                (self.needs_login, self.retry_at, self.attempt) = (true, None, 0);
+                self.relogin = self.rules.can_relogin;
+                Next::NeedsLogin
+            }
+        }
+    }
+
+    /// The rate state to hand to the next leader (wall clock, as hosts share no monotonic one).
+    pub fn export_budget(&self, now: Instant, wall: DateTime<Utc>) -> Budget {
+        let ago = |t: Instant| chrono::Duration::from_std(now - t).unwrap_or_default();
+        Budget {
+            sent: self.budget.sent().map(|t| wall - ago(t)).collect(),
+            not_before: self
+                .not_before
+                .filter(|nb| *nb > now)
+                .map(|nb| wall + chrono::Duration::from_std(nb - now).unwrap_or_default()),
+        }
+    }
+
+    /// Takes over the last leader's rate state: its requests count against this window, and its
+    /// `Retry-After` holds here too. Returns the `Retry-After` end when one still holds.
+    pub fn import_budget(
+        &mut self,
+        b: &Budget,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        let at = |t: DateTime<Utc>| {
+            now.checked_sub((wall - t).to_std().unwrap_or_default()).unwrap_or(now)
+        };
+        self.budget.replace(b.sent.iter().map(|t| at(*t)));
+        let nb = b.not_before.filter(|nb| *nb > wall)?;
+        let until = now + (nb - wall).to_std().unwrap_or_default();
+        self.not_before = Some(self.not_before.map_or(until, |x| x.max(until)));
+        Some(nb)
+    }
+}
+
+/// Backoff after the cluster store failed: quick, as etcd usually answers again soon.
+pub fn store_backoff(attempt: u32, rand01: f64) -> Duration {
+    backoff(attempt, Duration::from_millis(200), Duration::from_secs(5), None, rand01)
+}
+
+/// When to retry a failed local write (state file or sink): quick and capped, as the disk is
+/// ours and a full one is often freed within seconds.
+#[derive(Debug, Default)]
+pub struct WriteRetry {
+    failures: u32,
+    at: Option<Instant>,
+}
+
+impl WriteRetry {
+    pub fn failed(&mut self, now: Instant, rand01: f64) {
+        self.failures += 1;
+        let delay = backoff(
+            self.failures,
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+            None,
+            rand01,
+        );
+        self.at = Some(now + delay);
+    }
+
+    pub fn succeeded(&mut self) {
+        (self.failures, self.at) = (0, None);
+    }
+
+    /// When the next write is due, if one failed.
+    pub fn at(&self) -> Option<Instant> {
+        self.at
+    }
+
+    pub fn due(&self, now: Instant) -> bool {
+        self.at.is_none_or(|t| t <= now)
+    }
+}
+
+/// The token endpoint's rate state, which every leader must honour, not just the one that
+/// made the requests: RingCentral limits token requests per user (5 a minute), and a request
+/// made during a 429's penalty restarts it. In a cluster it is written (fenced) with each
+/// intent, before the request goes out, and after each `Retry-After`; read by every new leader.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Budget {
+    /// When the latest token requests went out (wall clock; at most the budget's limit).
+    pub sent: Vec<chrono::DateTime<chrono::Utc>>,
+    /// Nothing may go out before this: the last `Retry-After` the server sent.
+    #[serde(default)]
+    pub not_before: Option<chrono::DateTime<chrono::Utc>>,
+}
 
 /// When a token issued at `issued` and expiring at `expires` must be refreshed so that it is
 /// never published within `margin` of expiry. The margin shrinks to half the lifetime for
@@ -80,59 +484,4 @@ impl RequestBudget {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_replaced_budget_counts_the_last_leaders_requests() {
-        let now = Instant::now() + Duration::from_secs(100);
-        let mut b = RequestBudget::new(2, Duration::from_secs(60));
-        b.record(now);
-        let ago = |s| now.checked_sub(Duration::from_secs(s)).unwrap();
-        b.replace([ago(50), ago(10), ago(5)]);
-        assert_eq!(b.sent().collect::<Vec<_>>(), [ago(10), ago(5)], "the newest, up to the limit");
-        assert_eq!(b.earliest(now), ago(10) + Duration::from_secs(60));
-    }
-
-    #[test]
-    fn deadline_keeps_margin_or_half_the_lifetime() {
-        let t0 = Utc::now();
-        let hour = t0 + chrono::Duration::seconds(3600);
-        assert_eq!(
-            refresh_deadline(t0, hour, Duration::from_secs(300)),
-            hour - chrono::Duration::seconds(300)
-        );
-        let short = t0 + chrono::Duration::seconds(10);
-        assert_eq!(
-            refresh_deadline(t0, short, Duration::from_secs(300)),
-            t0 + chrono::Duration::seconds(5)
-        );
-        assert_eq!(
-            refresh_deadline(short, t0, Duration::from_secs(300)),
-            t0,
-            "already expired: now"
-        );
-    }
-
-    #[test]
-    fn backoff_grows_caps_and_honours_retry_after() {
-        let (i, m) = (Duration::from_secs(1), Duration::from_secs(60));
-        assert_eq!(backoff(1, i, m, None, 0.999_999), Duration::from_secs(1).mul_f64(0.999_999_5));
-        assert_eq!(backoff(1, i, m, None, 0.0), Duration::from_millis(500));
-        assert_eq!(backoff(3, i, m, None, 0.0), Duration::from_secs(2));
-        assert_eq!(backoff(40, i, m, None, 0.0), Duration::from_secs(30));
-        assert!(backoff(40, i, m, None, 1.0) <= m);
-        assert_eq!(backoff(1, i, m, Some(Duration::from_secs(90)), 0.5), Duration::from_secs(90));
-    }
-
-    #[test]
-    fn budget_spaces_requests() {
-        let t0 = Instant::now();
-        let mut b = RequestBudget::new(2, Duration::from_secs(60));
-        assert_eq!(b.earliest(t0), t0);
-        b.record(t0);
-        b.record(t0 + Duration::from_secs(10));
-        assert_eq!(b.earliest(t0 + Duration::from_secs(20)), t0 + Duration::from_secs(60));
-        assert_eq!(b.earliest(t0 + Duration::from_secs(61)), t0 + Duration::from_secs(61));
-    }
-}
+mod tests;

@@ -22,18 +22,7 @@ pub struct Intent {
     pub at: chrono::DateTime<chrono::Utc>,
 }
 
-/// The token endpoint's rate state, which every leader must honour, not just the one that
-/// made the requests: RingCentral limits token requests per user (5 a minute), and a request
-/// made during a 429's penalty restarts it. Written (fenced) with each intent, before the
-/// request goes out, and after each `Retry-After`; read by every new leader.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Budget {
-    /// When the latest token requests went out (wall clock; at most the budget's limit).
-    pub sent: Vec<chrono::DateTime<chrono::Utc>>,
-    /// Nothing may go out before this: the last `Retry-After` the server sent.
-    #[serde(default)]
-    pub not_before: Option<chrono::DateTime<chrono::Utc>>,
-}
+pub use crate::policy::Budget;
 
 /// A sealed value: `{"sealed":"A256GCM","nonce":..,"data":..}`.
 #[derive(Serialize, Deserialize)]

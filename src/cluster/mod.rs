@@ -8,8 +8,11 @@
 //! overwrite anything. RingCentral is outside etcd, so the fence cannot stop a stale leader's
 //! *request*; the intent record and the server's grace window cover that (see `token.rs`).
 
+mod campaign;
 mod codec;
+mod leader;
 mod local;
+mod mirror;
 mod token;
 
 pub use codec::{Budget, Codec, Intent};
@@ -80,7 +83,7 @@ struct Inner {
     lease: watch::Sender<Lease>,
     /// etcd reachable as far as this node knows (for status and logs).
     up: watch::Sender<bool>,
-    stop: tokio_util_stop::Stop,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Cluster {
@@ -94,7 +97,7 @@ impl Cluster {
             conn: Mutex::new(Conn { clients: None, endpoint: 0, failures: 0 }),
             lease: watch::Sender::new(Lease::None),
             up: watch::Sender::new(true),
-            stop: tokio_util_stop::Stop::default(),
+            stop: tokio_util::sync::CancellationToken::new(),
         };
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -226,28 +229,22 @@ impl Cluster {
     /// lost. The keep-alive runs before any campaign starts, and at a third of the TTL.
     async fn keep_lease(self) {
         let ttl = self.inner.cfg.lease_ttl;
-        let mut stop = self.inner.stop.subscribe();
+        let stop = self.inner.stop.clone();
         let mut attempt = 0u32;
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return;
             }
             let granted = tokio::select! {
                 r = self.grant(ttl) => r,
-                _ = stop.changed() => return,
+                () = stop.cancelled() => return,
             };
             let Ok((id, mut keeper, mut stream)) = granted else {
                 attempt += 1;
-                let wait = crate::policy::backoff(
-                    attempt,
-                    Duration::from_millis(200),
-                    Duration::from_secs(5),
-                    None,
-                    rand::random(),
-                );
+                let wait = crate::policy::store_backoff(attempt, rand::random());
                 tokio::select! {
                     () = tokio::time::sleep(wait) => continue,
-                    _ = stop.changed() => return,
+                    () = stop.cancelled() => return,
                 }
             };
             attempt = 0;
@@ -256,7 +253,7 @@ impl Cluster {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = stop.changed() => {
+                    () = stop.cancelled() => {
                         self.revoke(id).await;
                         return;
                     }
@@ -357,25 +354,7 @@ impl Cluster {
 
     /// Stops the keeper, which revokes the lease. Call after every token has stopped.
     pub async fn shutdown(&self, keeper: tokio::task::JoinHandle<()>) {
-        self.inner.stop.trigger();
+        self.inner.stop.cancel();
         let _ = tokio::time::timeout(self.request_timeout() * 2, keeper).await;
-    }
-}
-
-/// A one-shot stop flag that tasks can await.
-mod tokio_util_stop {
-    use tokio::sync::watch;
-
-    #[derive(Default)]
-    pub struct Stop(watch::Sender<bool>);
-
-    impl Stop {
-        pub fn trigger(&self) {
-            self.0.send_replace(true);
-        }
-
-        pub fn subscribe(&self) -> watch::Receiver<bool> {
-            self.0.subscribe()
-        }
     }
 }

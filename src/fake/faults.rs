@@ -27,6 +27,9 @@ pub enum FaultKind {
     MissingAccessToken,
     /// 200 with a body of this many bytes (default 4 MiB).
     Oversized { bytes: Option<usize> },
+    /// 401 `invalid_client` (OAU-146): a permanent refusal, as after the app's client secret was
+    /// rotated; the tokens themselves stay valid.
+    InvalidClient,
     /// Process the request (rotating the tokens), then reset the connection: the lost response.
     CommitThenDrop,
     /// Process the request (rotating the tokens), then wait before replying: a client that
@@ -71,7 +74,7 @@ impl std::str::FromStr for Fault {
             format!(
                 "bad fault {s:?}: {e} (kinds: status500, status503, status429, hang, reset, \
                  malformed, truncated, html, missing_access_token, oversized, commit_then_drop, \
-                 commit_then_hang, commit_then_patch, reply)"
+                 commit_then_hang, commit_then_patch, reply, invalid_client)"
             )
         })
     }

@@ -2,7 +2,7 @@
 //! that can reset a connection on purpose (fault injection).
 
 use super::Shared;
-use super::auth::{ApiError, BAD_REQUEST, TokenRequest, TokenResponse};
+use super::auth::{ApiError, BAD_CLIENT, BAD_REQUEST, TokenRequest, TokenResponse};
 use super::config::GrantKind;
 use super::faults::{Fault, FaultKind};
 use axum::body::Bytes;
@@ -312,6 +312,7 @@ fn fault_response(kind: &FaultKind) -> Response {
         FaultKind::Status429 { retry_after } => {
             api_error(&fault_error(429, "CMN-301", "Request rate exceeded", *retry_after))
         }
+        FaultKind::InvalidClient => api_error(&BAD_CLIENT),
         FaultKind::Malformed => ok("this is { not json".into()),
         FaultKind::Truncated => {
             let full = serde_json::to_string(&sample()).expect("serializable");

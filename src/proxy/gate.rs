@@ -36,7 +36,7 @@ pub struct Gate {
     current: watch::Sender<Option<Arc<Current>>>,
     drain_timeout: Duration,
     /// Asks the token's refresher for a refresh now (a 401 on the current token).
-    refresh: mpsc::Sender<crate::refresher::Command>,
+    refresh: mpsc::Sender<crate::task::Command>,
     last_forced: Mutex<Option<Instant>>,
     pub counters: Arc<crate::metrics::ProxyCounters>,
 }
@@ -58,7 +58,7 @@ impl Gate {
     pub fn new(
         name: &str,
         drain_timeout: Duration,
-        refresh: mpsc::Sender<crate::refresher::Command>,
+        refresh: mpsc::Sender<crate::task::Command>,
         counters: Arc<crate::metrics::ProxyCounters>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -170,7 +170,7 @@ impl Gate {
             }
             *last = Some(now);
         }
-        let asked = self.refresh.try_send(crate::refresher::Command::RefreshNow).is_ok();
+        let asked = self.refresh.try_send(crate::task::Command::RefreshNow).is_ok();
         if asked {
             self.counters.forced_refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(token = %self.name, "the server refused the current access token (revoked?); refreshing now");
@@ -183,7 +183,7 @@ impl Gate {
 mod tests {
     use super::*;
 
-    fn gate(drain: Duration) -> (Arc<Gate>, mpsc::Receiver<crate::refresher::Command>) {
+    fn gate(drain: Duration) -> (Arc<Gate>, mpsc::Receiver<crate::task::Command>) {
         let (tx, rx) = mpsc::channel(4);
         (Gate::new("t", drain, tx, Arc::default()), rx)
     }

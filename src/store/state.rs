@@ -2,6 +2,7 @@
 //! and the non-secret status file beside it that `tokend status` reads.
 
 use super::atomic::write_atomic;
+use crate::oauth::TokenSet;
 use crate::secret::{AccessToken, RefreshToken};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -174,6 +175,47 @@ pub struct ErrorRecord {
     pub code: String,
     pub message: String,
     pub permanent: bool,
+}
+
+/// The state after a successful token request: the generation grows by one; the session start
+/// carries over unless this was a new login.
+pub fn next_state(
+    name: &str,
+    tokens: TokenSet,
+    previous: Option<&State>,
+    new_session: bool,
+    now: DateTime<Utc>,
+) -> State {
+    let secs = |s: u64| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000));
+    State {
+        version: STATE_VERSION,
+        name: name.to_string(),
+        generation: previous.map_or(1, |p| next_generation(name, p.generation)),
+        token_type: tokens.token_type,
+        access_expires_at: now + secs(tokens.expires_in),
+        refresh_expires_at: tokens.refresh_token_expires_in.map(|s| now + secs(s)),
+        refreshed_at: now,
+        session_started_at: match previous {
+            Some(p) if !new_session => p.session_started_at,
+            _ => now,
+        },
+        scope: tokens.scope,
+        owner_id: tokens.owner_id,
+        endpoint_id: tokens.endpoint_id,
+        session_id: tokens.session_id,
+        access_token: tokens.access_token,
+        refresh_token: tokens.refresh_token,
+    }
+}
+
+/// The generation after `g`: one more, but never past `MAX_GENERATION` (never a wrap to 0,
+/// which would send it back); reaching the top is an ERROR, as nothing can grow any more.
+pub fn next_generation(name: &str, g: u64) -> u64 {
+    if g >= MAX_GENERATION {
+        tracing::error!(token = %name, generation = g, "the generation is at its maximum and stays there; readers that compare generations will not see new tokens (move the state file aside to start again at 1)");
+        return MAX_GENERATION;
+    }
+    g + 1
 }
 
 #[cfg(test)]

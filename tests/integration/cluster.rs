@@ -2,7 +2,7 @@
 //! the fake server.
 //! Each host has its own directory (state file, sinks, status), as separate machines would.
 
-use crate::harness::{Daemon, TokenSpec, World, wait_until};
+use crate::harness::{Daemon, TokenSpec, World, wait_for, wait_until};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokend::cluster::{LocalEtcd as Etcd, TestTls};
@@ -15,9 +15,35 @@ struct Host {
     dir: PathBuf,
     config: PathBuf,
     daemon: Option<Daemon>,
+    /// `[metrics] listen` port: `/metrics` and `/healthz`.
+    metrics: u16,
 }
 
 impl Host {
+    /// `/healthz`: the status code and the body (the problems, one a line).
+    async fn health(&self) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{}/healthz", self.metrics);
+        let Ok(r) = reqwest::get(url).await else { return (0, String::new()) };
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
+    /// Waits until `tokend_needs_login` says `yes`.
+    async fn wait_needs_login(&self, yes: bool) {
+        let want = f64::from(u8::from(yes));
+        let series = "tokend_needs_login{token=\"main\"}";
+        wait_for(&format!("{} needs login: {yes}", self.name), Duration::from_secs(10), || async {
+            self.metric(series).await == Some(want)
+        })
+        .await;
+    }
+
+    /// One series of `/metrics`, e.g. `tokend_needs_login{token="main"}`.
+    async fn metric(&self, series: &str) -> Option<f64> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics);
+        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+        text.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()
+    }
+
     fn status(&self) -> Option<Status> {
         Status::load(&self.dir.join("main.state.json"))
     }
@@ -46,6 +72,10 @@ impl Host {
     fn alive(&self) -> bool {
         self.daemon.is_some()
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 struct Fleet {
@@ -100,9 +130,11 @@ impl Fleet {
                 endpoints.join(", ")
             );
             let config = dir.join("config.toml");
-            std::fs::write(&config, format!("{cluster}\n{}", spec.toml(&w.server.url(), &dir)))
+            let metrics = free_port();
+            let prelude = format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\n{cluster}");
+            std::fs::write(&config, format!("{prelude}\n{}", spec.toml(&w.server.url(), &dir)))
                 .unwrap();
-            hosts.push(Host { name, dir, config, daemon: None });
+            hosts.push(Host { name, dir, config, daemon: None, metrics });
         }
         let mut fleet = Self { w, etcd, hosts };
         for i in 0..n {
@@ -278,7 +310,7 @@ async fn a_paused_leaders_late_write_is_rejected_by_the_fence() {
     assert_eq!(f.w.stats().grace_replays, 1, "{:?}", f.w.stats());
     assert_ne!(f.leader(Duration::from_secs(10)).await, old);
     for h in &f.hosts {
-        assert!(f.api_accepts(h).await, "{}'s token is refused", h.name);
+        assert!(f.api_accepts(h).await, "{}'s token is refused\n{}", h.name, f.dump());
     }
     f.assert_clean();
     f.hosts[old].daemon = None;
@@ -373,6 +405,7 @@ async fn tls_and_auth_with_a_role_limited_to_the_prefix() {
     f.assert_clean();
     // A host with the wrong password is refused by etcd and says why.
     let dir = f.w.path("h2");
+    let metrics = free_port();
     std::fs::create_dir_all(&dir).unwrap();
     let text = std::fs::read_to_string(&f.hosts[0].config).unwrap();
     let config = dir.join("config.toml");
@@ -380,7 +413,8 @@ async fn tls_and_auth_with_a_role_limited_to_the_prefix() {
     let text = text
         .replace(pw_file.to_str().unwrap(), pw_file.with_extension("wrong").to_str().unwrap())
         .replace(f.hosts[0].dir.to_str().unwrap(), dir.to_str().unwrap())
-        .replace("node = \"h0\"", "node = \"h2\"");
+        .replace("node = \"h0\"", "node = \"h2\"")
+        .replace(&format!("127.0.0.1:{}\"", f.hosts[0].metrics), &format!("127.0.0.1:{metrics}\""));
     std::fs::write(&config, text).unwrap();
     let d = f.w.daemon_on(&config, &[], "");
     d.wait_log("etcd is unreachable", 1, Duration::from_secs(20)).await;
@@ -391,7 +425,7 @@ async fn tls_and_auth_with_a_role_limited_to_the_prefix() {
     for out in f.hosts.iter().map(|h| h.daemon().output()).chain([d.output()]) {
         assert!(!out.contains(password) && !out.contains("not-the-password"), "{out}");
     }
-    f.hosts.push(Host { name: "h2".into(), dir, config, daemon: Some(d) });
+    f.hosts.push(Host { name: "h2".into(), dir, config, daemon: Some(d), metrics });
     assert_eq!(f.leader(Duration::from_secs(5)).await, leader);
     f.assert_clean();
 }
@@ -589,4 +623,78 @@ async fn a_followers_proxy_replays_once_the_new_pair_is_mirrored() {
     );
     assert_eq!(failed, 0, "a call through the follower's proxy failed:\n{}", f.dump());
     assert!(replayed > 0, "no call hit the rotation window: the test proves nothing");
+}
+
+/// The leader of a one-host fleet is refused once for good (a rotated client secret, here
+/// injected) on SIGUSR1: the token needs login, in the metrics and in `/healthz`.
+async fn refused_for_good(f: &Fleet) -> &Host {
+    let h = &f.hosts[f.leader(Duration::from_secs(10)).await];
+    f.converged(1, Duration::from_secs(10)).await;
+    f.w.server.inject("invalid_client".parse().unwrap());
+    h.daemon().signal(libc::SIGUSR1);
+    h.wait_needs_login(true).await;
+    let (code, body) = h.health().await;
+    assert_eq!(code, 503);
+    assert!(body.contains("main: needs login"), "{body}");
+    h
+}
+
+#[tokio::test]
+async fn a_permanent_failure_of_a_grant_that_cannot_log_in_is_retried_on_the_next_signal() {
+    // refresh_token grant: the daemon can refresh but never start a session. After a permanent
+    // refusal the log promises a retry on the next tick or signal; the leader must keep that
+    // promise, as one host does (it used to send nothing until a restart).
+    let w = World::new().await;
+    let rt = w.refresh_token_from_elsewhere().await;
+    let etcd = Etcd::start_cluster(w.dir.path(), 1).await;
+    let spec = TokenSpec::new("main")
+        .grant(&format!("grant = \"refresh_token\"\nrefresh_token = \"{rt}\""));
+    let f = Fleet::on(w, etcd, 1, 2, spec, "").await;
+    let h = refused_for_good(&f).await;
+    h.daemon().signal(libc::SIGUSR1);
+    f.converged(2, Duration::from_secs(10)).await;
+    h.wait_needs_login(false).await;
+    let stats = f.w.stats();
+    assert_eq!(stats.sessions_created, 1, "the test's login and nothing else: {stats:?}");
+}
+
+#[tokio::test]
+async fn needs_login_is_cleared_in_the_metrics_once_a_new_login_succeeds() {
+    // jwt: after a permanent refusal the next attempt logs in again. Once it succeeds,
+    // `tokend_needs_login` must return to 0 and `/healthz` to 200 (they stayed at 1 and 503
+    // until a restart in cluster mode).
+    let f = Fleet::start(1, 2, "0 0 0 1 1 *", "").await;
+    let h = refused_for_good(&f).await;
+    h.daemon().signal(libc::SIGUSR1);
+    f.converged(2, Duration::from_secs(10)).await;
+    h.wait_needs_login(false).await;
+    let (code, body) = h.health().await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(h.status().map(|s| s.needs_login), Some(false));
+}
+
+#[tokio::test]
+async fn healthz_warns_before_the_token_expires_when_the_leader_cannot_refresh() {
+    // A 20 s token is refreshed 10 s before expiry; with every request failing, `/healthz`
+    // must complain while the token still has seconds left (half the margin), not only once
+    // it has expired, as one host does.
+    let w = World::new().await;
+    let etcd = Etcd::start_cluster(w.dir.path(), 1).await;
+    let spec = TokenSpec::new("main").extra("access_token_ttl = 20");
+    let f = Fleet::on(w, etcd, 1, 2, spec, "").await;
+    let h = &f.hosts[f.leader(Duration::from_secs(10)).await];
+    f.converged(1, Duration::from_secs(10)).await;
+    assert_eq!(h.health().await.0, 200);
+    f.w.server.inject("status500,count=1000".parse().unwrap());
+    wait_for("/healthz to warn of the expiry", Duration::from_secs(30), move || async move {
+        h.health().await.1.contains("access token expires in")
+    })
+    .await;
+    let body = h.health().await.1;
+    let left: i64 = body
+        .split("expires in ")
+        .nth(1)
+        .and_then(|s| s.trim_end().trim_end_matches('s').parse().ok())
+        .unwrap_or_else(|| panic!("no seconds in {body:?}"));
+    assert!(left > 0, "warned only after expiry: {body:?}");
 }

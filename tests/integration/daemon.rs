@@ -191,20 +191,7 @@ async fn invalid_grant_leads_to_a_jwt_relogin() {
 async fn dead_chain_without_a_login_grant_needs_login_and_keeps_sinks() {
     let w = World::new().await;
     // Bootstrap from a refresh token obtained elsewhere (here: a JWT login by the test).
-    let first = reqwest::Client::new()
-        .post(format!("{}/restapi/oauth/token", w.server.url()))
-        .basic_auth(crate::harness::CLIENT_ID, Some(crate::harness::CLIENT_SECRET))
-        .form(&[
-            ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
-            ("assertion", crate::harness::JWT),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json::<serde_json::Value>()
-        .await
-        .unwrap();
-    let rt = first["refresh_token"].as_str().unwrap().to_string();
+    let rt = w.refresh_token_from_elsewhere().await;
     w.write_config(&[TokenSpec::new("main")
         .grant(&format!("grant = \"refresh_token\"\nrefresh_token = \"{rt}\""))]);
     let mut d = w.daemon();

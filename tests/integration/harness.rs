@@ -29,8 +29,22 @@ pub const TRANSIENT_FAULTS: &[&str] = &[
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes; panics with `what` on timeout.
 pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    wait_for(what, timeout, || std::future::ready(cond())).await;
+}
+
+/// `wait_until` for a condition that must await (an HTTP request, a child process): polls
+/// every 10 ms, each poll bounded by what is left of `timeout`; panics with `what` on timeout.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let start = Instant::now();
-    while !cond() {
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        if tokio::time::timeout(left, cond()).await == Ok(true) {
+            return;
+        }
         assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -201,6 +215,25 @@ impl World {
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
+    }
+
+    /// A refresh token from a JWT login made by the test itself (a new session), as a user
+    /// would bring to a `grant = "refresh_token"` config.
+    pub async fn refresh_token_from_elsewhere(&self) -> String {
+        let reply: serde_json::Value = reqwest::Client::new()
+            .post(format!("{}/restapi/oauth/token", self.server.url()))
+            .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+            .form(&[
+                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                ("assertion", JWT),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        reply["refresh_token"].as_str().expect("a refresh token").to_string()
     }
 
     /// Waits for the json sink of `name` to reach `generation`.

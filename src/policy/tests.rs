@@ -1,0 +1,482 @@
+//! Table-style tests of the refresh policy with a driven clock.
+
+use super::*;
+
+#[test]
+fn a_replaced_budget_counts_the_last_leaders_requests() {
+    let now = Instant::now() + Duration::from_secs(100);
+    let mut b = RequestBudget::new(2, Duration::from_secs(60));
+    b.record(now);
+    let ago = |s| now.checked_sub(Duration::from_secs(s)).unwrap();
+    b.replace([ago(50), ago(10), ago(5)]);
+    assert_eq!(b.sent().collect::<Vec<_>>(), [ago(10), ago(5)], "the newest, up to the limit");
+    assert_eq!(b.earliest(now), ago(10) + Duration::from_secs(60));
+}
+
+#[test]
+fn deadline_keeps_margin_or_half_the_lifetime() {
+    let t0 = Utc::now();
+    let hour = t0 + chrono::Duration::seconds(3600);
+    assert_eq!(
+        refresh_deadline(t0, hour, Duration::from_secs(300)),
+        hour - chrono::Duration::seconds(300)
+    );
+    let short = t0 + chrono::Duration::seconds(10);
+    assert_eq!(
+        refresh_deadline(t0, short, Duration::from_secs(300)),
+        t0 + chrono::Duration::seconds(5)
+    );
+    assert_eq!(refresh_deadline(short, t0, Duration::from_secs(300)), t0, "already expired: now");
+}
+
+#[test]
+fn backoff_grows_caps_and_honours_retry_after() {
+    let (i, m) = (Duration::from_secs(1), Duration::from_secs(60));
+    assert_eq!(backoff(1, i, m, None, 0.999_999), Duration::from_secs(1).mul_f64(0.999_999_5));
+    assert_eq!(backoff(1, i, m, None, 0.0), Duration::from_millis(500));
+    assert_eq!(backoff(3, i, m, None, 0.0), Duration::from_secs(2));
+    assert_eq!(backoff(40, i, m, None, 0.0), Duration::from_secs(30));
+    assert!(backoff(40, i, m, None, 1.0) <= m);
+    assert_eq!(backoff(1, i, m, Some(Duration::from_secs(90)), 0.5), Duration::from_secs(90));
+}
+
+#[test]
+fn budget_spaces_requests() {
+    let t0 = Instant::now();
+    let mut b = RequestBudget::new(2, Duration::from_secs(60));
+    assert_eq!(b.earliest(t0), t0);
+    b.record(t0);
+    b.record(t0 + Duration::from_secs(10));
+    assert_eq!(b.earliest(t0 + Duration::from_secs(20)), t0 + Duration::from_secs(60));
+    assert_eq!(b.earliest(t0 + Duration::from_secs(61)), t0 + Duration::from_secs(61));
+}
+
+// ---- The state machine, driven by a made-up clock, the same table for both modes. ----
+
+const S: u64 = 1000; // milliseconds in a second, for readable times below
+
+/// One step of a scenario: an input at a time (ms since the start), or a check.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// A new token is published, issued at `at` and living `ttl` seconds.
+    Token {
+        at: u64,
+        ttl: u64,
+        draw: f64,
+    },
+    Tick {
+        at: u64,
+        draw: f64,
+    },
+    RefreshNow {
+        at: u64,
+    },
+    Bootstrap {
+        at: u64,
+    },
+    Replay {
+        at: u64,
+    },
+    LoggedIn,
+    Hold,
+    /// A request goes out; checks what it sends (None: nothing).
+    Begin {
+        at: u64,
+        has_rt: bool,
+        sends: Option<Request>,
+    },
+    Fail {
+        at: u64,
+        failure: Failure,
+        draw: f64,
+        next: Next,
+    },
+    Succeed {
+        at: u64,
+        ttl: u64,
+        draw: f64,
+    },
+    /// Checks whether a request should go out at `at` (`behind`: the state file is behind).
+    Attempt {
+        at: u64,
+        behind: bool,
+        single: bool,
+        cluster: bool,
+    },
+    /// Checks the next wake-up, as ms since the start.
+    Wake {
+        at: u64,
+        expect: u64,
+    },
+    /// Checks the expiry deadline, as ms since the start (None: no deadline).
+    Deadline(Option<u64>),
+    NeedsLogin(bool),
+    /// Checks the earliest time the rate budget and `Retry-After` let a request go.
+    Gate {
+        at: u64,
+        expect: u64,
+    },
+}
+
+use Step::{
+    Attempt, Begin, Bootstrap, Deadline, Fail, Gate, Hold, LoggedIn, NeedsLogin, RefreshNow,
+    Replay, Succeed, Tick, Token, Wake,
+};
+
+/// The grants as the policy sees them.
+#[derive(Debug, Clone, Copy)]
+enum G {
+    /// jwt, password: logs in by itself, as often as needed.
+    Jwt,
+    /// refresh_token: a first token by itself, never a second session.
+    Rt,
+    /// authorization_code: only `tokend login`.
+    Code,
+}
+
+fn rules(home: ChainHome, grant: G) -> Rules {
+    Rules {
+        jitter: Duration::from_secs(120),
+        safety_margin: Duration::from_secs(300),
+        retry_initial: Duration::from_secs(1),
+        retry_max: Duration::from_secs(60),
+        requests: 5,
+        window: Duration::from_secs(60),
+        can_relogin: matches!(grant, G::Jwt),
+        can_log_in: !matches!(grant, G::Code),
+        home,
+    }
+}
+
+/// A driven clock: monotonic and wall time advance together from a fixed start.
+struct Clock {
+    t0: Instant,
+    wall0: DateTime<Utc>,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let wall0 = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().to_utc();
+        Self { t0: Instant::now(), wall0 }
+    }
+    fn now(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+    fn wall(&self, ms: u64) -> DateTime<Utc> {
+        self.wall0 + chrono::Duration::milliseconds(i64::try_from(ms).unwrap())
+    }
+    fn ms(&self, t: Instant) -> u64 {
+        u64::try_from(t.duration_since(self.t0).as_millis()).unwrap()
+    }
+    fn wall_ms(&self, t: DateTime<Utc>) -> u64 {
+        u64::try_from((t - self.wall0).num_milliseconds()).unwrap()
+    }
+}
+
+fn run(name: &str, home: ChainHome, grant: G, steps: &[Step]) {
+    let c = Clock::new();
+    let mut p = Policy::new(rules(home, grant));
+    for (i, step) in steps.iter().enumerate() {
+        let at = format!("{name} ({home:?}), step {i}: {step:?}");
+        match *step {
+            Token { at, ttl, draw } => p.token_changed(c.wall(at), c.wall(at + ttl * S), draw),
+            Tick { at, draw } => p.on_tick(c.now(at), draw),
+            RefreshNow { at } => p.refresh_now(c.now(at)),
+            Bootstrap { at: t } => {
+                assert_eq!(p.bootstrap(c.now(t)), !matches!(grant, G::Code), "{at}");
+            }
+            Replay { at } => p.replay(c.now(at)),
+            LoggedIn => p.logged_in(),
+            Hold => p.hold(),
+            Begin { at: t, has_rt, sends } => assert_eq!(p.begin(c.now(t), has_rt), sends, "{at}"),
+            Fail { at: t, failure, draw, next } => {
+                assert_eq!(p.on_failure(c.now(t), failure, draw), next, "{at}");
+            }
+            Succeed { at, ttl, draw } => p.on_success(c.wall(at), c.wall(at + ttl * S), draw),
+            Attempt { at: t, behind, single, cluster } => {
+                let want = if home == ChainHome::StateFile { single } else { cluster };
+                assert_eq!(p.should_attempt(c.now(t), c.wall(t), behind), want, "{at}");
+            }
+            Wake { at: t, expect } => {
+                assert_eq!(c.ms(p.next_wake(c.now(t), c.wall(t), false)), expect, "{at}");
+            }
+            Deadline(expect) => assert_eq!(p.deadline().map(|d| c.wall_ms(d)), expect, "{at}"),
+            NeedsLogin(expect) => assert_eq!(p.needs_login(), expect, "{at}"),
+            Gate { at: t, expect } => assert_eq!(c.ms(p.gate(c.now(t))), expect, "{at}"),
+        }
+    }
+}
+
+/// Same decision in both modes.
+const fn attempt(at: u64, yes: bool) -> Step {
+    Attempt { at, behind: false, single: yes, cluster: yes }
+}
+
+const fn transient(retry_after: Option<u64>) -> Failure {
+    Failure::Transient {
+        retry_after: match retry_after {
+            Some(s) => Some(Duration::from_secs(s)),
+            None => None,
+        },
+    }
+}
+
+const fn retry(ms: u64) -> Next {
+    Next::Retry(Duration::from_millis(ms))
+}
+
+/// (name, grant, steps)
+const TABLE: &[(&str, G, &[Step])] = &[
+    (
+        "a tick refreshes after its share of the jitter",
+        G::Jwt,
+        &[
+            Token { at: 0, ttl: 3600, draw: 0.0 },
+            Tick { at: 100 * S, draw: 0.5 },
+            Wake { at: 100 * S, expect: 160 * S },
+            attempt(160 * S - 1, false),
+            attempt(160 * S, true),
+            Begin { at: 160 * S, has_rt: true, sends: Some(Request::Refresh) },
+            // The request consumed the tick: nothing more until the deadline.
+            attempt(161 * S, false),
+        ],
+    ),
+    (
+        "an earlier tick wins over a later pending one",
+        G::Jwt,
+        &[Tick { at: 0, draw: 0.9 }, Tick { at: 10 * S, draw: 0.0 }, attempt(10 * S, true)],
+    ),
+    (
+        "the deadline keeps the margin, less up to a tenth of it (at most 30 s) of jitter",
+        G::Jwt,
+        &[
+            Token { at: 0, ttl: 3600, draw: 0.5 },
+            Deadline(Some(3285 * S)),
+            Wake { at: 3000 * S, expect: 3285 * S },
+            attempt(3285 * S, true),
+        ],
+    ),
+    (
+        "a short-lived token is refreshed at half its life",
+        G::Jwt,
+        &[Token { at: 0, ttl: 10, draw: 0.0 }, Deadline(Some(5 * S)), attempt(5 * S, true)],
+    ),
+    (
+        "the longest sleep is the same backstop in both modes",
+        G::Jwt,
+        &[
+            Wake { at: 0, expect: 900 * S },
+            Token { at: 0, ttl: 7200, draw: 0.0 },
+            Wake { at: 0, expect: 900 * S },
+        ],
+    ),
+    (
+        "transient failures back off exponentially with jitter, capped",
+        G::Jwt,
+        &[
+            Fail { at: 0, failure: transient(None), draw: 0.0, next: retry(500) },
+            attempt(499, false),
+            attempt(500, true),
+            Begin { at: 500, has_rt: true, sends: Some(Request::Refresh) },
+            Fail { at: 500, failure: transient(None), draw: 0.999, next: retry(1999) },
+            Begin { at: 2499, has_rt: true, sends: Some(Request::Refresh) },
+            Fail { at: 2499, failure: transient(None), draw: 0.0, next: retry(2000) },
+            // A tick does not shorten a retry's wait.
+            Tick { at: 3000, draw: 0.0 },
+            Wake { at: 3000, expect: 4499 },
+        ],
+    ),
+    (
+        "Retry-After is a floor for the retry and a gate for every request",
+        G::Jwt,
+        &[
+            Fail { at: 0, failure: transient(Some(8)), draw: 0.0, next: retry(8000) },
+            RefreshNow { at: 1000 },
+            Gate { at: 1000, expect: 8000 },
+            attempt(7999, false),
+            attempt(8000, true),
+        ],
+    ),
+    (
+        "the rate budget: a sixth request in a minute waits for the first to leave the window",
+        G::Jwt,
+        &[
+            Begin { at: 0, has_rt: true, sends: Some(Request::Refresh) },
+            Begin { at: S, has_rt: true, sends: Some(Request::Refresh) },
+            Begin { at: 2 * S, has_rt: true, sends: Some(Request::Refresh) },
+            Begin { at: 3 * S, has_rt: true, sends: Some(Request::Refresh) },
+            Begin { at: 4 * S, has_rt: true, sends: Some(Request::Refresh) },
+            RefreshNow { at: 5 * S },
+            Gate { at: 5 * S, expect: 60 * S },
+            attempt(59 * S, false),
+            attempt(60 * S, true),
+        ],
+    ),
+    (
+        "a dead chain with a grant that can log in: log in at once, then refresh again",
+        G::Jwt,
+        &[
+            Token { at: 0, ttl: 3600, draw: 0.0 },
+            Fail { at: 0, failure: Failure::DeadChain, draw: 0.0, next: Next::Relogin },
+            NeedsLogin(false),
+            attempt(0, true),
+            Begin { at: 0, has_rt: true, sends: Some(Request::Login) },
+            Succeed { at: 0, ttl: 3600, draw: 0.0 },
+            RefreshNow { at: S },
+            Begin { at: S, has_rt: true, sends: Some(Request::Refresh) },
+        ],
+    ),
+    (
+        "a dead chain without a login grant: needs login, no deadline, retried on a tick, cleared on success",
+        G::Rt,
+        &[
+            Token { at: 0, ttl: 3600, draw: 0.0 },
+            Fail { at: 0, failure: Failure::DeadChain, draw: 0.0, next: Next::NeedsLogin },
+            NeedsLogin(true),
+            Deadline(None),
+            Wake { at: 0, expect: 900 * S },
+            Tick { at: 10 * S, draw: 0.0 },
+            attempt(10 * S, true),
+            Begin { at: 10 * S, has_rt: true, sends: Some(Request::Refresh) },
+            Succeed { at: 10 * S, ttl: 3600, draw: 0.0 },
+            NeedsLogin(false),
+            Deadline(Some(3310 * S)),
+        ],
+    ),
+    (
+        "a permanent failure with a login grant: needs login; the next attempt logs in",
+        G::Jwt,
+        &[
+            Fail { at: 0, failure: Failure::Permanent, draw: 0.0, next: Next::NeedsLogin },
+            NeedsLogin(true),
+            Tick { at: 0, draw: 0.0 },
+            Begin { at: 0, has_rt: true, sends: Some(Request::Login) },
+            Fail { at: 0, failure: Failure::Permanent, draw: 0.0, next: Next::NeedsLogin },
+            Succeed { at: S, ttl: 3600, draw: 0.0 },
+            NeedsLogin(false),
+        ],
+    ),
+    (
+        "a login by a person clears needs-login and any retry",
+        G::Rt,
+        &[
+            Fail { at: 0, failure: Failure::Permanent, draw: 0.0, next: Next::NeedsLogin },
+            LoggedIn,
+            Token { at: S, ttl: 3600, draw: 0.0 },
+            NeedsLogin(false),
+            Deadline(Some(3301 * S)),
+            attempt(2 * S, false),
+        ],
+    ),
+    (
+        "bootstrap: a grant that can log in does so at once; otherwise it needs login",
+        G::Jwt,
+        &[
+            Bootstrap { at: 0 },
+            attempt(0, true),
+            Begin { at: 0, has_rt: false, sends: Some(Request::Login) },
+        ],
+    ),
+    (
+        "authorization_code: no token without a person; a tick sends nothing",
+        G::Code,
+        &[
+            Bootstrap { at: 0 },
+            NeedsLogin(true),
+            attempt(0, false),
+            Tick { at: S, draw: 0.0 },
+            Begin { at: S, has_rt: false, sends: None },
+            Gate { at: S, expect: S },
+            attempt(2 * S, false),
+        ],
+    ),
+    (
+        "refresh_token grant: the configured token bootstraps",
+        G::Rt,
+        &[Bootstrap { at: 0 }, Begin { at: 0, has_rt: false, sends: Some(Request::Login) }],
+    ),
+    (
+        "a refresh in flight at a stop is replayed at once, before the deadline",
+        G::Jwt,
+        &[Token { at: 0, ttl: 3600, draw: 0.0 }, Replay { at: S }, attempt(S, true)],
+    ),
+    (
+        "a store failure (etcd) retries on its own short backoff",
+        G::Jwt,
+        &[Fail { at: 0, failure: Failure::Store, draw: 0.0, next: retry(100) }, attempt(100, true)],
+    ),
+    (
+        "a held token (unreadable pair) drops what was pending and has no deadline",
+        G::Jwt,
+        &[
+            Token { at: 0, ttl: 10, draw: 0.0 },
+            RefreshNow { at: 0 },
+            Hold,
+            NeedsLogin(true),
+            attempt(20 * S, false),
+        ],
+    ),
+    (
+        // The one place the modes differ (`ChainHome`): one host must not move the chain
+        // further from its state file; a cluster's chain lives in etcd, not in this file.
+        "a refresh while the state file is behind: held on one host, not in a cluster",
+        G::Jwt,
+        &[
+            RefreshNow { at: 0 },
+            Attempt { at: 0, behind: true, single: false, cluster: true },
+            Attempt { at: 0, behind: false, single: true, cluster: true },
+        ],
+    ),
+];
+
+#[test]
+fn the_decision_table_holds_for_one_host_and_for_a_cluster_leader() {
+    for home in [ChainHome::StateFile, ChainHome::Etcd] {
+        for (name, grant, steps) in TABLE {
+            run(name, home, *grant, steps);
+        }
+    }
+}
+
+#[test]
+fn a_new_leader_imports_the_budget_and_retry_after_across_hosts() {
+    let c = Clock::new();
+    let mut old = Policy::new(rules(ChainHome::Etcd, G::Jwt));
+    for s in 0..5 {
+        old.begin(c.now(s * S), true);
+    }
+    old.on_failure(c.now(5 * S), transient(Some(30)), 0.0);
+    let stored = old.export_budget(c.now(6 * S), c.wall(6 * S));
+    assert_eq!(stored.sent.len(), 5);
+    assert_eq!(stored.not_before, Some(c.wall(35 * S)));
+    // Another host: its own monotonic clock, the same wall clock.
+    let other = Clock { t0: Instant::now() + Duration::from_secs(1000), wall0: c.wall0 };
+    let mut new = Policy::new(rules(ChainHome::Etcd, G::Jwt));
+    assert_eq!(new.import_budget(&stored, other.now(7 * S), other.wall(7 * S)), stored.not_before);
+    new.refresh_now(other.now(7 * S));
+    assert_eq!(other.ms(new.gate(other.now(7 * S))), 60 * S, "the first request leaves at 60 s");
+    assert!(!new.should_attempt(other.now(59 * S), other.wall(59 * S), false));
+    assert!(new.should_attempt(other.now(60 * S), other.wall(60 * S), false));
+    // A Retry-After already over is not imported.
+    let late = Policy::new(rules(ChainHome::Etcd, G::Jwt)).import_budget(
+        &stored,
+        other.now(40 * S),
+        other.wall(40 * S),
+    );
+    assert_eq!(late, None);
+}
+
+#[test]
+fn write_retries_back_off_to_ten_seconds_and_reset() {
+    let c = Clock::new();
+    let mut w = WriteRetry::default();
+    assert!(w.due(c.now(0)) && w.at().is_none());
+    let expect = [100, 200, 400, 800, 1600, 3200, 5000, 5000];
+    for (i, ms) in expect.iter().enumerate() {
+        w.failed(c.now(0), 0.0);
+        assert_eq!(w.at(), Some(c.now(*ms)), "failure {}", i + 1);
+    }
+    assert!(!w.due(c.now(4999)) && w.due(c.now(5000)));
+    w.succeeded();
+    assert_eq!(w.at(), None);
+}

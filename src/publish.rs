@@ -1,0 +1,308 @@
+//! What one token shows the machine, the same on one host and in a cluster's mirror: the state
+//! file and the sinks written from the newest state (persist, then publish; failed writes
+//! retried), the metrics, and the status file.
+
+use crate::config::TokenConfig;
+use crate::metrics::Metrics;
+use crate::oauth::OAuthError;
+use crate::policy::{Next, WriteRetry};
+use crate::proxy::Gate;
+use crate::store::{ErrorRecord, State, Status, blocking};
+use chrono::{DateTime, Utc};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use std::time::Instant;
+use tracing::{error, info, warn};
+
+/// The state file and sinks of one token.
+#[derive(Default)]
+pub struct Publisher {
+    state: Option<State>,
+    /// The state file is behind `state` (a write failed, or not tried yet).
+    dirty: bool,
+    /// Sinks that do not hold `state` yet.
+    stale: BTreeSet<PathBuf>,
+    retry: WriteRetry,
+    /// Run the `on_refresh` hook once `state` is written everywhere.
+    hook_due: bool,
+    /// The token's proxies: told each state once it is durable here.
+    gate: Option<Arc<Gate>>,
+}
+
+impl Publisher {
+    /// `gate`: the token's proxies, if it has any.
+    pub fn new(gate: Option<Arc<Gate>>) -> Self {
+        Self { gate, ..Self::default() }
+    }
+
+    pub fn state(&self) -> Option<&State> {
+        self.state.as_ref()
+    }
+
+    /// The state file is behind the newest state.
+    pub fn state_file_behind(&self) -> bool {
+        self.dirty
+    }
+
+    /// Something is not written yet.
+    pub fn unwritten(&self) -> bool {
+        self.dirty || !self.stale.is_empty()
+    }
+
+    /// When the next write is due, if anything is unwritten.
+    pub fn write_at(&self, now: Instant) -> Option<Instant> {
+        self.unwritten().then(|| self.retry.at().unwrap_or(now))
+    }
+
+    /// A new state (a refresh, a login): to persist, then publish. `hook`: run the
+    /// `on_refresh` hook once it is written everywhere.
+    pub fn set(&mut self, cfg: &TokenConfig, state: State, hook: bool) {
+        self.state = Some(state);
+        self.dirty = true;
+        self.hook_due = hook;
+        self.all_stale(cfg);
+    }
+
+    /// A state that is already durable in the state file: publish it to every sink.
+    pub fn serve(&mut self, cfg: &TokenConfig, state: State) {
+        self.state = Some(state);
+        self.dirty = false;
+        self.all_stale(cfg);
+    }
+
+    /// A durable state that must not be published (it has expired): kept to refresh from.
+    pub fn keep(&mut self, state: State) {
+        self.state = Some(state);
+        self.dirty = false;
+        self.stale.clear();
+    }
+
+    /// Writes the sinks again (a replayed refresh may have changed nothing on disk).
+    pub fn all_stale(&mut self, cfg: &TokenConfig) {
+        self.stale = cfg.sinks.iter().map(|s| s.path.clone()).collect();
+    }
+
+    /// Writes what is due: the retry time has come, or nothing failed yet.
+    pub async fn flush_if_due(&mut self, cfg: &TokenConfig, metrics: &Metrics, now: Instant) {
+        if self.unwritten() && self.retry.due(now) {
+            self.flush(cfg, metrics).await;
+        }
+    }
+
+    /// Persist, then publish. True when everything is on disk. The writes run in the store's
+    /// blocking pool, so a slow disk holds this token's task and no other.
+    pub async fn flush(&mut self, cfg: &TokenConfig, metrics: &Metrics) -> bool {
+        let Some(state) = self.state.clone() else { return true };
+        if self.dirty {
+            let (s, path) = (state.clone(), cfg.state_file.clone());
+            if let Err(e) = blocking(move || s.save(&path)).await {
+                error!(token = %cfg.name, path = %cfg.state_file.display(), error = %e, "cannot write state; keeping the new token in memory and not publishing until it is saved");
+                self.retry.failed(Instant::now(), rand::random());
+                return false;
+            }
+            self.dirty = false;
+            // The new pair is durable: nothing is in flight any more.
+            clear_intent(cfg);
+        }
+        // The proxies send the pair once it is durable here (a follower's proxy replays a 401
+        // once the leader's new pair is mirrored).
+        if let Some(gate) = &self.gate {
+            gate.publish(&state);
+        }
+        let (c, mut stale) = (cfg.clone(), std::mem::take(&mut self.stale));
+        let state = Arc::new(state);
+        let s = state.clone();
+        self.stale = blocking(move || {
+            crate::store::write_stale_sinks(&c, &s, &mut stale);
+            stale
+        })
+        .await;
+        if !self.stale.is_empty() {
+            self.retry.failed(Instant::now(), rand::random());
+            return false;
+        }
+        self.retry.succeeded();
+        publish_metrics(cfg, metrics, &state);
+        if std::mem::take(&mut self.hook_due)
+            && let Some(hook) = &cfg.on_refresh
+        {
+            crate::hook::spawn(hook.clone(), cfg, &state);
+        }
+        true
+    }
+}
+
+/// Mirrors the published state into the metrics, including how close to expiry `/healthz`
+/// starts to complain (half the margin the policy refreshes at).
+fn publish_metrics(cfg: &TokenConfig, metrics: &Metrics, s: &State) {
+    let lifetime = (s.access_expires_at - s.refreshed_at).to_std().unwrap_or_default();
+    let near = cfg.safety_margin.min(lifetime / 2) / 2;
+    metrics.update(&cfg.name, |m| {
+        m.generation = s.generation;
+        m.access_expires = Some(s.access_expires_at.timestamp());
+        m.refresh_expires = s.refresh_expires_at.map(|t| t.timestamp());
+        m.near_expiry = near;
+    });
+}
+
+/// Removes the marker of a refresh in flight: the pair it was for is durable now.
+pub fn clear_intent(cfg: &TokenConfig) {
+    match std::fs::remove_file(State::intent_path(&cfg.state_file)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(token = %cfg.name, error = %e, "cannot remove the refresh intent marker"),
+    }
+}
+
+/// The status file and the per-token metrics: what `tokend status`, `/metrics` and `/healthz`
+/// show. Changes are kept in memory until `save`.
+pub struct Report {
+    name: String,
+    state_file: PathBuf,
+    metrics: Arc<Metrics>,
+    status: Mutex<Status>,
+}
+
+impl Report {
+    pub fn new(cfg: &TokenConfig, metrics: Arc<Metrics>, status: Status) -> Self {
+        metrics.update(&cfg.name, |_| {});
+        Self {
+            name: cfg.name.clone(),
+            state_file: cfg.state_file.clone(),
+            metrics,
+            status: Mutex::new(status),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().expect("status lock"));
+    }
+
+    /// `update`, then `save`.
+    pub fn write(&self, f: impl FnOnce(&mut Status)) {
+        self.update(f);
+        self.save();
+    }
+
+    pub fn status(&self) -> Status {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    pub fn save(&self) {
+        let status = self.status();
+        if let Err(e) = status.save(&self.state_file) {
+            warn!(token = %self.name, error = %e, "cannot write status file");
+        }
+    }
+
+    /// `save` in the store's blocking pool (see `Publisher::flush`).
+    pub async fn save_blocking(&self) {
+        let (status, path) = (self.status(), self.state_file.clone());
+        if let Err(e) = blocking(move || status.save(&path)).await {
+            warn!(token = %self.name, error = %e, "cannot write status file");
+        }
+    }
+
+    /// Needs login or not, in the status and the metrics alike (set *and* cleared here only).
+    pub fn needs_login(&self, yes: bool) {
+        self.update(|s| s.needs_login = yes);
+        self.metrics.update(&self.name, |m| m.needs_login = yes);
+    }
+
+    /// A token request goes out.
+    pub fn attempt(&self, wall: DateTime<Utc>) {
+        self.update(|s| s.last_attempt_at = Some(wall));
+        self.metrics.update(&self.name, |m| m.attempts += 1);
+    }
+
+    /// A failed token request: counted by code, and kept as the last error.
+    pub fn failure(&self, code: &str, message: &str, retry: bool, permanent: bool) {
+        self.metrics.update(&self.name, |m| {
+            *m.failures.entry(code.to_string()).or_default() += 1;
+            m.retries += u64::from(retry);
+        });
+        self.error(code, message, permanent);
+    }
+
+    pub fn error(&self, code: &str, message: &str, permanent: bool) {
+        let rec =
+            ErrorRecord { at: Utc::now(), code: code.into(), message: message.into(), permanent };
+        self.update(|s| s.last_error = Some(rec));
+    }
+
+    pub fn relogin(&self) {
+        self.metrics.update(&self.name, |m| m.relogins += 1);
+    }
+
+    /// A new token is published: no error, no login needed.
+    pub fn success(&self, wall: DateTime<Utc>) {
+        self.update(|s| {
+            s.last_error = None;
+            s.last_success_at = Some(wall);
+        });
+        self.needs_login(false);
+        self.metrics.update(&self.name, |m| m.last_success = Some(wall.timestamp()));
+    }
+}
+
+/// Logs and records a failed token request and what the policy decided, in both modes.
+pub fn report_failure(
+    report: &Report,
+    name: &str,
+    e: &OAuthError,
+    (next, attempt): (Next, u32),
+    serving: Option<&str>,
+) {
+    let code = e.code();
+    match next {
+        Next::Retry(delay) => {
+            report.failure(&code, &e.to_string(), true, false);
+            warn!(token = %name, attempt, code = %code, error = %e, retry_in_ms = delay.as_millis() as u64, "token request failed; retrying");
+        }
+        Next::Relogin => {
+            report.failure(&code, &e.to_string(), false, true);
+            report.relogin();
+            warn!(token = %name, code = %code, "refresh chain is dead; logging in again (new session)");
+        }
+        Next::NeedsLogin => {
+            report.failure(&code, &e.to_string(), false, true);
+            report.needs_login(true);
+            error!(
+                token = %name,
+                code = %code,
+                error = %e,
+                still_serving = serving.unwrap_or("nothing"),
+                "permanent failure: needs login; will retry on the next tick or SIGHUP"
+            );
+        }
+    }
+}
+
+/// The INFO line of a new token, in both modes (`revision`: the pair's in etcd).
+pub fn log_refreshed(
+    name: &str,
+    state: &State,
+    new_session: bool,
+    elapsed: Duration,
+    revision: Option<i64>,
+) {
+    let secs = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    info!(
+        token = %name,
+        generation = state.generation,
+        access_expires_at = %secs(state.access_expires_at),
+        refresh_expires_at = %state.refresh_expires_at.map_or_else(|| "none".into(), secs),
+        duration_ms = elapsed.as_millis() as u64,
+        fingerprint = %state.access_token.fingerprint(),
+        new_session,
+        revision,
+        "{}",
+        if revision.is_some() { "refreshed and published to etcd" } else { "refreshed" }
+    );
+}
