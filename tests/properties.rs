@@ -138,11 +138,11 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("main.state.json");
         let previous = previous_generation.map(|g| {
-            let mut s = tokend::refresher::next_state("main", tokens.clone(), None, true, now);
+            let mut s = tokend::store::next_state("main", tokens.clone(), None, true, now);
             s.generation = g;
             s
         });
-        let state = tokend::refresher::next_state("main", tokens, previous.as_ref(), false, now);
+        let state = tokend::store::next_state("main", tokens, previous.as_ref(), false, now);
         let max_gen = tokend::store::MAX_GENERATION;
         prop_assert!(state.generation <= max_gen);
         if let Some(p) = &previous {
