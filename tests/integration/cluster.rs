@@ -185,24 +185,37 @@ impl Fleet {
 
     /// The token the host publishes is live at the fake server. A refresh (ticks may be
     /// running) kills the previous token at once, so a refused token only fails the check
-    /// if the host does not move on to a newer generation within a few seconds.
+    /// if the host does not move on to a newer generation within a few seconds. The token and
+    /// its generation come from one file (the json sink): the raw sink is written just after
+    /// the json one, so reading the generation from one and the token from the other saw a
+    /// new generation with the previous token.
     async fn api_accepts(&self, h: &Host) -> bool {
         let api = format!("{}/restapi/v1.0/account/~/extension/~", self.w.server.url());
         for _ in 0..5 {
-            let generation = h.generation();
-            let token = std::fs::read_to_string(h.dir.join("main.raw")).unwrap();
-            let r = reqwest::Client::new().get(&api).bearer_auth(token.trim()).send().await;
-            if r.unwrap().status() == 200 {
+            let Some(sink) = h.sink() else { return false };
+            let r = reqwest::Client::new().get(&api).bearer_auth(&sink.access_token).send().await;
+            let r = r.unwrap();
+            if r.status() == 200 {
                 return true;
             }
+            eprintln!(
+                "{}: generation {} token {} refused: {} {}",
+                h.name,
+                sink.generation,
+                tokend::secret::fingerprint(&sink.access_token),
+                r.status(),
+                r.text().await.unwrap_or_default()
+            );
             let start = Instant::now();
-            while h.generation() == generation {
+            while h.generation() == sink.generation {
                 if start.elapsed() > Duration::from_secs(5) {
+                    eprintln!("{:?}", self.w.stats());
                     return false;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+        eprintln!("{:?}", self.w.stats());
         false
     }
 
