@@ -209,14 +209,27 @@ impl Fleet {
             let start = Instant::now();
             while h.generation() == sink.generation {
                 if start.elapsed() > Duration::from_secs(5) {
-                    eprintln!("{:?}", self.w.stats());
+                    self.diagnose();
                     return false;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        eprintln!("{:?}", self.w.stats());
+        self.diagnose();
         false
+    }
+
+    /// What each host holds, by fingerprint, and the server's counts: for a failed check.
+    fn diagnose(&self) {
+        let fp = |t: &str| tokend::secret::fingerprint(t.trim());
+        for h in self.live() {
+            let sink = h.sink().map(|s| (s.generation, fp(&s.access_token)));
+            let raw = std::fs::read_to_string(h.dir.join("main.raw")).map(|t| fp(&t)).ok();
+            let state = State::load(&h.dir.join("main.state.json")).ok().flatten();
+            let state = state.map(|s| (s.generation, s.access_token.fingerprint()));
+            eprintln!("{}: json {sink:?} raw {raw:?} state {state:?}", h.name);
+        }
+        eprintln!("{:?}", self.w.stats());
     }
 
     /// No login beyond the first, no refresh refused, across everything.
