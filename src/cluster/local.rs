@@ -115,6 +115,30 @@ impl LocalEtcd {
     }
 
     async fn start_members(dir: &Path, n: usize, tls: Option<&TestTls>) -> Vec<Self> {
+        // A free port is only free until someone else binds it: tests run in parallel, so a
+        // member that finds its port taken is started again on new ports (a few times).
+        for attempt in 1.. {
+            let mut members = Self::members(dir, n, tls);
+            for m in &mut members {
+                m.spawn();
+            }
+            let mut taken = false;
+            for m in &mut members {
+                taken |= !m.wait_healthy().await;
+            }
+            if !taken {
+                return members;
+            }
+            drop(members);
+            assert!(attempt < 5, "etcd found its ports taken {attempt} times");
+            for i in 0..n {
+                let _ = std::fs::remove_dir_all(dir.join(format!("etcd-m{i}")));
+            }
+        }
+        unreachable!("the loop returns or panics")
+    }
+
+    fn members(dir: &Path, n: usize, tls: Option<&TestTls>) -> Vec<Self> {
         let mut members: Vec<Self> = (0..n)
             .map(|i| Self {
                 child: None,
@@ -134,10 +158,6 @@ impl LocalEtcd {
             .collect();
         for m in &mut members {
             m.initial_cluster = cluster.join(",");
-            m.spawn();
-        }
-        for m in &members {
-            m.wait_healthy().await;
         }
         members
     }
@@ -220,7 +240,9 @@ impl LocalEtcd {
         self.root = Some(("root".into(), root_pw));
     }
 
-    async fn wait_healthy(&self) {
+    /// Waits until the member answers; false when it exited because its port was taken
+    /// (the caller starts it again on new ports). Panics on any other failure to start.
+    async fn wait_healthy(&mut self) -> bool {
         let start = Instant::now();
         loop {
             if let Ok(mut c) = etcd_client::Client::connect(
@@ -230,9 +252,15 @@ impl LocalEtcd {
             .await
                 && c.get("health", None).await.is_ok()
             {
-                return;
+                return true;
             }
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let exited =
+                self.child.as_mut().is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_some()));
+            if exited && log.contains("address already in use") {
+                let _ = std::fs::remove_file(&self.log);
+                return false;
+            }
             assert!(
                 start.elapsed() < Duration::from_secs(20),
                 "etcd did not start; its log:\n{log}"
@@ -269,7 +297,7 @@ impl LocalEtcd {
     /// Starts again on the same ports and data.
     pub async fn restart(&mut self) {
         self.spawn();
-        self.wait_healthy().await;
+        assert!(self.wait_healthy().await, "etcd's port was taken while it was stopped");
     }
 
     /// The raw value of a key, if present.
