@@ -173,7 +173,7 @@ pub fn signal_controls() -> std::io::Result<mpsc::Receiver<Control>> {
 /// Runs the daemon until `Control::Stop` or the channel closes.
 pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result<(), DaemonError> {
     let mut daemon = Daemon::start(config).await?;
-    let mut watchdog = crate::notify::Watchdog::from_env();
+    let mut watchdog = crate::systemd::Watchdog::from_env();
     let mut status_every = tokio::time::interval(STATUS_EVERY);
     status_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut clock = ClockWatch::new();
@@ -185,12 +185,12 @@ pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result
                 Some(Control::RefreshAll) => daemon.refresh_all(),
             },
             () = watchdog.tick() => {}
-            _ = status_every.tick(), if crate::notify::enabled() => crate::notify::status(&daemon.summary()),
+            _ = status_every.tick(), if crate::systemd::enabled() => crate::systemd::status(&daemon.summary()),
             () = clock.tick() => daemon.broadcast(Command::Recheck),
 
         }
     }
-    crate::notify::stopping();
+    crate::systemd::stopping();
     daemon.stop().await;
     Ok(())
 }
@@ -245,7 +245,7 @@ impl Daemon {
             let _ = ready.await;
         }
         info!(tokens = daemon.tokens.len(), config = %daemon.config.path.display(), "tokend ready");
-        crate::notify::ready(&daemon.summary());
+        crate::systemd::ready(&daemon.summary());
         Ok(daemon)
     }
 
@@ -427,7 +427,7 @@ impl Daemon {
         }
         self.config = new;
         info!(tokens = self.tokens.len(), "config reloaded");
-        crate::notify::status(&self.summary());
+        crate::systemd::status(&self.summary());
     }
 
     /// Checks the new config's files and takes the locks of the tokens that will start on

@@ -185,6 +185,7 @@ impl Report {
     }
 
     /// `update`, then `save`.
+    #[cfg(feature = "etcd")]
     pub fn write(&self, f: impl FnOnce(&mut Status)) {
         self.update(f);
         self.save();
@@ -194,6 +195,9 @@ impl Report {
         self.status.lock().expect("status lock").clone()
     }
 
+    /// Writes the status file on the calling thread (the cluster's tasks; the refresher uses
+    /// `save_blocking`).
+    #[cfg(feature = "etcd")]
     pub fn save(&self) {
         let status = self.status();
         if let Err(e) = status.save(&self.state_file) {

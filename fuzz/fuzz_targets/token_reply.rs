@@ -10,7 +10,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             assert!(tokens.expires_in <= tokend::oauth::MAX_LIFETIME_SECS);
             assert!(tokend::text::is_token(tokens.access_token.expose()));
             let now = chrono::Utc::now();
-            let state = tokend::refresher::next_state("f", tokens, None, true, now);
+            let state = tokend::store::next_state("f", tokens, None, true, now);
             let bytes =
                 tokend::store::render_sink(&state, tokend::config::SinkFormat::Json, false, now);
             let back = tokend::watch::parse_sink(std::path::Path::new("/fuzz/s"), &bytes)

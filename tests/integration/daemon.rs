@@ -63,7 +63,9 @@ async fn scheduled_refreshes_grow_generation_by_one() {
         g >= 4
     })
     .await;
-    assert!(seen.windows(2).all(|p| p[1] == p[0] + 1 || p[1] > p[0]), "{seen:?}");
+    // Polling the sink may miss a generation, so it only shows that none goes back; the
+    // log below lists every one and shows each is exactly one more.
+    assert!(seen.windows(2).all(|p| p[1] > p[0]), "{seen:?}");
     let stats = w.stats();
     assert_eq!(stats.logins, 1);
     assert!(stats.refreshes >= 3);

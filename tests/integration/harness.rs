@@ -27,6 +27,12 @@ pub const TRANSIENT_FAULTS: &[&str] = &[
     "oversized",
 ];
 
+/// A tool a test needs from outside the crate (an SDK, an interpreter): the test fails, never
+/// passes, without it, in one line that says what is missing and what installs it.
+pub fn require(ok: bool, missing: &str) {
+    assert!(ok, "{missing}: run scripts/test, which installs it");
+}
+
 /// Polls `cond` every 10 ms until it holds or `timeout` passes; panics with `what` on timeout.
 pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     wait_for(what, timeout, || std::future::ready(cond())).await;

@@ -4,8 +4,9 @@ use crate::harness::{CLIENT_ID, CLIENT_SECRET, JWT};
 use std::path::PathBuf;
 use tokend::fake::{FakeConfig, FakeServer};
 
-/// The virtual environment `scripts/test` prepares; `TOKEND_PYTHON` overrides it.
-pub fn python() -> Option<PathBuf> {
+/// The virtual environment `scripts/test` prepares; `TOKEND_PYTHON` overrides it. A test
+/// that needs it fails, never passes, without it.
+pub fn python() -> PathBuf {
     let p = std::env::var_os("TOKEND_PYTHON").map_or_else(
         || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
         PathBuf::from,
@@ -15,21 +16,13 @@ pub fn python() -> Option<PathBuf> {
             .args(["-c", "import ringcentral"])
             .output()
             .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(p);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI is set but {} cannot import ringcentral; run scripts/test",
-        p.display()
-    );
-    eprintln!("skipping: {} has no ringcentral SDK (run scripts/test to set it up)", p.display());
-    None
+    crate::harness::require(ok, &format!("{} cannot import ringcentral", p.display()));
+    p
 }
 
 #[tokio::test]
 async fn official_python_sdk_logs_in_refreshes_and_sees_the_old_token_refused() {
-    let Some(python) = python() else { return };
+    let python = python();
     let server = FakeServer::start(FakeConfig::default()).await.unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/python_sdk.py");
     let out = tokio::process::Command::new(python)

@@ -1,5 +1,9 @@
 //! Soak: the daemon on a fast schedule with random faults, a reader using every token.
 //! CI runs three minutes; `scripts/soak 3600` runs an hour. Bounded by its duration.
+//!
+//! Its verdict must not depend on the machine's speed: the access token lives 60 s (so a slow,
+//! loaded machine's retries never let the token in hand expire; the refreshes come from the
+//! 2 s schedule), and the bounds on timing are ten times what a quiet machine needs.
 
 use crate::harness::{TokenSpec, World};
 use std::time::{Duration, Instant};
@@ -28,7 +32,7 @@ async fn soak_with_random_faults() {
     let w = World::new().await;
     w.write_config(&[TokenSpec::new("main")
         .schedule("*/2 * * * * *")
-        .extra("access_token_ttl = 6")
+        .extra("access_token_ttl = 60")
         .extra("request_timeout = \"1s\"")]);
     let mut d = w.daemon();
     d.wait_ready().await;
@@ -53,8 +57,9 @@ async fn soak_with_random_faults() {
             http.get(&api).bearer_auth(token.access_token.expose()).send().await.unwrap().status();
         calls += 1;
         if status == 401 {
-            // Only at the moment of rotation: the new token must arrive promptly.
-            let fresh = tokio::time::timeout(Duration::from_secs(3), watcher.changed()).await;
+            // Only at the moment of rotation: the new token is on its way (about 0.1 s on a
+            // quiet machine; a rotation whose new pair is never published would wait forever).
+            let fresh = tokio::time::timeout(Duration::from_secs(15), watcher.changed()).await;
             if fresh.is_err() {
                 unrecovered += 1;
             }
@@ -70,6 +75,7 @@ async fn soak_with_random_faults() {
     );
     assert_eq!(stats.sessions_created, 1, "no new session in the soak");
     assert_eq!(unrecovered, 0);
-    assert!(stats.refreshes >= secs / 4, "too few refreshes: {}", stats.refreshes);
+    // One tick every 2 s; a quiet machine makes about secs / 2.5 of them through the faults.
+    assert!(stats.refreshes >= secs / 10, "too few refreshes: {}", stats.refreshes);
     assert!(rss_end < rss_start * 2 + 4096, "RSS grew from {rss_start} kB to {rss_end} kB");
 }
