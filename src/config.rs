@@ -240,6 +240,8 @@ pub struct RetryPolicy {
 pub struct RateBudget {
     pub requests: usize,
     pub window: Duration,
+    /// `session_budget`: logins (each a new session) allowed per hour.
+    pub sessions: usize,
 }
 
 /// One token, validated.

@@ -24,6 +24,10 @@ pub struct TokenMetrics {
     pub failures: BTreeMap<String, u64>,
     pub retries: u64,
     pub relogins: u64,
+    /// Logins sent: each may have started a session.
+    pub logins: u64,
+    /// Unix seconds: the session budget is spent and logins wait until then.
+    pub logins_held_until: Option<i64>,
     pub needs_login: bool,
     /// Time left below which `/healthz` calls the token near expiry.
     pub near_expiry: Duration,
@@ -93,7 +97,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let tokens = self.tokens.lock().expect("metrics lock").clone();
         let mut out = String::new();
-        let gauges: [(&str, &str, &str, Getter); 8] = [
+        let gauges: [(&str, &str, &str, Getter); 10] = [
             (
                 "tokend_access_token_expiry_timestamp_seconds",
                 "gauge",
@@ -135,6 +139,18 @@ impl Metrics {
                 "counter",
                 "New sessions started after a dead refresh chain.",
                 |m| Some(m.relogins as f64),
+            ),
+            (
+                "tokend_logins_total",
+                "counter",
+                "Logins sent (jwt, password, refresh_token grants): each may start a new session.",
+                |m| Some(m.logins as f64),
+            ),
+            (
+                "tokend_logins_held_until_timestamp_seconds",
+                "gauge",
+                "While the session budget is spent: when the next login may go out.",
+                |m| m.logins_held_until.map(|v| v as f64),
             ),
         ];
         for (name, kind, help, get) in gauges {

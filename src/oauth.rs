@@ -66,6 +66,16 @@ impl OAuthError {
         }
     }
 
+    /// The server may have acted on the request before it failed: the reply was lost (network),
+    /// unusable (a 200 we could not read), or a server error after processing. A login that
+    /// failed this way may have started a session.
+    pub fn may_have_acted(&self) -> bool {
+        match self {
+            Self::Transport { .. } | Self::Body { .. } => true,
+            Self::Server { status, .. } => (500..=599).contains(status) && *status != 503,
+        }
+    }
+
     /// The refresh chain or the credentials are dead: only a new login helps.
     pub fn is_invalid_grant(&self) -> bool {
         matches!(self, Self::Server { error: Some(e), .. } if e == "invalid_grant")

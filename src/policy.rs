@@ -16,6 +16,15 @@ use std::time::{Duration, Instant};
 /// which sends `Recheck`; this is only a backstop, long so 10,000 idle tokens stay idle.
 pub const MAX_SLEEP: Duration = Duration::from_secs(900);
 
+/// Logins (new sessions) count against `Rules::sessions` over this window: an hour.
+pub const SESSION_WINDOW: Duration = Duration::from_secs(3600);
+
+/// A login that failed transiently may still have started a session on the server (a lost or
+/// unusable reply): it is retried after minutes, not seconds. Retried at the refresh backoff,
+/// a lost login reply burnt RingCentral's 5 sessions per user in 15 s (issue 17 #5).
+pub const LOGIN_RETRY_INITIAL: Duration = Duration::from_secs(120);
+pub const LOGIN_RETRY_MAX: Duration = Duration::from_secs(1800);
+
 /// Where the newest refresh token is durable before anything is published: the one point on
 /// which one host and a cluster must decide differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +92,8 @@ pub struct Rules {
     pub retry_max: Duration,
     pub requests: usize,
     pub window: Duration,
+    /// Logins (each a new session) allowed per `SESSION_WINDOW`; more wait.
+    pub sessions: usize,
     /// The grant can start a new session without a person (jwt, password).
     pub can_relogin: bool,
     /// The grant can get a first token without a person (all but authorization_code: a
@@ -100,6 +111,7 @@ impl Rules {
             retry_max: cfg.retry.max,
             requests: cfg.rate.requests,
             window: cfg.rate.window,
+            sessions: cfg.rate.sessions,
             can_relogin: cfg.grant.can_relogin(),
             can_log_in: !matches!(cfg.grant, crate::config::Grant::AuthorizationCode { .. }),
             home,
@@ -120,6 +132,12 @@ pub struct Policy {
     /// After a `Retry-After`: nothing goes out before this.
     not_before: Option<Instant>,
     budget: RequestBudget,
+    /// The logins sent (each may have started a session), against `Rules::sessions`.
+    logins: RequestBudget,
+    /// The session budget is spent: a login waits until then.
+    logins_held_until: Option<Instant>,
+    /// What the last request sent (a failed login backs off longer).
+    sent: Option<Request>,
     /// The refresh chain is dead: the next attempt logs in (new session).
     relogin: bool,
     /// A person must log in (or the config be fixed): no refresh on the deadline.
@@ -135,6 +153,9 @@ impl Policy {
     pub fn new(rules: Rules) -> Self {
         Self {
             budget: RequestBudget::new(rules.requests, rules.window),
+            logins: RequestBudget::new(rules.sessions, SESSION_WINDOW),
+            logins_held_until: None,
+            sent: None,
             rules,
             pending: None,
             retry_at: None,
@@ -213,6 +234,17 @@ impl Policy {
     pub fn logged_in(&mut self) {
         (self.needs_login, self.relogin, self.retry_at, self.pending, self.attempt) =
             (false, false, None, None, 0);
+        self.logins_held_until = None;
+    }
+
+    /// While the session budget is spent: when the next login may go out.
+    pub fn logins_held_until(&self) -> Option<Instant> {
+        self.logins_held_until
+    }
+
+    /// The logins sent in the last `SESSION_WINDOW`, oldest first.
+    pub fn recent_logins(&self, now: Instant) -> impl Iterator<Item = Instant> + '_ {
+        self.logins.sent().filter(move |t| now.duration_since(*t) < SESSION_WINDOW)
     }
 
     /// The wall-clock time after which the published token would be inside the margin.
@@ -237,10 +269,11 @@ impl Policy {
         }
     }
 
-    /// The earliest instant an attempt may be sent: rate budget and `Retry-After`.
+    /// The earliest instant an attempt may be sent: rate budget, `Retry-After`, and the
+    /// session budget while a login is held.
     pub fn gate(&self, now: Instant) -> Instant {
         let budget = self.budget.earliest(now);
-        self.not_before.map_or(budget, |nb| nb.max(budget))
+        [self.not_before, self.logins_held_until].into_iter().flatten().fold(budget, Instant::max)
     }
 
     /// One host only: a refresh waits while the state file is behind (see `ChainHome`).
@@ -272,6 +305,8 @@ impl Policy {
     /// A token request goes out now, counted in the budget; None when there is nothing the
     /// grant can send without a person (authorization_code with no refresh token): then only
     /// `tokend login` helps. `has_refresh_token`: the published state holds one.
+    /// A login is also None while the session budget is spent (`logins_held_until` says
+    /// until when): it stays wanted and goes out once the oldest login leaves the hour.
     pub fn begin(&mut self, now: Instant, has_refresh_token: bool) -> Option<Request> {
         self.pending = None;
         let request = if has_refresh_token && !self.relogin {
@@ -281,7 +316,17 @@ impl Policy {
         } else {
             return None;
         };
+        if request == Request::Login {
+            let free = self.logins.earliest(now);
+            if free > now {
+                (self.logins_held_until, self.pending) = (Some(free), Some(now));
+                return None;
+            }
+            self.logins_held_until = None;
+            self.logins.record(now);
+        }
         self.budget.record(now);
+        self.sent = Some(request);
         Some(request)
     }
 
@@ -289,6 +334,7 @@ impl Policy {
     pub fn on_success(&mut self, issued: DateTime<Utc>, expires: DateTime<Utc>, rand01: f64) {
         (self.relogin, self.needs_login, self.retry_at, self.not_before, self.attempt) =
             (false, false, None, None, 0);
+        self.logins_held_until = None;
         self.token_changed(issued, expires, rand01);
     }
 
@@ -298,8 +344,12 @@ impl Policy {
             Failure::Transient { retry_after } => {
                 self.attempt += 1;
                 let r = self.rules;
-                let delay =
-                    backoff(self.attempt, r.retry_initial, r.retry_max, retry_after, rand01);
+                let (initial, max) = if self.sent == Some(Request::Login) {
+                    (LOGIN_RETRY_INITIAL.max(r.retry_initial), LOGIN_RETRY_MAX.max(r.retry_max))
+                } else {
+                    (r.retry_initial, r.retry_max)
+                };
+                let delay = backoff(self.attempt, initial, max, retry_after, rand01);
                 self.retry_at = Some(now + delay);
                 if let Some(ra) = retry_after {
                     self.not_before = Some(now + ra);
@@ -330,6 +380,7 @@ impl Policy {
         let ago = |t: Instant| chrono::Duration::from_std(now - t).unwrap_or_default();
         Budget {
             sent: self.budget.sent().map(|t| wall - ago(t)).collect(),
+            logins: self.recent_logins(now).map(|t| wall - ago(t)).collect(),
             not_before: self
                 .not_before
                 .filter(|nb| *nb > now)
@@ -349,10 +400,25 @@ impl Policy {
             now.checked_sub((wall - t).to_std().unwrap_or_default()).unwrap_or(now)
         };
         self.budget.replace(b.sent.iter().map(|t| at(*t)));
+        self.import_logins(&b.logins, now, wall);
         let nb = b.not_before.filter(|nb| *nb > wall)?;
         let until = now + (nb - wall).to_std().unwrap_or_default();
         self.not_before = Some(self.not_before.map_or(until, |x| x.max(until)));
         Some(nb)
+    }
+
+    /// Takes over the logins an earlier daemon or the last leader sent (wall clock), so that
+    /// neither a restart nor a new leader starts the session budget afresh.
+    pub fn import_logins(&mut self, logins: &[DateTime<Utc>], now: Instant, wall: DateTime<Utc>) {
+        let ago = |t: &DateTime<Utc>| (wall - *t).to_std().unwrap_or_default();
+        let mut recent: Vec<Instant> = logins
+            .iter()
+            .map(ago)
+            .filter(|ago| *ago < SESSION_WINDOW)
+            .map(|ago| now.checked_sub(ago).unwrap_or(now))
+            .collect();
+        recent.sort();
+        self.logins.replace(recent);
     }
 }
 
@@ -404,6 +470,9 @@ impl WriteRetry {
 pub struct Budget {
     /// When the latest token requests went out (wall clock; at most the budget's limit).
     pub sent: Vec<chrono::DateTime<chrono::Utc>>,
+    /// When the logins of the last hour went out: the session budget.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logins: Vec<chrono::DateTime<chrono::Utc>>,
     /// Nothing may go out before this: the last `Retry-After` the server sent.
     #[serde(default)]
     pub not_before: Option<chrono::DateTime<chrono::Utc>>,

@@ -5,7 +5,7 @@
 use crate::config::TokenConfig;
 use crate::metrics::Metrics;
 use crate::oauth::OAuthError;
-use crate::policy::{Next, WriteRetry};
+use crate::policy::{Next, Policy, Request, WriteRetry};
 use crate::proxy::Gate;
 use crate::store::{ErrorRecord, State, Status, blocking};
 use chrono::{DateTime, Utc};
@@ -255,16 +255,51 @@ impl Report {
     }
 }
 
+/// The session budget as the policy keeps it, into the status file (which carries it over a
+/// restart) and the metrics, in both modes, after each `Policy::begin`. `sent`: what went out.
+pub fn report_sessions(report: &Report, cfg: &TokenConfig, policy: &Policy, sent: Option<Request>) {
+    let (now, wall) = (Instant::now(), Utc::now());
+    let since = |t: Instant| chrono::Duration::from_std(now.saturating_duration_since(t));
+    let logins: Vec<DateTime<Utc>> =
+        policy.recent_logins(now).map(|t| wall - since(t).unwrap_or_default()).collect();
+    let until = |t: Instant| chrono::Duration::from_std(t.saturating_duration_since(now));
+    let held = policy.logins_held_until().map(|t| wall + until(t).unwrap_or_default());
+    if let Some(until) = held
+        && report.status().logins_held_until.is_none()
+    {
+        warn!(
+            token = %cfg.name,
+            logins = logins.len(),
+            session_budget = cfg.rate.sessions,
+            until = %until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "session budget spent: no new login (new session) before then"
+        );
+    }
+    if sent == Some(Request::Login) {
+        info!(token = %cfg.name, grant = cfg.grant.name(), logins_last_hour = logins.len(), session_budget = cfg.rate.sessions, "login sent (a new session)");
+    }
+    report.metrics.update(&cfg.name, |m| {
+        m.logins += u64::from(sent == Some(Request::Login));
+        m.logins_held_until = held.map(|t| t.timestamp());
+    });
+    report.update(|s| (s.logins, s.logins_held_until) = (logins, held));
+}
+
 /// Logs and records a failed token request and what the policy decided, in both modes.
+/// `request`: what was sent; a login that failed this way may have spent a session.
 pub fn report_failure(
     report: &Report,
     name: &str,
-    e: &OAuthError,
+    (e, request): (&OAuthError, Request),
     (next, attempt): (Next, u32),
     serving: Option<&str>,
 ) {
     let code = e.code();
     match next {
+        Next::Retry(delay) if request == Request::Login && e.may_have_acted() => {
+            report.failure(&code, &e.to_string(), true, false);
+            warn!(token = %name, attempt, code = %code, error = %e, retry_in_ms = delay.as_millis() as u64, "login failed after the server may have started a session (possible spent session); retrying in minutes");
+        }
         Next::Retry(delay) => {
             report.failure(&code, &e.to_string(), true, false);
             warn!(token = %name, attempt, code = %code, error = %e, retry_in_ms = delay.as_millis() as u64, "token request failed; retrying");

@@ -5,7 +5,7 @@
 use crate::config::TokenConfig;
 use crate::oauth::{OAuthClient, OAuthError, TokenSet};
 use crate::policy::{ChainHome, Failure, Next, Policy, Request, Rules};
-use crate::publish::{Publisher, Report, log_refreshed, report_failure};
+use crate::publish::{Publisher, Report, log_refreshed, report_failure, report_sessions};
 use crate::store::{State, StateError, Status, blocking, next_generation, next_state};
 use crate::task::{CancellationToken, Command, Shared};
 use chrono::Utc;
@@ -50,6 +50,7 @@ impl Refresher {
         stop: CancellationToken,
         ready: oneshot::Sender<()>,
     ) {
+        self.import_sessions();
         self.start().await;
         // A login handed over just before a crash or restart is newer than the state file.
         self.adopt_handoff().await;
@@ -93,6 +94,14 @@ impl Refresher {
 
     async fn flush(&mut self) -> bool {
         self.files.flush(&self.cfg, self.report.metrics()).await
+    }
+
+    /// The logins an earlier daemon sent in the last hour count against the session budget:
+    /// a restart (or a crash loop) must not start it afresh.
+    fn import_sessions(&mut self) {
+        let Some(old) = Status::load(&self.cfg.state_file) else { return };
+        self.policy.import_logins(&old.logins, Instant::now(), Utc::now());
+        report_sessions(&self.report, &self.cfg, &self.policy, None);
     }
 
     /// Start-up: load the state and publish from it at once (a reboot empties /run).
@@ -208,8 +217,13 @@ impl Refresher {
     /// One request to the token endpoint, and its consequences.
     async fn attempt_refresh(&mut self) {
         let has_rt = self.state().is_some_and(|s| s.refresh_token.is_some());
-        let Some(request) = self.policy.begin(Instant::now(), has_rt) else {
-            return; // authorization_code: only `tokend login` gives a first token
+        let request = self.policy.begin(Instant::now(), has_rt);
+        report_sessions(&self.report, &self.cfg, &self.policy, request);
+        let Some(request) = request else {
+            // authorization_code: only `tokend login` gives a first token; or the session
+            // budget is spent and the login waits.
+            self.save_status().await;
+            return;
         };
         self.report.attempt(Utc::now());
         let refresh_token = match request {
@@ -234,7 +248,7 @@ impl Refresher {
         drop(permit);
         match result {
             Ok(tokens) => self.on_success(tokens, refresh_token.is_none(), elapsed).await,
-            Err(e) => self.on_failure(&e, refresh_token.is_some()),
+            Err(e) => self.on_failure(&e, request),
         }
         if let Some(gate) = &self.gate {
             gate.open();
@@ -242,8 +256,8 @@ impl Refresher {
         self.save_status().await;
     }
 
-    fn on_failure(&mut self, e: &OAuthError, was_refresh: bool) {
-        let failure = Failure::of(e, was_refresh);
+    fn on_failure(&mut self, e: &OAuthError, request: Request) {
+        let failure = Failure::of(e, request == Request::Refresh);
         let next = self.policy.on_failure(Instant::now(), failure, rand::random());
         if next == Next::NeedsLogin {
             // Nothing is in flight any more: the next attempt starts afresh.
@@ -251,7 +265,13 @@ impl Refresher {
         }
         let serving = self.state().map(|s| crate::time::left(s.access_expires_at, Utc::now()));
         let attempt = self.policy.attempt();
-        report_failure(&self.report, &self.cfg.name, e, (next, attempt), serving.as_deref());
+        report_failure(
+            &self.report,
+            &self.cfg.name,
+            (e, request),
+            (next, attempt),
+            serving.as_deref(),
+        );
     }
 
     async fn write_intent(&self) {

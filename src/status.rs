@@ -12,7 +12,7 @@ use std::fmt::Write;
 #[derive(Debug, Serialize)]
 pub struct TokenReport {
     pub name: String,
-    /// ok | not_running | needs_login | expired | no_state | unreadable
+    /// ok | not_running | needs_login | logins_held | expired | no_state | unreadable
     pub health: &'static str,
     pub daemon_pid: Option<u32>,
     pub generation: Option<u64>,
@@ -24,6 +24,11 @@ pub struct TokenReport {
     pub session_started_at: Option<String>,
     pub next_refresh_at: Option<String>,
     pub needs_login: bool,
+    /// Logins (new sessions) in the last hour, and the token's `session_budget`.
+    pub logins_last_hour: usize,
+    pub session_budget: usize,
+    /// The session budget is spent: no login before this (while the daemon runs).
+    pub logins_held_until: Option<String>,
     pub last_error: Option<crate::store::ErrorRecord>,
     pub problem: Option<String>,
     /// Multi-host mode: this node's role and whether etcd answers (while the daemon runs).
@@ -61,6 +66,13 @@ pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
         session_started_at: None,
         next_refresh_at: None,
         needs_login: status.needs_login,
+        logins_last_hour: status
+            .logins
+            .iter()
+            .filter(|t| now - **t < chrono::Duration::hours(1))
+            .count(),
+        session_budget: cfg.rate.sessions,
+        logins_held_until: None,
         last_error: status.last_error,
         problem: None,
         cluster: None,
@@ -97,6 +109,13 @@ pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
     if pid.is_some() {
         r.next_refresh_at = status.next_refresh_at.map(ts);
         r.cluster = status.cluster;
+        // Holding back logins means the token cannot get a new one until then: not healthy.
+        if let Some(until) = status.logins_held_until.filter(|t| *t > now) {
+            r.logins_held_until = Some(ts(until));
+            if r.health == "ok" {
+                r.health = "logins_held";
+            }
+        }
     } else if r.health == "ok" {
         r.health = "not_running";
         r.problem = Some(format!(
@@ -150,6 +169,18 @@ pub fn render(reports: &[TokenReport]) -> String {
                 out,
                 "  {:<16}run `tokend login --token {}` (or check the JWT and SIGHUP)",
                 "needs login", r.name
+            );
+        }
+        if let Some(until) = parse(&r.logins_held_until) {
+            let _ = writeln!(
+                out,
+                "  {:<16}holding back new logins until {} ({}): {} logins in the last hour \
+                 spent the session budget of {} (session_budget)",
+                "logins held",
+                ts(until),
+                rel(until, now),
+                r.logins_last_hour,
+                r.session_budget
             );
         }
         if let Some(e) = &r.last_error {

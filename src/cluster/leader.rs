@@ -8,7 +8,7 @@ use super::token::{Ctx, PairRev, Snapshot, Stored};
 use super::{Intent, Lease};
 use crate::oauth::{OAuthError, TokenSet};
 use crate::policy::{Failure, Next, Policy, Request, store_backoff};
-use crate::publish::{log_refreshed, report_failure};
+use crate::publish::{log_refreshed, report_failure, report_sessions};
 use crate::store::{State, next_generation, next_state};
 use crate::task::Command;
 use chrono::Utc;
@@ -356,8 +356,13 @@ impl<'a> Leader<'a> {
             return true;
         }
         let has_rt = cur.state.as_ref().is_some_and(|s| s.refresh_token.is_some());
-        let Some(request) = self.policy.begin(Instant::now(), has_rt) else {
-            return true; // authorization_code: only `tokend login` gives a first token
+        let request = self.policy.begin(Instant::now(), has_rt);
+        report_sessions(&self.ctx.report, &self.ctx.cfg, self.policy, request);
+        let Some(request) = request else {
+            // authorization_code: only `tokend login` gives a first token; or the session
+            // budget is spent and the login waits.
+            self.ctx.report.save();
+            return true;
         };
         self.ctx.report.attempt(Utc::now());
         let refresh_token = match request {
@@ -394,7 +399,7 @@ impl<'a> Leader<'a> {
         drop(permit);
         let kept = match result {
             Ok(tokens) => self.on_success(cur, tokens, refresh_token.is_none(), elapsed).await,
-            Err(e) => self.on_failure(cur, &e, refresh_token.is_some()).await,
+            Err(e) => self.on_failure(cur, &e, request).await,
         };
         if let Some(gate) = &self.ctx.shared.gate {
             gate.open();
@@ -403,8 +408,8 @@ impl<'a> Leader<'a> {
     }
 
     /// False when leadership is lost.
-    async fn on_failure(&mut self, cur: &mut Current, e: &OAuthError, was_refresh: bool) -> bool {
-        let failure = Failure::of(e, was_refresh);
+    async fn on_failure(&mut self, cur: &mut Current, e: &OAuthError, request: Request) -> bool {
+        let failure = Failure::of(e, request == Request::Refresh);
         if failure == Failure::DeadChain {
             match self.rotated_elsewhere(cur, e).await {
                 Some(true) => return true,
@@ -419,7 +424,13 @@ impl<'a> Leader<'a> {
         let serving =
             cur.state.as_ref().map(|s| crate::time::left(s.access_expires_at, Utc::now()));
         let attempt = self.policy.attempt();
-        report_failure(&self.ctx.report, self.name(), e, (next, attempt), serving.as_deref());
+        report_failure(
+            &self.ctx.report,
+            self.name(),
+            (e, request),
+            (next, attempt),
+            serving.as_deref(),
+        );
         self.ctx.report.save();
         if matches!(next, Next::Retry(_)) && e.retry_after().is_some() {
             // The next leader must wait for it too.

@@ -83,6 +83,7 @@ struct RawToken {
     retry_max: Option<Spanned<String>>,
     rate_limit: Option<Spanned<u64>>,
     rate_window: Option<Spanned<String>>,
+    session_budget: Option<Spanned<u64>>,
     request_timeout: Option<Spanned<String>>,
     scope: Option<String>,
     on_refresh: Option<Spanned<Vec<String>>>,
@@ -542,6 +543,7 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
     let rate = RateBudget {
         requests: counts.rate_limit,
         window: opt_duration(&t.rate_window, "rate_window", Duration::from_secs(60))?,
+        sessions: counts.session_budget,
     };
     let sinks = t.sink.iter().map(|s| sink(ctx, s, &key)).collect::<Result<Vec<_>, _>>()?;
     let on_refresh = match &t.on_refresh {
@@ -745,6 +747,13 @@ fn fmt_d(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string()
 }
 
+/// Logins (new sessions) per hour and token by default: RingCentral keeps 5 live sessions per
+/// user and drops the oldest, so a budget of 3 leaves room for the user's other apps.
+pub const DEFAULT_SESSION_BUDGET: usize = 3;
+
+/// The most logins per hour `session_budget` may allow (more would be no budget at all).
+pub const MAX_SESSION_BUDGET: u64 = 60;
+
 /// The most token requests a `rate_window` may allow (more is no limit at all).
 pub const MAX_RATE_LIMIT: u64 = 1000;
 
@@ -800,6 +809,7 @@ struct Counts {
     access_token_ttl: Option<u64>,
     refresh_token_ttl: Option<u64>,
     rate_limit: usize,
+    session_budget: usize,
 }
 
 fn counts(
@@ -822,6 +832,8 @@ fn counts(
         refresh_token_ttl: count(&t.refresh_token_ttl, "refresh_token_ttl", 0..=max_ttl)?,
         rate_limit: count(&t.rate_limit, "rate_limit", 1..=MAX_RATE_LIMIT)?
             .map_or(5, |n| usize::try_from(n).unwrap_or(1)),
+        session_budget: count(&t.session_budget, "session_budget", 1..=MAX_SESSION_BUDGET)?
+            .map_or(DEFAULT_SESSION_BUDGET, |n| usize::try_from(n).unwrap_or(1)),
     })
 }
 

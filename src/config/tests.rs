@@ -260,6 +260,8 @@ fn numbers_from_the_config_are_bounded() {
         ),
         ("rate_limit = 1000000", "rate_limit", "out of range; use 1 to 1000"),
         ("rate_limit = 0", "rate_limit", "out of range"),
+        ("session_budget = 0", "session_budget", "0 is out of range; use 1 to 60"),
+        ("session_budget = 61", "session_budget", "out of range; use 1 to 60"),
         ("access_token_ttl = 0", "access_token_ttl", "out of range"),
         ("access_token_ttl = 10000000000000", "access_token_ttl", "out of range"),
         ("retry_initial = \"10s\"\nretry_max = \"1s\"", "retry_max", "shorter than"),
@@ -274,9 +276,10 @@ fn numbers_from_the_config_are_bounded() {
     assert!(e.message.contains("1 to 1024"), "{e}");
     let ok = with_jwt(GOOD).replace(
         "grant = \"jwt\"",
-        "grant = \"jwt\"\nretry_initial = \"100ms\"\nrate_limit = 1000\nrequest_timeout = \"1s\"",
+        "grant = \"jwt\"\nretry_initial = \"100ms\"\nrate_limit = 1000\nrequest_timeout = \"1s\"\nsession_budget = 60",
     );
-    assert!(parse(&ok).is_ok());
+    assert_eq!(parse(&ok).unwrap().tokens[0].rate.sessions, 60);
+    assert_eq!(parse(&with_jwt(GOOD)).unwrap().tokens[0].rate.sessions, 3, "the default");
 }
 
 #[test]

@@ -38,6 +38,11 @@ fn backoff_grows_caps_and_honours_retry_after() {
     assert_eq!(backoff(40, i, m, None, 0.0), Duration::from_secs(30));
     assert!(backoff(40, i, m, None, 1.0) <= m);
     assert_eq!(backoff(1, i, m, Some(Duration::from_secs(90)), 0.5), Duration::from_secs(90));
+    // A failed login: 1 to 2 minutes first, never more than 30.
+    let (li, lm) = (LOGIN_RETRY_INITIAL, LOGIN_RETRY_MAX);
+    assert_eq!(backoff(1, li, lm, None, 0.0), Duration::from_secs(60));
+    assert_eq!(backoff(30, li, lm, None, 0.0), Duration::from_secs(900));
+    assert_eq!(backoff(30, li, lm, None, 1.0), Duration::from_secs(1800));
 }
 
 #[test]
@@ -111,6 +116,8 @@ enum Step {
     /// Checks the expiry deadline, as ms since the start (None: no deadline).
     Deadline(Option<u64>),
     NeedsLogin(bool),
+    /// Checks until when logins are held by the session budget (ms since the start).
+    Held(Option<u64>),
     /// Checks the earliest time the rate budget and `Retry-After` let a request go.
     Gate {
         at: u64,
@@ -119,7 +126,7 @@ enum Step {
 }
 
 use Step::{
-    Attempt, Begin, Bootstrap, Deadline, Fail, Gate, Hold, LoggedIn, NeedsLogin, RefreshNow,
+    Attempt, Begin, Bootstrap, Deadline, Fail, Gate, Held, Hold, LoggedIn, NeedsLogin, RefreshNow,
     Replay, Succeed, Tick, Token, Wake,
 };
 
@@ -142,6 +149,7 @@ fn rules(home: ChainHome, grant: G) -> Rules {
         retry_max: Duration::from_secs(60),
         requests: 5,
         window: Duration::from_secs(60),
+        sessions: 3,
         can_relogin: matches!(grant, G::Jwt),
         can_log_in: !matches!(grant, G::Code),
         home,
@@ -202,6 +210,7 @@ fn run(name: &str, home: ChainHome, grant: G, steps: &[Step]) {
             }
             Deadline(expect) => assert_eq!(p.deadline().map(|d| c.wall_ms(d)), expect, "{at}"),
             NeedsLogin(expect) => assert_eq!(p.needs_login(), expect, "{at}"),
+            Held(expect) => assert_eq!(p.logins_held_until().map(|t| c.ms(t)), expect, "{at}"),
             Gate { at: t, expect } => assert_eq!(c.ms(p.gate(c.now(t))), expect, "{at}"),
         }
     }
@@ -427,6 +436,85 @@ const TABLE: &[(&str, G, &[Step])] = &[
             Attempt { at: 0, behind: false, single: true, cluster: true },
         ],
     ),
+    (
+        // Issue 17 #5: a lost login reply retried at the refresh backoff (100 ms here) burnt
+        // RingCentral's 5 sessions in 15 s. The server may have started a session each time.
+        "a login that failed transiently backs off in minutes, not seconds",
+        G::Jwt,
+        &[
+            Bootstrap { at: 0 },
+            Begin { at: 0, has_rt: false, sends: Some(Request::Login) },
+            Fail { at: 0, failure: transient(None), draw: 0.0, next: retry(60 * S) },
+            attempt(60 * S - 1, false),
+            attempt(60 * S, true),
+            Begin { at: 60 * S, has_rt: false, sends: Some(Request::Login) },
+            Fail { at: 60 * S, failure: transient(None), draw: 0.999, next: retry(239_880) },
+            Begin { at: 400 * S, has_rt: false, sends: Some(Request::Login) },
+            Fail { at: 400 * S, failure: transient(None), draw: 0.0, next: retry(240 * S) },
+            // The fourth within the hour: the session budget (3) holds it.
+            Begin { at: 700 * S, has_rt: false, sends: None },
+            Held(Some(3600 * S)),
+        ],
+    ),
+    (
+        "a failed refresh after a login backs off as a refresh again",
+        G::Jwt,
+        &[
+            Begin { at: 0, has_rt: false, sends: Some(Request::Login) },
+            Succeed { at: 0, ttl: 3600, draw: 0.0 },
+            RefreshNow { at: S },
+            Begin { at: S, has_rt: true, sends: Some(Request::Refresh) },
+            Fail { at: S, failure: transient(None), draw: 0.0, next: retry(500) },
+        ],
+    ),
+    (
+        // SIGUSR1 clears a backoff, so a signal storm could send a login per signal.
+        "the session budget: a fourth login in an hour waits for the first to leave it",
+        G::Jwt,
+        &[
+            Bootstrap { at: 0 },
+            Begin { at: 0, has_rt: false, sends: Some(Request::Login) },
+            Fail { at: 0, failure: transient(None), draw: 0.0, next: retry(60 * S) },
+            RefreshNow { at: S },
+            Begin { at: S, has_rt: false, sends: Some(Request::Login) },
+            Fail { at: S, failure: transient(None), draw: 0.0, next: retry(120 * S) },
+            RefreshNow { at: 2 * S },
+            Begin { at: 2 * S, has_rt: false, sends: Some(Request::Login) },
+            Held(None),
+            RefreshNow { at: 3 * S },
+            Begin { at: 3 * S, has_rt: false, sends: None },
+            Held(Some(3600 * S)),
+            Gate { at: 3 * S, expect: 3600 * S },
+            Wake { at: 3 * S, expect: 903 * S },
+            attempt(3599 * S, false),
+            // Still wanted: it goes out once the first login leaves the hour.
+            attempt(3600 * S, true),
+            Begin { at: 3600 * S, has_rt: false, sends: Some(Request::Login) },
+            Held(None),
+        ],
+    ),
+    (
+        "a dead chain's re-login counts against the session budget too; a person's login clears the hold",
+        G::Jwt,
+        &[
+            Begin { at: 0, has_rt: false, sends: Some(Request::Login) },
+            Begin { at: S, has_rt: false, sends: Some(Request::Login) },
+            Begin { at: 2 * S, has_rt: false, sends: Some(Request::Login) },
+            Succeed { at: 2 * S, ttl: 3600, draw: 0.0 },
+            RefreshNow { at: 10 * S },
+            Begin { at: 10 * S, has_rt: true, sends: Some(Request::Refresh) },
+            Fail { at: 10 * S, failure: Failure::DeadChain, draw: 0.0, next: Next::Relogin },
+            // Due at once; `begin` finds the budget spent, and then the gate holds until then.
+            attempt(10 * S, true),
+            Begin { at: 10 * S, has_rt: true, sends: None },
+            Held(Some(3600 * S)),
+            attempt(11 * S, false),
+            LoggedIn,
+            Held(None),
+            RefreshNow { at: 11 * S },
+            Begin { at: 11 * S, has_rt: true, sends: Some(Request::Refresh) },
+        ],
+    ),
 ];
 
 #[test]
@@ -479,4 +567,33 @@ fn write_retries_back_off_to_ten_seconds_and_reset() {
     assert!(!w.due(c.now(4999)) && w.due(c.now(5000)));
     w.succeeded();
     assert_eq!(w.at(), None);
+}
+
+#[test]
+fn the_session_budget_outlives_a_restart_and_a_change_of_leader() {
+    let c = Clock::new();
+    let mut old = Policy::new(rules(ChainHome::Etcd, G::Jwt));
+    for m in [0, 1, 2] {
+        assert_eq!(old.begin(c.now(m * 60 * S), false), Some(Request::Login));
+    }
+    // Another process (a restart, or another host): its own monotonic clock, the same wall.
+    let other = Clock { t0: Instant::now() + Duration::from_secs(5000), wall0: c.wall0 };
+    let at = other.now(10 * 60 * S);
+    for home in [ChainHome::StateFile, ChainHome::Etcd] {
+        let mut new = Policy::new(rules(home, G::Jwt));
+        let logins: Vec<_> =
+            old.recent_logins(c.now(10 * 60 * S)).map(|t| c.wall(c.ms(t))).collect();
+        new.import_logins(&logins, at, other.wall(10 * 60 * S));
+        assert_eq!(new.begin(at, false), None, "{home:?}: the budget was spent before");
+        assert_eq!(new.logins_held_until().map(|t| other.ms(t)), Some(3600 * S), "{home:?}");
+    }
+    let stored = old.export_budget(c.now(10 * 60 * S), c.wall(10 * 60 * S));
+    assert_eq!(stored.logins, [c.wall(0), c.wall(60 * S), c.wall(120 * S)]);
+    let mut new = Policy::new(rules(ChainHome::Etcd, G::Jwt));
+    new.import_budget(&stored, at, other.wall(10 * 60 * S));
+    assert_eq!(new.begin(at, false), None);
+    // Logins older than an hour are not carried over.
+    let mut late = Policy::new(rules(ChainHome::StateFile, G::Jwt));
+    late.import_logins(&stored.logins, other.now(3601 * S), other.wall(3601 * S));
+    assert_eq!(late.begin(other.now(3601 * S), false), Some(Request::Login));
 }

@@ -320,6 +320,12 @@ pub struct Status {
     pub last_success_at: Option<DateTime<Utc>>,
     #[serde(with = "crate::time::rfc3339_opt", default)]
     pub next_refresh_at: Option<DateTime<Utc>>,
+    /// The logins of the last hour (the session budget), so a restart does not start it afresh.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logins: Vec<DateTime<Utc>>,
+    /// The session budget is spent: no login goes out before this.
+    #[serde(with = "crate::time::rfc3339_opt", default, skip_serializing_if = "Option::is_none")]
+    pub logins_held_until: Option<DateTime<Utc>>,
     /// The daemon that wrote this.
     pub pid: u32,
     /// Multi-host mode: this node's part in the token's election.

@@ -285,13 +285,14 @@ async fn trace_output_never_contains_a_secret() {
     w.write_config(&[TokenSpec::new("main")
         .extra("access_token_ttl = 2")
         .extra("request_timeout = \"1s\"")]);
+    let mut d = w.daemon_with(&[("RUST_LOG", "trace")], "");
+    d.wait_ready().await;
+    // After the first login: a login that fails this way waits minutes (the session budget).
     for f in
         ["status500", "commit_then_drop", "malformed", "truncated", "missing_access_token", "reset"]
     {
         w.server.inject(f.parse::<Fault>().unwrap());
     }
-    let mut d = w.daemon_with(&[("RUST_LOG", "trace")], "");
-    d.wait_ready().await;
     w.wait_generation("main", 4, Duration::from_secs(40)).await;
     d.stop().await;
     let out = d.output();

@@ -426,3 +426,77 @@ async fn careless_secrets_and_what_check_prints() {
     assert!(out.contains("mode 0666, writable by every user"), "{out}");
     assert!(out.contains("then never again") && !out.contains("every 1h"), "{out}");
 }
+
+/// Waits until `tokend status` says logins are held, and returns its text.
+async fn wait_held(w: &World) -> String {
+    wait_until("`tokend status` to say logins are held", T, || {
+        status_of(w).1.contains("holding back new logins until")
+    })
+    .await;
+    let (code, text) = status_of(w);
+    assert_eq!(code, 1, "holding back is not healthy: {text}");
+    text
+}
+
+/// #5: a lost or unusable login reply used to be retried at the refresh backoff: 5 sessions
+/// in 12-15 s, and RingCentral (like the fake) keeps 5 per user and drops the oldest. Such a
+/// login now backs off in minutes, and neither a storm of SIGUSR1 (each clears a backoff) nor
+/// a restart sends more logins than the session budget (default 3 an hour).
+#[tokio::test]
+async fn lost_or_unusable_login_replies_never_exceed_the_session_budget() {
+    let unusable = FaultKind::CommitThenPatch { fields: r#"{"expires_in":null}"#.into() };
+    for (kind, code) in [(FaultKind::CommitThenDrop, "network"), (unusable, "bad-reply")] {
+        let w = World::new().await;
+        let metrics = w.path("metrics.prom");
+        w.write_config_with(
+            &format!("[metrics]\ntextfile = \"{}\"", metrics.display()),
+            &[TokenSpec::new("main")],
+        );
+        w.server.inject(Fault { kind: kind.clone(), count: 50 });
+        let mut d = w.daemon();
+        d.wait_ready().await;
+        let spent = "login failed after the server may have started a session";
+        d.wait_log(spent, 1, T).await;
+        let line = d.output().lines().find(|l| l.contains(spent)).unwrap().to_string();
+        let delay: u64 = line
+            .split("retry_in_ms=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no retry_in_ms in {line}"));
+        assert!(delay >= 60_000, "{kind:?}: a login retried after {delay} ms: {line}");
+        assert!(line.contains(&format!("code={code}")), "{line}");
+        assert_eq!(w.stats().sessions_created, 1, "{kind:?}");
+        // Each SIGUSR1 clears the backoff; the budget still holds. Bounded: 200 signals.
+        for _ in 0..200 {
+            if d.count("session budget spent") > 0 {
+                break;
+            }
+            d.signal(libc::SIGUSR1);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let stats = w.stats();
+        assert!(stats.sessions_created <= 3, "{kind:?}: past the budget: {stats:?}");
+        d.wait_log("session budget spent", 1, T).await;
+        for _ in 0..20 {
+            d.signal(libc::SIGUSR1);
+        }
+        let text = wait_held(&w).await;
+        assert!(text.contains("3 logins in the last hour"), "{text}");
+        wait_until("tokend_logins_total 3 in the textfile", T, || {
+            std::fs::read_to_string(&metrics)
+                .is_ok_and(|t| t.contains("tokend_logins_total{token=\"main\"} 3\n"))
+        })
+        .await;
+        assert!(d.stop().await.success());
+        // A restart does not start the budget afresh.
+        let mut d = w.daemon();
+        d.wait_ready().await;
+        d.signal(libc::SIGUSR1);
+        d.wait_log("session budget spent", 1, T).await;
+        wait_held(&w).await;
+        assert!(d.stop().await.success());
+        let stats = w.stats();
+        assert_eq!(stats.sessions_created, 3, "{kind:?}: {stats:?}");
+        assert_eq!((stats.sessions_dropped, stats.faults_injected), (0, 3), "{kind:?}");
+    }
+}
