@@ -4,8 +4,8 @@
 
 use crate::config::{Config, ConfigError, TokenConfig};
 use crate::metrics::Metrics;
-use crate::refresher::Refresher;
 use crate::store::{LockError, StateLock, check_dir_writable};
+use crate::supervise::Mode;
 use crate::task::{CancellationToken, Command, Shared};
 use futures_util::StreamExt;
 use std::collections::BTreeMap;
@@ -304,8 +304,8 @@ impl Daemon {
         Ok((Some(gate), tasks))
     }
 
-    /// The token's task: the cluster's (election and mirror) in multi-host mode, else a
-    /// refresher.
+    /// The token's task, supervised: the cluster's (election and mirror) in multi-host mode,
+    /// else a refresher.
     fn spawn_task(
         &self,
         cfg: TokenConfig,
@@ -315,12 +315,12 @@ impl Daemon {
         ready: oneshot::Sender<()>,
     ) -> JoinHandle<()> {
         let shared = Shared { gate, ..self.shared.clone() };
-        #[cfg(feature = "etcd")]
-        if let Some((cluster, _)) = &self.cluster {
-            let cluster = cluster.clone();
-            return tokio::spawn(crate::cluster::run_token(cfg, shared, cluster, rx, stop, ready));
-        }
-        tokio::spawn(Refresher::new(cfg, shared).run(rx, stop, ready))
+        let mode = match () {
+            #[cfg(feature = "etcd")]
+            () if let Some((cluster, _)) = &self.cluster => Mode::Cluster(cluster.clone()),
+            () => Mode::Single,
+        };
+        tokio::spawn(crate::supervise::run(Arc::new(cfg), shared, mode, rx, stop, ready))
     }
 
     async fn join_schedule(

@@ -9,7 +9,8 @@
 //!   named second step (`Config::resolve_secrets`) by the commands that need them.
 //! - `daemon`: all tokens of one config: locks, the cron scheduler, signals, reload, readiness.
 //!   Each token runs as one task (`task`), a `refresher` on one host or the `cluster`'s
-//!   campaign, leader and mirror with `--features etcd`.
+//!   campaign, leader and mirror with `--features etcd`, under a `supervise`or that reports
+//!   and restarts a task that dies.
 //! - `policy`: every refresh decision, pure (it takes `now`, the wall clock and the random
 //!   draw): when, refresh or log in, retry and backoff, the request budget, needs-login. Both
 //!   modes drive the same `Policy`; `ChainHome` is the one place they differ.
@@ -51,6 +52,7 @@ pub mod shutdown;
 pub mod signal;
 pub mod status;
 pub mod store;
+pub(crate) mod supervise;
 pub(crate) mod systemd;
 pub(crate) mod task;
 pub mod text;

@@ -29,6 +29,9 @@ pub struct TokenMetrics {
     /// Unix seconds: the session budget is spent and logins wait until then.
     pub logins_held_until: Option<i64>,
     pub needs_login: bool,
+    /// The last death of the token's task (with the count of restarts): kept here, where it
+    /// outlives the task, and copied into each new task's status.
+    pub task: Option<crate::store::TaskFailure>,
     /// Time left below which `/healthz` calls the token near expiry.
     pub near_expiry: Duration,
 }
@@ -97,7 +100,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let tokens = self.tokens.lock().expect("metrics lock").clone();
         let mut out = String::new();
-        let gauges: [(&str, &str, &str, Getter); 10] = [
+        let gauges: [(&str, &str, &str, Getter); 11] = [
             (
                 "tokend_access_token_expiry_timestamp_seconds",
                 "gauge",
@@ -151,6 +154,12 @@ impl Metrics {
                 "gauge",
                 "While the session budget is spent: when the next login may go out.",
                 |m| m.logins_held_until.map(|v| v as f64),
+            ),
+            (
+                "tokend_task_restarts_total",
+                "counter",
+                "Times the token's task died (a panic or an unexpected end) and was restarted.",
+                |m| Some(m.task.as_ref().map_or(0.0, |t| t.restarts as f64)),
             ),
         ];
         for (name, kind, help, get) in gauges {
@@ -229,6 +238,9 @@ impl Metrics {
         for (name, m) in tokens.iter() {
             if m.needs_login {
                 out.push(format!("{name}: needs login"));
+            }
+            if let Some(t) = m.task.as_ref().filter(|t| t.restart_at > Utc::now()) {
+                out.push(format!("{name}: its task died ({}); restarting", t.reason));
             }
             match m.access_expires {
                 None => out.push(format!("{name}: no token published")),

@@ -166,8 +166,9 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(cfg: &TokenConfig, metrics: Arc<Metrics>, status: Status) -> Self {
-        metrics.update(&cfg.name, |_| {});
+    /// A task restarted after it died keeps showing that death (`Status::task`).
+    pub fn new(cfg: &TokenConfig, metrics: Arc<Metrics>, mut status: Status) -> Self {
+        metrics.update(&cfg.name, |m| status.task.clone_from(&m.task));
         Self {
             name: cfg.name.clone(),
             state_file: cfg.state_file.clone(),

@@ -16,7 +16,8 @@ use tracing::{error, info, warn};
 
 /// One token's refresher. Owns its state; nothing else writes this token's files.
 pub struct Refresher {
-    cfg: TokenConfig,
+    /// Shared with the supervisor that starts it again if it dies (`supervise.rs`).
+    cfg: Arc<TokenConfig>,
     /// Bounds token requests in flight across all tokens.
     requests: Arc<tokio::sync::Semaphore>,
     client: OAuthClient,
@@ -28,7 +29,7 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    pub fn new(cfg: TokenConfig, shared: Shared) -> Self {
+    pub fn new(cfg: Arc<TokenConfig>, shared: Shared) -> Self {
         let Shared { metrics, requests, client, gate } = shared;
         let status = Status { pid: std::process::id(), ..Status::default() };
         Self {
@@ -46,7 +47,7 @@ impl Refresher {
     /// from the state, or the first login has succeeded or failed.
     pub async fn run(
         mut self,
-        mut commands: mpsc::Receiver<Command>,
+        commands: &mut mpsc::Receiver<Command>,
         stop: CancellationToken,
         ready: oneshot::Sender<()>,
     ) {
@@ -75,7 +76,12 @@ impl Refresher {
                         self.policy.refresh_now(Instant::now());
                     },
                 },
-                () = tokio::time::sleep_until(wake.into()) => self.on_wake().await,
+                () = tokio::time::sleep_until(wake.into()) => {
+                    if crate::task::test_fault(self.name()).is_some() {
+                        return;
+                    }
+                    self.on_wake().await;
+                }
             }
         }
         if self.files.unwritten() {

@@ -8,11 +8,15 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use std::fmt::Write;
 
+/// How long a task's death keeps its token unhealthy in `tokend status`.
+const TASK_FAILURE_SHOWN: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
 /// One token's report (the `--json` shape).
 #[derive(Debug, Serialize)]
 pub struct TokenReport {
     pub name: String,
-    /// ok | not_running | needs_login | logins_held | expired | no_state | unreadable
+    /// ok | not_running | needs_login | logins_held | task_failed | expired | no_state |
+    /// unreadable
     pub health: &'static str,
     pub daemon_pid: Option<u32>,
     pub generation: Option<u64>,
@@ -30,6 +34,9 @@ pub struct TokenReport {
     /// The session budget is spent: no login before this (while the daemon runs).
     pub logins_held_until: Option<String>,
     pub last_error: Option<crate::store::ErrorRecord>,
+    /// The token's task died while this daemon ran (and was restarted, or will be).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<crate::store::TaskFailure>,
     pub problem: Option<String>,
     /// Multi-host mode: this node's role and whether etcd answers (while the daemon runs).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -74,6 +81,7 @@ pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
         session_budget: cfg.rate.sessions,
         logins_held_until: None,
         last_error: status.last_error,
+        task: None,
         problem: None,
         cluster: None,
     };
@@ -109,6 +117,14 @@ pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
     if pid.is_some() {
         r.next_refresh_at = status.next_refresh_at.map(ts);
         r.cluster = status.cluster;
+        r.task = status.task;
+        // A task that died is a bug to look at: unhealthy until it restarts and for an hour
+        // after, whether or not the restart helped.
+        let recent =
+            |t: &crate::store::TaskFailure| t.restart_at > now || now - t.at < TASK_FAILURE_SHOWN;
+        if r.health == "ok" && r.task.as_ref().is_some_and(recent) {
+            r.health = "task_failed";
+        }
         // Holding back logins means the token cannot get a new one until then: not healthy.
         if let Some(until) = status.logins_held_until.filter(|t| *t > now) {
             r.logins_held_until = Some(ts(until));
@@ -181,6 +197,19 @@ pub fn render(reports: &[TokenReport]) -> String {
                 rel(until, now),
                 r.logins_last_hour,
                 r.session_budget
+            );
+        }
+        if let Some(t) = &r.task {
+            let when = if t.restart_at > now { "restarts" } else { "restarted" };
+            let _ = writeln!(
+                out,
+                "  {:<16}{} time(s), last at {} ({}): {}; {when} {}",
+                "task died",
+                t.restarts,
+                ts(t.at),
+                rel(t.at, now),
+                t.reason,
+                rel(t.restart_at, now)
             );
         }
         if let Some(e) = &r.last_error {

@@ -15,5 +15,5 @@ pub use read::{MAX_FILE, read_regular};
 pub use sink::{SinkDoc, render_sink, write_stale_sinks};
 pub use state::{
     ClusterStatus, ErrorRecord, MAX_GENERATION, STATE_VERSION, State, StateError, Status,
-    next_generation, next_state,
+    TaskFailure, next_generation, next_state,
 };

@@ -30,3 +30,47 @@ pub struct Shared {
     /// This token's proxy gate, when it has `[[token.proxy]]`s (set per token by the daemon).
     pub gate: Option<Arc<crate::proxy::Gate>>,
 }
+
+/// A fault for tests, set by `TOKEND_TEST_TASK_FAULT=panic:NAME[:COUNT]` or `exit:NAME[:COUNT]`
+/// (debug builds only; release builds ignore it): the task of token NAME panics, or returns as
+/// if it had nothing left to do, at its next COUNT wake-ups (default 1). Since the overflow
+/// panics of issue 17 are fixed no input makes a task die, yet the supervisor that catches one
+/// (`supervise.rs`) must be tested through the binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestFault {
+    Exit,
+}
+
+/// Applies the test fault of token `name`, if one is set and left: panics, or returns
+/// `Some(TestFault::Exit)` when the task must return.
+#[cfg(debug_assertions)]
+pub fn test_fault(name: &str) -> Option<TestFault> {
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static FAULT: LazyLock<Option<(bool, String, AtomicU32)>> = LazyLock::new(|| {
+        let v = std::env::var("TOKEND_TEST_TASK_FAULT").ok()?;
+        let mut parts = v.split(':');
+        let panic = match parts.next()? {
+            "panic" => true,
+            "exit" => false,
+            _ => return None,
+        };
+        let name = parts.next()?.to_string();
+        let count = parts.next().map_or(Some(1), |c| c.parse().ok())?;
+        Some((panic, name, AtomicU32::new(count)))
+    });
+    let (panic, token, left) = FAULT.as_ref()?;
+    if token != name
+        || left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| l.checked_sub(1)).is_err()
+    {
+        return None;
+    }
+    assert!(!panic, "TOKEND_TEST_TASK_FAULT: token {name}'s task panics here (a test-only fault)");
+    Some(TestFault::Exit)
+}
+
+/// Release builds have no test faults.
+#[cfg(not(debug_assertions))]
+pub fn test_fault(_name: &str) -> Option<TestFault> {
+    None
+}

@@ -122,6 +122,9 @@ impl<'a> Leader<'a> {
                     Some(cmd) => self.on_command(cmd, &mut cur).await,
                 },
                 () = tokio::time::sleep_until(wake.into()) => {
+                    if crate::task::test_fault(self.name()).is_some() {
+                        return Outcome::Stop;
+                    }
                     self.on_wake(&mut cur, &mut handoff_at).await
                 }
                 _ = self.lease_rx.changed() => self.lease_ok() || {

@@ -29,7 +29,7 @@ use tracing::info;
 
 /// What a token's tasks share.
 pub(super) struct Ctx {
-    pub cfg: TokenConfig,
+    pub cfg: Arc<TokenConfig>,
     pub shared: Shared,
     pub cluster: Cluster,
     pub pair_key: String,
@@ -125,10 +125,10 @@ pub(super) enum Stored {
 /// Runs one token until `stop`. `ready` fires once the mirror has published from etcd, or
 /// from the local state file if etcd is unreachable.
 pub async fn run(
-    cfg: TokenConfig,
+    cfg: Arc<TokenConfig>,
     shared: Shared,
     cluster: Cluster,
-    mut commands: mpsc::Receiver<Command>,
+    commands: &mut mpsc::Receiver<Command>,
     stop: CancellationToken,
     ready: oneshot::Sender<()>,
 ) {
@@ -153,9 +153,23 @@ pub async fn run(
         shared,
         cluster,
     });
-    let mirror = tokio::spawn(super::mirror::run(ctx.clone(), stop.clone(), ready));
-    super::campaign::run(&ctx, &mut commands, &stop).await;
-    // The mirror stops on the same token; it flushes what it has not written yet.
+    // The mirror stops with the candidate, also when the candidate dies (the guard cancels on
+    // unwinding too): a restarted task must not find an old mirror still writing.
+    let mirror_stop = stop.child_token();
+    let guard = mirror_stop.clone().drop_guard();
+    let mut mirror = tokio::spawn(super::mirror::run(ctx.clone(), mirror_stop, ready));
+    tokio::select! {
+        () = super::campaign::run(&ctx, commands, &stop) => {}
+        // The mirror ends only on `stop`: before it, it died, and so does the token's task,
+        // for its supervisor to report and restart.
+        ended = &mut mirror => match ended {
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            _ if !stop.is_cancelled() => panic!("the cluster mirror of token {} ended before its stop", ctx.name()),
+            _ => return,
+        },
+    }
+    // The mirror stops with the candidate; it flushes what it has not written yet.
+    drop(guard);
     let _ = mirror.await;
     info!(token = %ctx.name(), "token stopped (cluster)");
 }

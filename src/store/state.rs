@@ -326,11 +326,28 @@ pub struct Status {
     /// The session budget is spent: no login goes out before this.
     #[serde(with = "crate::time::rfc3339_opt", default, skip_serializing_if = "Option::is_none")]
     pub logins_held_until: Option<DateTime<Utc>>,
+    /// The token's task died (a panic, an unexpected end) while this daemon ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskFailure>,
     /// The daemon that wrote this.
     pub pid: u32,
     /// Multi-host mode: this node's part in the token's election.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
+}
+
+/// The last death of a token's task, kept by the daemon across the task's restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFailure {
+    /// Deaths since the daemon started.
+    pub restarts: u64,
+    #[serde(with = "crate::time::rfc3339")]
+    pub at: DateTime<Utc>,
+    /// The panic's message (control characters escaped) or "returned unexpectedly".
+    pub reason: String,
+    /// When the task starts again (past once it has).
+    #[serde(with = "crate::time::rfc3339")]
+    pub restart_at: DateTime<Utc>,
 }
 
 /// A node's view of the cluster, for `tokend status`.

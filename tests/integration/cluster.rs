@@ -724,3 +724,33 @@ async fn healthz_warns_before_the_token_expires_when_the_leader_cannot_refresh()
         .unwrap_or_else(|| panic!("no seconds in {body:?}"));
     assert!(left > 0, "warned only after expiry: {body:?}");
 }
+
+#[tokio::test]
+async fn a_cluster_token_task_that_dies_is_reported_and_restarted() {
+    // The candidate (and with it the mirror) of a leader panics at a wake-up (a test-only
+    // fault, debug builds only, see hostile.rs): the supervisor reports it and starts both
+    // again; the host leads again from etcd, without a login.
+    let mut f = Fleet::start(1, 2, "0 0 0 1 1 *", "").await;
+    f.converged(1, Duration::from_secs(10)).await;
+    let mut d = f.hosts[0].daemon.take().unwrap();
+    assert!(d.stop().await.success());
+    let env = [("TOKEND_TEST_TASK_FAULT", "panic:main")];
+    let d = f.w.daemon_on(&f.hosts[0].config, &env, "");
+    d.wait_ready().await;
+    f.hosts[0].daemon = Some(d);
+    f.leader(Duration::from_secs(10)).await;
+    let h = &f.hosts[0];
+    h.daemon().signal(libc::SIGUSR1);
+    let t = Duration::from_secs(20);
+    h.daemon().wait_log("the token's task died", 1, t).await;
+    h.daemon().wait_log("restarting the token's task", 1, t).await;
+    let out = crate::harness::tokend(&["status", "--config", h.config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("TASK FAILED") && text.contains("panicked: TOKEND_TEST"), "{text}");
+    assert_eq!(h.metric("tokend_task_restarts_total{token=\"main\"}").await, Some(1.0));
+    f.leader(Duration::from_secs(10)).await;
+    f.hosts[0].daemon().signal(libc::SIGUSR1);
+    f.converged(2, Duration::from_secs(10)).await;
+    f.assert_clean();
+}

@@ -500,3 +500,57 @@ async fn lost_or_unusable_login_replies_never_exceed_the_session_budget() {
         assert_eq!((stats.sessions_dropped, stats.faults_injected), (0, 3), "{kind:?}");
     }
 }
+
+/// The rule of issue 17, "a task that dies is never silent": a panic (#1's overflow used to
+/// panic a token's task while `status` said OK) or a return of a token's task is logged at
+/// ERROR, shown by `tokend status` (exit 1), counted, and the task restarted with backoff; the
+/// other token never notices. Nothing from outside kills a task any more, so a test-only fault
+/// (`TOKEND_TEST_TASK_FAULT`, debug builds only) does, at the task's next wake-up.
+#[tokio::test]
+async fn a_token_task_that_dies_is_reported_and_restarted() {
+    let cases = [
+        ("panic:main:2", 2, "panicked: TOKEND_TEST_TASK_FAULT"),
+        ("exit:main", 1, "returned unexpectedly"),
+    ];
+    for (fault, deaths, reason) in cases {
+        let w = World::new().await;
+        let metrics = w.path("metrics.prom");
+        w.write_config_with(
+            &format!("[metrics]\ntextfile = \"{}\"", metrics.display()),
+            &[TokenSpec::new("main"), TokenSpec::new("other")],
+        );
+        let mut d = w.daemon_with(&[("TOKEND_TEST_TASK_FAULT", fault)], "");
+        d.wait_ready().await;
+        for n in 1..=deaths {
+            d.signal(libc::SIGUSR1);
+            d.wait_log("the token's task died", n, T).await;
+            let (code, text) = status_of(&w);
+            assert_eq!(code, 1, "{fault}: {text}");
+            assert!(text.contains("main: TASK FAILED") && text.contains(reason), "{text}");
+            assert!(text.contains(&format!("{:<16}{n} time(s)", "task died")), "{text}");
+            d.wait_log("restarting the token's task", n, T).await;
+        }
+        let died =
+            d.output().lines().find(|l| l.contains("the token's task died")).unwrap().to_string();
+        assert!(died.contains("ERROR") && died.contains(reason), "{died}");
+        // Restarted, it refreshes again; the other token refreshed on every signal meanwhile.
+        d.signal(libc::SIGUSR1);
+        w.wait_generation("main", 2, T).await;
+        w.wait_generation("other", 2 + deaths as u64, T).await;
+        let want = format!("tokend_task_restarts_total{{token=\"main\"}} {deaths}\n");
+        wait_until("the restarts in the metrics", T, || {
+            std::fs::read_to_string(&metrics).is_ok_and(|t| t.contains(&want))
+        })
+        .await;
+        let text = std::fs::read_to_string(&metrics).unwrap();
+        assert!(text.contains("tokend_task_restarts_total{token=\"other\"} 0\n"), "{text}");
+        let (code, text) = status_of(&w);
+        assert_eq!(code, 1, "a death keeps the token unhealthy for an hour: {text}");
+        assert!(text.contains("other: OK"), "{text}");
+        assert!(d.stop().await.success());
+        let log = d.output();
+        for secret in [crate::harness::JWT, crate::harness::CLIENT_SECRET] {
+            assert!(!log.contains(secret), "{fault}: a secret in the log");
+        }
+    }
+}
