@@ -138,6 +138,17 @@ impl Grant {
     pub fn can_relogin(&self) -> bool {
         matches!(self, Grant::Jwt { .. } | Grant::Password { .. })
     }
+
+    /// Whether a login of this grant starts a new session at the server (RingCentral keeps 5
+    /// per user and drops the oldest): such logins count against `session_budget` and, when
+    /// they fail transiently, wait minutes. Sending a configured refresh token continues the
+    /// session it came from. Exhaustive on purpose: a new grant must say.
+    pub fn starts_sessions(&self) -> bool {
+        match self {
+            Grant::Jwt { .. } | Grant::Password { .. } | Grant::AuthorizationCode { .. } => true,
+            Grant::RefreshToken { .. } => false,
+        }
+    }
 }
 
 /// A cron schedule with a seconds field, kept with its source text.

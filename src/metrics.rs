@@ -146,7 +146,7 @@ impl Metrics {
             (
                 "tokend_logins_total",
                 "counter",
-                "Logins sent (jwt, password, refresh_token grants): each may start a new session.",
+                "Logins sent (the configured grant, not the refresh token); a jwt or password login starts a session.",
                 |m| Some(m.logins as f64),
             ),
             (

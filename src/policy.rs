@@ -94,6 +94,9 @@ pub struct Rules {
     pub window: Duration,
     /// Logins (each a new session) allowed per `SESSION_WINDOW`; more wait.
     pub sessions: usize,
+    /// The grant's logins start sessions (jwt, password): they count against `sessions` and
+    /// back off in minutes.
+    pub logins_start_sessions: bool,
     /// The grant can start a new session without a person (jwt, password).
     pub can_relogin: bool,
     /// The grant can get a first token without a person (all but authorization_code: a
@@ -112,6 +115,7 @@ impl Rules {
             requests: cfg.rate.requests,
             window: cfg.rate.window,
             sessions: cfg.rate.sessions,
+            logins_start_sessions: cfg.grant.starts_sessions(),
             can_relogin: cfg.grant.can_relogin(),
             can_log_in: !matches!(cfg.grant, crate::config::Grant::AuthorizationCode { .. }),
             home,
@@ -237,6 +241,11 @@ impl Policy {
         self.logins_held_until = None;
     }
 
+    /// The request starts a new session: a login of a grant that starts them.
+    fn is_session(&self, request: Request) -> bool {
+        request == Request::Login && self.rules.logins_start_sessions
+    }
+
     /// While the session budget is spent: when the next login may go out.
     pub fn logins_held_until(&self) -> Option<Instant> {
         self.logins_held_until
@@ -316,7 +325,7 @@ impl Policy {
         } else {
             return None;
         };
-        if request == Request::Login {
+        if self.is_session(request) {
             let free = self.logins.earliest(now);
             if free > now {
                 (self.logins_held_until, self.pending) = (Some(free), Some(now));
@@ -344,7 +353,7 @@ impl Policy {
             Failure::Transient { retry_after } => {
                 self.attempt += 1;
                 let r = self.rules;
-                let (initial, max) = if self.sent == Some(Request::Login) {
+                let (initial, max) = if self.sent.is_some_and(|r| self.is_session(r)) {
                     (LOGIN_RETRY_INITIAL.max(r.retry_initial), LOGIN_RETRY_MAX.max(r.retry_max))
                 } else {
                     (r.retry_initial, r.retry_max)

@@ -290,14 +290,17 @@ pub fn report_sessions(report: &Report, cfg: &TokenConfig, policy: &Policy, sent
 /// `request`: what was sent; a login that failed this way may have spent a session.
 pub fn report_failure(
     report: &Report,
-    name: &str,
+    cfg: &TokenConfig,
     (e, request): (&OAuthError, Request),
     (next, attempt): (Next, u32),
     serving: Option<&str>,
 ) {
-    let code = e.code();
+    let (code, name) = (e.code(), &cfg.name);
+    let starts_sessions = cfg.grant.starts_sessions();
     match next {
-        Next::Retry(delay) if request == Request::Login && e.may_have_acted() => {
+        Next::Retry(delay)
+            if request == Request::Login && e.may_have_acted() && starts_sessions =>
+        {
             report.failure(&code, &e.to_string(), true, false);
             warn!(token = %name, attempt, code = %code, error = %e, retry_in_ms = delay.as_millis() as u64, "login failed after the server may have started a session (possible spent session); retrying in minutes");
         }

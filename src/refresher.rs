@@ -271,13 +271,7 @@ impl Refresher {
         }
         let serving = self.state().map(|s| crate::time::left(s.access_expires_at, Utc::now()));
         let attempt = self.policy.attempt();
-        report_failure(
-            &self.report,
-            &self.cfg.name,
-            (e, request),
-            (next, attempt),
-            serving.as_deref(),
-        );
+        report_failure(&self.report, &self.cfg, (e, request), (next, attempt), serving.as_deref());
     }
 
     async fn write_intent(&self) {

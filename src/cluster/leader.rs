@@ -429,7 +429,7 @@ impl<'a> Leader<'a> {
         let attempt = self.policy.attempt();
         report_failure(
             &self.ctx.report,
-            self.name(),
+            &self.ctx.cfg,
             (e, request),
             (next, attempt),
             serving.as_deref(),

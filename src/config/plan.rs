@@ -88,6 +88,13 @@ fn token_plan(out: &mut String, t: &TokenConfig) {
         t.rate.requests,
         d(t.rate.window)
     );
+    if t.grant.starts_sessions() {
+        let _ = writeln!(
+            out,
+            "  logins          at most {} an hour, each a new session (session_budget)",
+            t.rate.sessions
+        );
+    }
     for s in &t.sinks {
         let rt = if s.include_refresh_token { ", with refresh token" } else { "" };
         let _ = writeln!(

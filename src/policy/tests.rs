@@ -150,6 +150,7 @@ fn rules(home: ChainHome, grant: G) -> Rules {
         requests: 5,
         window: Duration::from_secs(60),
         sessions: 3,
+        logins_start_sessions: !matches!(grant, G::Rt),
         can_relogin: matches!(grant, G::Jwt),
         can_log_in: !matches!(grant, G::Code),
         home,
@@ -513,6 +514,20 @@ const TABLE: &[(&str, G, &[Step])] = &[
             Held(None),
             RefreshNow { at: 11 * S },
             Begin { at: 11 * S, has_rt: true, sends: Some(Request::Refresh) },
+        ],
+    ),
+    (
+        // Sending a configured refresh token continues the session it came from.
+        "refresh_token grant: its logins start no session, so no budget and no minutes-long wait",
+        G::Rt,
+        &[
+            Bootstrap { at: 0 },
+            Begin { at: 0, has_rt: false, sends: Some(Request::Login) },
+            Fail { at: 0, failure: transient(None), draw: 0.0, next: retry(500) },
+            Begin { at: S, has_rt: false, sends: Some(Request::Login) },
+            Begin { at: 2 * S, has_rt: false, sends: Some(Request::Login) },
+            Begin { at: 3 * S, has_rt: false, sends: Some(Request::Login) },
+            Held(None),
         ],
     ),
 ];
