@@ -52,6 +52,8 @@ pub enum DaemonError {
         "too many open files at {path}: raise the open-file limit (systemd: LimitNOFILE=; the daemon raises its soft limit to the hard one at start)"
     )]
     TooManyFiles { path: PathBuf },
+    #[error("{0}")]
+    Tls(#[from] crate::oauth::TlsSetupError),
 }
 
 impl DaemonError {
@@ -66,7 +68,9 @@ impl DaemonError {
             Self::Lock(_) => 75,
             Self::Scheduler(_) => 70,
             Self::Listen { .. } | Self::ProxyListen { .. } => 71,
-            Self::Files(crate::config::FileProblem::Limit(_)) | Self::TooManyFiles { .. } => 69,
+            Self::Files(crate::config::FileProblem::Limit(_))
+            | Self::TooManyFiles { .. }
+            | Self::Tls(_) => 69,
         }
     }
 }
@@ -211,7 +215,7 @@ impl Daemon {
         let shared = Shared {
             metrics,
             requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
-            client: crate::oauth::OAuthClient::new(std::time::Duration::from_secs(30)),
+            client: crate::oauth::OAuthClient::new(std::time::Duration::from_secs(30))?,
             gate: None,
         };
         #[cfg(feature = "etcd")]

@@ -82,7 +82,7 @@ pub async fn login(
             "the redirect's state does not match this login (a stale or forged redirect)"
         );
     }
-    let tokens = OAuthClient::new(cfg.request_timeout)
+    let tokens = OAuthClient::new(cfg.request_timeout)?
         .exchange_code(cfg, &code, &redirect, &verifier)
         .await?;
     let previous = State::load_for(&cfg.state_file, &cfg.name).ok().flatten();

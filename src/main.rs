@@ -28,7 +28,8 @@ enum Command {
     ///
     /// Signals: SIGTERM/SIGINT stop gracefully, SIGHUP reloads config and secrets, SIGUSR1
     /// refreshes every token now. Exit codes: 78 config error, 73 directory not writable,
-    /// 75 another tokend holds a token's lock, 69 open-file limit too low for the tokens.
+    /// 75 another tokend holds a token's lock, 69 open-file limit too low for the tokens or
+    /// no CA certificates for TLS.
     Run(ConfigArg),
     /// Show each token's health, expiries, last and next refresh, and last error.
     ///

@@ -102,6 +102,14 @@ impl OAuthError {
 }
 
 /// Talks to one token endpoint.
+/// The HTTPS client could not be built: on Linux, no CA certificate was found in the system's
+/// store (a minimal container, a stripped image).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot set up TLS for the token endpoint: {0}; install the system's CA certificates (Debian: apt install ca-certificates)"
+)]
+pub struct TlsSetupError(String);
+
 #[derive(Clone)]
 pub struct OAuthClient {
     http: reqwest::Client,
@@ -111,15 +119,15 @@ impl OAuthClient {
     /// One client serves every token (one connection pool, one TLS config: a client per
     /// token cost ~150 kB each). `request_timeout` bounds each request unless the token's
     /// config sets its own.
-    pub fn new(request_timeout: Duration) -> Self {
+    pub fn new(request_timeout: Duration) -> Result<Self, TlsSetupError> {
         let http = reqwest::Client::builder()
             .connect_timeout(request_timeout.min(Duration::from_secs(10)))
             .timeout(request_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
             .build()
-            .expect("TLS backend initialises");
-        Self { http }
+            .map_err(|e| TlsSetupError(with_root_cause(&e)))?;
+        Ok(Self { http })
     }
 
     /// Logs in with the token's configured grant (a new session).
@@ -232,16 +240,21 @@ fn add_options(cfg: &TokenConfig, form: &mut Vec<(&str, String)>) {
 fn transport(e: reqwest::Error) -> OAuthError {
     // reqwest's Display never includes the form body; drop the URL too and add the root cause.
     let timeout = e.is_timeout();
-    let e = e.without_url();
+    let message = with_root_cause(&e.without_url());
+    OAuthError::Transport { message, timeout }
+}
+
+/// `e`, then the last error in its chain of sources (where the real reason is).
+fn with_root_cause(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
-    let mut source = std::error::Error::source(&e);
+    let mut source = e.source();
     while let Some(s) = source {
         if s.source().is_none() {
             message = format!("{message}: {s}");
         }
         source = s.source();
     }
-    OAuthError::Transport { message, timeout }
+    message
 }
 
 async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, OAuthError> {

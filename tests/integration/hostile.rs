@@ -554,3 +554,35 @@ async fn a_token_task_that_dies_is_reported_and_restarted() {
         }
     }
 }
+
+/// A machine without CA certificates (a minimal container) used to panic at start ("TLS
+/// backend initialises", exit 101). Now: exit 69 with the reason and the fix. The test hides
+/// the system's CA store in a private mount namespace, so it runs as root (CI does).
+#[tokio::test]
+async fn no_ca_certificates_is_a_clear_error_not_a_panic() {
+    let root = std::process::Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    assert!(
+        root,
+        "this test hides the CA store in a mount namespace and must run as root (CI does)"
+    );
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let empty = w.path("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let hide: Vec<String> = ["/etc/ssl/certs", "/usr/share/ca-certificates"]
+        .into_iter()
+        .filter(|d| std::path::Path::new(d).is_dir())
+        .map(|d| format!("mount --bind {} {d} && ", empty.display()))
+        .collect();
+    let hide = hide.concat();
+    let script =
+        format!("{hide}exec {} run --config {}", crate::harness::BIN, w.config_path().display());
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("unshare (util-linux) runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("CA certificates") && !stderr.contains("panicked"), "{stderr}");
+}
