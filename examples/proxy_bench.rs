@@ -4,95 +4,174 @@
 //!   scripts/bench-proxy            # installs nginx (Debian package) when missing, then runs this
 //!
 //! The upstream is a minimal HTTP server in this process answering 200 at once, so what is
-//! measured is the proxies. Prints one table with ratios to nginx; the README quotes the last run.
-#![allow(clippy::too_many_lines, clippy::cast_possible_truncation)]
+//! measured is the proxies. The load is raw HTTP/1.1 keep-alive connections (a fixed request
+//! written, the reply read to its Content-Length), cheap enough that the proxies, not the
+//! client, set the pace on a 2-core machine. Each round runs every target once per
+//! connection count; the table gives the median over the rounds, ratios to nginx from the same
+//! run. `TOKEND_BEFORE_BIN=path` adds a second tokend (an older build) to compare in one run.
+//! `BENCH_ROUNDS` (default 3) and `BENCH_SECS` (seconds per row, default 3) set the length.
+#![allow(clippy::too_many_lines, clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokend::fake::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_JWT, FakeConfig, FakeServer};
 
-const RUN: Duration = Duration::from_secs(5);
 const IDLE: usize = 1000;
+const PATH: &str = "/restapi/v1.0/account/~/extension/~";
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
 
 fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(run());
 }
 
+struct Target {
+    name: &'static str,
+    port: u16,
+    pids: Vec<u32>,
+}
+
 async fn run() {
+    let rounds = env_num("BENCH_ROUNDS", 3).max(1) as usize;
+    let secs = Duration::from_secs(env_num("BENCH_SECS", 3).max(1));
     let dir = tempfile::tempdir().unwrap();
     let upstream = start_upstream().await;
     let fake = FakeServer::start(FakeConfig::for_tests()).await.unwrap();
-    let tokend_port = free_port();
+    let mut children = Vec::new();
+    let mut targets =
+        vec![Target { name: "direct (floor)", port: port_of(&upstream), pids: vec![] }];
     let nginx_port = free_port();
-    let mut tokend = start_tokend(dir.path(), &fake.url(), &upstream, tokend_port).await;
-    let mut nginx = start_nginx(dir.path(), &upstream, nginx_port).await;
-    let targets = [
-        ("direct (floor)", upstream.clone()),
-        ("nginx", format!("http://127.0.0.1:{nginx_port}")),
-        ("tokend", format!("http://127.0.0.1:{tokend_port}")),
+    let nginx = start_nginx(dir.path(), &upstream, nginx_port).await;
+    targets.push(Target { name: "nginx", port: nginx_port, pids: nginx_pids(nginx.id()) });
+    children.push(nginx);
+    let bins = [
+        ("tokend", Some(tokend_bin())),
+        ("tokend (before)", std::env::var("TOKEND_BEFORE_BIN").ok().map(Into::into)),
     ];
-    println!("proxy benchmark: GET with a small reply, {RUN:?} per row, loopback, this machine");
-    println!("{:<16} {:>6} {:>10} {:>10} {:>12}", "target", "conns", "p50 us", "p99 us", "req/s");
-    let mut rows = Vec::new();
-    for conns in [1usize, 64] {
-        for (name, url) in &targets {
-            let r = load(url, conns).await;
-            println!("{name:<16} {conns:>6} {:>10} {:>10} {:>12.0}", r.p50, r.p99, r.rps);
-            rows.push((*name, conns, r));
-        }
+    for (name, bin) in bins {
+        let Some(bin) = bin else { continue };
+        let port = free_port();
+        let sub = dir.path().join(name.replace([' ', '(', ')'], ""));
+        std::fs::create_dir_all(&sub).unwrap();
+        let child = start_tokend(&bin, &sub, &fake.url(), &upstream, port).await;
+        targets.push(Target { name, port, pids: vec![child.id()] });
+        children.push(child);
     }
-    println!("\nadded latency over direct, and ratios tokend/nginx:");
-    for conns in [1usize, 64] {
-        let get = |n: &str| &rows.iter().find(|(name, c, _)| *name == n && *c == conns).unwrap().2;
-        let (d, n, t) = (get("direct (floor)"), get("nginx"), get("tokend"));
-        let added = |x: &Load| (x.p50.saturating_sub(d.p50), x.p99.saturating_sub(d.p99));
-        let (n50, n99) = added(n);
-        let (t50, t99) = added(t);
+    // First, on fresh processes: the heap left by the load rows would absorb part of it.
+    let mut n_mem = 0;
+    for t in targets.iter().filter(|t| !t.pids.is_empty()) {
+        let mem = idle_memory(t.port, &t.pids).await;
+        if t.name == "nginx" {
+            n_mem = mem;
+        }
         println!(
-            "{conns:>3} conns: added p50 nginx {n50} us, tokend {t50} us ({:.2}x); added p99 nginx {n99} us, tokend {t99} us ({:.2}x); throughput tokend/nginx {:.2}x",
-            ratio(t50, n50),
-            ratio(t99, n99),
-            t.rps / n.rps
+            "memory per {IDLE} idle client connections: {} {mem} KiB ({:.2}x nginx)",
+            t.name,
+            mem as f64 / n_mem.max(1) as f64
         );
     }
-    let nginx_pids = nginx_pids(nginx.id());
-    let t_mem = idle_memory(tokend_port, &[tokend.id()]).await;
-    let n_mem = idle_memory(nginx_port, &nginx_pids).await;
     println!(
-        "memory per {IDLE} idle client connections: nginx {n_mem} KiB, tokend {t_mem} KiB ({:.2}x)",
-        t_mem as f64 / n_mem.max(1) as f64
+        "proxy benchmark: GET with a small reply, {secs:?} per row, {rounds} rounds, loopback, this machine (load {})",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or("?")
     );
-    stop(&mut tokend);
-    stop(&mut nginx);
+    println!("{:<16} {:>6} {:>10} {:>10} {:>12}", "target", "conns", "p50 us", "p99 us", "req/s");
+    let mut rows: Vec<(&str, usize, Load)> = Vec::new();
+    for round in 0..rounds {
+        for conns in [1usize, 64] {
+            for t in &targets {
+                let r = load(t.port, conns, secs).await;
+                println!(
+                    "{:<16} {conns:>6} {:>10} {:>10} {:>12.0}   round {}",
+                    t.name,
+                    r.p50,
+                    r.p99,
+                    r.rps,
+                    round + 1
+                );
+                rows.push((t.name, conns, r));
+            }
+        }
+    }
+    println!("\nmedians over {rounds} rounds; added latency over direct, and ratios to nginx:");
+    for conns in [1usize, 64] {
+        let med = |n: &str| {
+            median_load(rows.iter().filter(|(name, c, _)| *name == n && *c == conns).map(|r| &r.2))
+        };
+        let (d, n) = (med("direct (floor)"), med("nginx"));
+        let added = |x: &Load| (x.p50.saturating_sub(d.p50), x.p99.saturating_sub(d.p99));
+        let (n50, n99) = added(&n);
+        println!(
+            "{conns:>3} conns: direct p50 {} us p99 {} us {:.0} req/s; nginx added p50 {n50} us, p99 {n99} us, {:.0} req/s",
+            d.p50, d.p99, d.rps, n.rps
+        );
+        for t in targets.iter().filter(|t| t.name.starts_with("tokend")) {
+            let x = med(t.name);
+            let (t50, t99) = added(&x);
+            println!(
+                "    {:<16} added p50 {t50} us ({:.2}x nginx), added p99 {t99} us ({:.2}x), {:.0} req/s, throughput {:.2}x nginx",
+                t.name,
+                ratio(t50, n50),
+                ratio(t99, n99),
+                x.rps,
+                x.rps / n.rps
+            );
+        }
+    }
+    for mut c in children {
+        stop(&mut c);
+    }
+}
+
+fn tokend_bin() -> std::path::PathBuf {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/tokend");
+    std::env::var_os("TOKEND_BIN").map_or(bin, Into::into)
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
     a as f64 / b.max(1) as f64
 }
 
+#[derive(Clone, Copy)]
 struct Load {
     p50: u64,
     p99: u64,
     rps: f64,
 }
 
-/// `conns` keep-alive connections, each sending requests back to back for `RUN`.
-async fn load(url: &str, conns: usize) -> Load {
-    let url = format!("{url}/restapi/v1.0/account/~/extension/~");
-    let deadline = Instant::now() + RUN;
+fn median_load<'a>(loads: impl Iterator<Item = &'a Load>) -> Load {
+    let loads: Vec<&Load> = loads.collect();
+    let mid = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Load {
+        p50: mid(loads.iter().map(|l| l.p50 as f64).collect()) as u64,
+        p99: mid(loads.iter().map(|l| l.p99 as f64).collect()) as u64,
+        rps: mid(loads.iter().map(|l| l.rps).collect()),
+    }
+}
+
+/// `conns` keep-alive connections, each sending requests back to back for `secs`.
+async fn load(port: u16, conns: usize, secs: Duration) -> Load {
+    let deadline = Instant::now() + secs;
     let tasks: Vec<_> = (0..conns)
         .map(|_| {
-            let url = url.clone();
             tokio::spawn(async move {
-                let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+                let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut buf = Vec::with_capacity(4096);
                 let mut lat = Vec::new();
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let resp = client.get(&url).send().await.expect("request");
-                    assert!(resp.status().is_success(), "{}", resp.status());
-                    resp.bytes().await.unwrap();
+                    exchange(&mut s, &mut buf).await;
                     lat.push(t.elapsed().as_micros() as u64);
                 }
                 lat
@@ -105,7 +184,38 @@ async fn load(url: &str, conns: usize) -> Load {
     }
     all.sort_unstable();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
-    Load { p50: pct(0.50), p99: pct(0.99), rps: all.len() as f64 / RUN.as_secs_f64() }
+    Load { p50: pct(0.50), p99: pct(0.99), rps: all.len() as f64 / secs.as_secs_f64() }
+}
+
+/// One request on a keep-alive connection; the reply must be a 200 with a Content-Length.
+async fn exchange(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(format!("GET {PATH} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+    buf.clear();
+    loop {
+        if let Some(len) = reply_len(buf)
+            && buf.len() >= len
+        {
+            assert!(buf.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(buf));
+            return;
+        }
+        let n = s.read_buf(buf).await.unwrap();
+        assert!(n > 0, "connection closed before the reply");
+    }
+}
+
+/// The whole reply's length once its head is in.
+fn reply_len(reply: &[u8]) -> Option<usize> {
+    let end = reply.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&reply[..end]).ok()?;
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+        })
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    Some(end + len)
 }
 
 /// Resident memory of `pids` before and after opening `IDLE` connections that each made one
@@ -115,41 +225,13 @@ async fn idle_memory(port: u16, pids: &[u32]) -> i64 {
     let mut conns = Vec::new();
     for _ in 0..IDLE {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        one_request(&mut s).await;
+        exchange(&mut s, &mut Vec::new()).await;
         conns.push(s);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after: i64 = pids.iter().map(|p| rss_kib(*p)).sum();
     drop(conns);
     after - before
-}
-
-async fn one_request(s: &mut tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(b"GET /restapi/v1.0/account/~/extension/~ HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let mut got = Vec::new();
-    // The upstream's reply is small and has a Content-Length: read until the body is in.
-    while !complete(&got) {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "connection closed before the reply");
-        got.extend_from_slice(&buf[..n]);
-    }
-}
-
-fn complete(reply: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(reply);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else { return false };
-    let len = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
-        })
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(0);
-    body.len() >= len
 }
 
 fn rss_kib(pid: u32) -> i64 {
@@ -184,16 +266,18 @@ async fn start_upstream() -> String {
     url
 }
 
-async fn start_tokend(dir: &Path, server: &str, upstream: &str, port: u16) -> Child {
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a URL with a port")
+}
+
+async fn start_tokend(bin: &Path, dir: &Path, server: &str, upstream: &str, port: u16) -> Child {
     let d = dir.display();
     let config = format!(
         "[[token]]\nname = \"bench\"\nserver = \"{server}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\ngrant = \"jwt\"\njwt = \"{DEFAULT_JWT}\"\nstate_file = \"{d}/bench.state.json\"\n\n[[token.proxy]]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\n"
     );
     let path = dir.join("tokend.toml");
     std::fs::write(&path, config).unwrap();
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/tokend");
-    let bin = std::env::var_os("TOKEND_BIN").map_or(bin, Into::into);
-    let child = Command::new(&bin)
+    let child = Command::new(bin)
         .args(["run", "--config"])
         .arg(&path)
         .stdout(Stdio::null())

@@ -145,7 +145,7 @@ pub struct Daemon {
     scheduler: JobScheduler,
     tokens: BTreeMap<String, TokenHandle>,
     /// The proxies' upstream client (one pool for the daemon), made when a proxy first needs it.
-    upstream: std::sync::OnceLock<reqwest::Client>,
+    upstream: std::sync::OnceLock<crate::proxy::Upstream>,
     /// Multi-host mode: the etcd connection and the task keeping the node's lease.
     #[cfg(feature = "etcd")]
     cluster: Option<(crate::cluster::Cluster, JoinHandle<()>)>,
@@ -279,9 +279,9 @@ impl Daemon {
     ) -> Result<oneshot::Receiver<()>, DaemonError> {
         let (tx, rx) = mpsc::channel(8);
         let (ready_tx, ready_rx) = oneshot::channel();
-        let (gate, proxies) = self.start_proxies(&cfg, &tx).await?;
-        self.join_schedule(&cfg, tx.clone()).await?;
         let stop = CancellationToken::new();
+        let (gate, proxies) = self.start_proxies(&cfg, &tx, &stop).await?;
+        self.join_schedule(&cfg, tx.clone()).await?;
         let task = self.spawn_task(cfg.clone(), gate, rx, stop.clone(), ready_tx);
         info!(token = %cfg.name, schedule = %cfg.schedule.expr, sinks = cfg.sinks.len(), proxies = cfg.proxies.len(), "token started");
         let handle = TokenHandle { cfg, tx, stop, task, proxies, lock };
@@ -294,6 +294,7 @@ impl Daemon {
         &self,
         cfg: &TokenConfig,
         tx: &mpsc::Sender<Command>,
+        stop: &CancellationToken,
     ) -> Result<(Option<Arc<crate::proxy::Gate>>, Vec<JoinHandle<()>>), DaemonError> {
         if cfg.proxies.is_empty() {
             return Ok((None, Vec::new()));
@@ -302,7 +303,7 @@ impl Daemon {
         let counters = self.shared.metrics.proxy(&cfg.name);
         let gate = crate::proxy::Gate::new(&cfg.name, drain, tx.clone(), counters);
         let client = self.upstream.get_or_init(crate::proxy::upstream_client);
-        let tasks = crate::proxy::start(&cfg.proxies, &gate, client).await.map_err(
+        let tasks = crate::proxy::start(&cfg.proxies, &gate, client, stop).await.map_err(
             |(listen, source)| DaemonError::ProxyListen { token: cfg.name.clone(), listen, source },
         )?;
         Ok((Some(gate), tasks))
@@ -453,13 +454,13 @@ impl Daemon {
     /// Stops a token; returns its state file and lock for a successor to take over.
     async fn stop_token(&mut self, name: &str) -> Option<(PathBuf, StateLock)> {
         let handle = self.tokens.remove(name)?;
+        // The proxies stop accepting at once and drain (bounded by `proxy::SHUTDOWN_GRACE`);
+        // awaited so that their socket files are gone before a reload binds the paths again.
+        handle.stop.cancel();
         for p in handle.proxies {
-            // Awaited so that its socket file is gone before a reload binds the path again.
-            p.abort();
             let _ = p.await;
         }
         self.leave_schedule(&handle.cfg).await;
-        handle.stop.cancel();
         if tokio::time::timeout(STOP_GRACE, handle.task).await.is_err() {
             error!(token = %name, "refresher did not stop in time");
         }

@@ -1,9 +1,9 @@
 //! Request bodies: kept whole up to the replay limit (so a 401 can be sent again), streamed
 //! beyond it (an upload is never held in memory whole).
 
-use http_body_util::BodyExt;
-use hyper::body::Bytes;
-use hyper::body::Incoming;
+use super::forward::{BoxError, UpBody};
+use http_body_util::{BodyExt, Either, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
 
 /// A client's request body, as far as the proxy has read it.
 pub enum RequestBody {
@@ -16,6 +16,10 @@ pub enum RequestBody {
 impl RequestBody {
     /// Reads up to `limit` bytes; stops there if the body goes on.
     pub async fn read(mut body: Incoming, limit: usize) -> Result<Self, hyper::Error> {
+        if hyper::body::Body::is_end_stream(&body) {
+            // A GET: no frame to wait for, nothing to allocate.
+            return Ok(Self::Whole(Bytes::new()));
+        }
         let mut head = Vec::new();
         let mut len = 0;
         while let Some(frame) = body.frame().await {
@@ -30,16 +34,24 @@ impl RequestBody {
     }
 
     /// The body to send now, and what remains for a replay (`None`: not replayable).
-    pub fn take(self) -> (reqwest::Body, Option<Bytes>) {
+    pub fn take(self) -> (UpBody, Option<Bytes>) {
         match self {
-            Self::Whole(b) => (reqwest::Body::from(b.clone()), Some(b)),
+            Self::Whole(b) => (whole(b.clone()), Some(b)),
             Self::Streaming { head, rest } => {
                 let head = futures_util::stream::iter(head.into_iter().map(Ok::<_, hyper::Error>));
                 let stream = futures_util::StreamExt::chain(head, rest.into_data_stream());
-                (reqwest::Body::wrap_stream(stream), None)
+                let frames = futures_util::StreamExt::map(stream, |d| {
+                    d.map(Frame::data).map_err(|e| Box::new(e) as BoxError)
+                });
+                (Either::Right(StreamBody::new(frames).boxed()), None)
             }
         }
     }
+}
+
+/// A body held whole (the usual small request, or a replay).
+pub fn whole(b: Bytes) -> UpBody {
+    Either::Left(Full::new(b))
 }
 
 fn concat(parts: Vec<Bytes>, len: usize) -> Bytes {

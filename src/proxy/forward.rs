@@ -1,23 +1,28 @@
 //! One proxied request: read the body (kept for a replay up to the limit), pass the gate, set
 //! the current token, send it upstream, and replay it once if the token was replaced under it.
 
-use super::body::RequestBody;
-use super::gate::{FORCED_REFRESH_EVERY, Gate};
+use super::Upstream;
+use super::body::{RequestBody, whole};
+use super::gate::{Current, FORCED_REFRESH_EVERY, Gate};
 use super::headers::strip_hop_by_hop;
 use crate::config::ProxyConfig;
-use crate::secret::AccessToken;
-use http_body_util::BodyExt;
+use http_body_util::{Either, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::http::request::Parts;
-use hyper::{Request, Response, StatusCode};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::{Request, Response, StatusCode, Uri};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+/// What the proxy answers: the upstream's body as it streams in, or an answer of its own.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// What the proxy sends upstream: a body held whole (replayable), or one too large to hold
+/// that streams through.
+pub type UpBody = Either<Full<Bytes>, http_body_util::combinators::BoxBody<Bytes, BoxError>>;
 
 /// How long a 401 waits for a newer token that may be on its way (a refresh made elsewhere,
 /// a cluster follower's mirror) before the proxy asks for a refresh itself.
@@ -31,7 +36,13 @@ const NO_TOKEN_WAIT: Duration = Duration::from_secs(5);
 pub struct Proxy {
     pub cfg: ProxyConfig,
     pub gate: Arc<Gate>,
-    pub client: reqwest::Client,
+    client: Upstream,
+    /// The upstream URL taken apart once, so that a request's URI is put together from
+    /// shared parts without parsing a string each time.
+    scheme: Scheme,
+    authority: Authority,
+    /// The upstream's path without its trailing `/` (usually empty), put before each target.
+    prefix: String,
 }
 
 /// What happened to a request besides its status, for the access log and metrics.
@@ -58,6 +69,23 @@ pub async fn handle(
 }
 
 impl Proxy {
+    pub fn new(cfg: &ProxyConfig, gate: &Arc<Gate>, client: &Upstream) -> Self {
+        let url = &cfg.upstream;
+        let host = url.host_str().unwrap_or("localhost");
+        let authority = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_string(),
+        };
+        Self {
+            cfg: cfg.clone(),
+            gate: gate.clone(),
+            client: client.clone(),
+            scheme: Scheme::try_from(url.scheme()).unwrap_or(Scheme::HTTPS),
+            authority: Authority::try_from(authority).expect("a parsed URL's host and port"),
+            prefix: url.path().trim_end_matches('/').to_string(),
+        }
+    }
+
     async fn forward(
         &self,
         parts: &Parts,
@@ -84,7 +112,7 @@ impl Proxy {
         }
         outcome.replayed = true;
         self.gate.counters.replays.fetch_add(1, Ordering::Relaxed);
-        match self.send(parts, reqwest::Body::from(replay), outcome).await {
+        match self.send(parts, whole(replay), outcome).await {
             Ok((resp, _)) => pass(resp),
             Err(local) => *local,
         }
@@ -106,9 +134,9 @@ impl Proxy {
     async fn send(
         &self,
         parts: &Parts,
-        body: reqwest::Body,
+        body: UpBody,
         outcome: &mut Outcome,
-    ) -> Result<(reqwest::Response, u64), Box<Response<ProxyBody>>> {
+    ) -> Result<(Response<Incoming>, u64), Box<Response<ProxyBody>>> {
         let admitted = self.gate.admit().await;
         if let Some(h) = admitted.held {
             outcome.held = Some(outcome.held.unwrap_or_default() + h);
@@ -119,8 +147,8 @@ impl Proxy {
                 "tokend has no valid access token for this token now; see `tokend status`",
             )));
         };
-        let request = self.request(parts, body, &current.token)?;
-        let result = self.client.execute(request).await;
+        let request = self.request(parts, body, &current)?;
+        let result = self.client.request(request).await;
         // The upstream has judged the token once the response head is here: a refresh may go.
         drop(admitted);
         match result {
@@ -132,32 +160,49 @@ impl Proxy {
     fn request(
         &self,
         parts: &Parts,
-        body: reqwest::Body,
-        token: &AccessToken,
-    ) -> Result<reqwest::Request, Box<Response<ProxyBody>>> {
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let base = self.cfg.upstream.as_str().trim_end_matches('/');
-        let Ok(url) = reqwest::Url::parse(&format!("{base}{target}")) else {
+        body: UpBody,
+        current: &Current,
+    ) -> Result<Request<UpBody>, Box<Response<ProxyBody>>> {
+        let Some(uri) = self.uri(&parts.uri) else {
             return Err(Box::new(local_error(
                 StatusCode::BAD_REQUEST,
                 "the request target is not a valid path",
             )));
         };
-        let mut headers = parts.headers.clone();
-        strip_hop_by_hop(&mut headers);
-        headers.remove(header::HOST);
-        let Ok(mut auth) = HeaderValue::from_str(&format!("Bearer {}", token.expose())) else {
+        let Some(auth) = current.auth.clone() else {
             return Err(Box::new(local_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the access token is not a valid header value",
             )));
         };
-        auth.set_sensitive(true);
+        // Kept for a replay, so cloned: a handful of shared `Bytes`, no copy of their text.
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers);
+        // The client sets the upstream's own `Host`.
+        headers.remove(header::HOST);
         headers.insert(header::AUTHORIZATION, auth);
-        let mut request = reqwest::Request::new(parts.method.clone(), url);
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
         *request.headers_mut() = headers;
-        *request.body_mut() = Some(body);
         Ok(request)
+    }
+
+    /// The upstream URI for a client's request target (origin form; an absolute form is
+    /// reduced to its path and query: the proxy only ever talks to its upstream).
+    fn uri(&self, target: &Uri) -> Option<Uri> {
+        let pq = target.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let pq = if self.prefix.is_empty() {
+            pq
+        } else {
+            PathAndQuery::try_from(format!("{}{pq}", self.prefix)).ok()?
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .ok()
     }
 
     fn account(&self, parts: &Parts, status: StatusCode, started: Instant, outcome: &Outcome) {
@@ -184,12 +229,11 @@ impl Proxy {
 }
 
 /// The upstream's response as it came, minus its hop-by-hop headers; the body streams.
-fn pass(resp: reqwest::Response) -> Response<ProxyBody> {
-    let resp: Response<reqwest::Body> = resp.into();
+fn pass(resp: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.version = hyper::Version::HTTP_11;
-    Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+    Response::from_parts(parts, Either::Left(body))
 }
 
 /// An answer of the proxy's own, shaped like RingCentral's errors. Never carries the token.
@@ -199,25 +243,18 @@ fn local_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
         "message": format!("tokend proxy: {message}"),
     })
     .to_string();
-    let mut resp = Response::new(
-        http_body_util::Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed(),
-    );
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
 /// Why the upstream gave no response, without the URL (its query may be private).
-fn upstream_error(e: &reqwest::Error) -> Response<ProxyBody> {
-    if e.is_timeout() {
-        return local_error(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time");
-    }
+fn upstream_error(e: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
     let why = if e.is_connect() {
         "cannot connect to the upstream"
-    } else if e.is_body() || e.is_request() {
-        "the request failed (the upstream closed or reset the connection, or the client's body broke off)"
     } else {
-        "the upstream request failed"
+        "the request failed (the upstream closed or reset the connection, or the client's body broke off)"
     };
     tracing::warn!(error = %why, "proxied request failed");
     local_error(StatusCode::BAD_GATEWAY, why)

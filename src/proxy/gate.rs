@@ -5,6 +5,7 @@
 use crate::secret::AccessToken;
 use crate::store::State;
 use chrono::{DateTime, Utc};
+use hyper::header::HeaderValue;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,8 +18,17 @@ pub const FORCED_REFRESH_EVERY: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Current {
     pub token: AccessToken,
+    /// `Bearer <token>`, made once per token rather than once per request; marked sensitive
+    /// (its `Debug` is redacted, HTTP/2 never indexes it). `None`: not a valid header value.
+    pub auth: Option<HeaderValue>,
     pub generation: u64,
     pub expires_at: DateTime<Utc>,
+}
+
+fn bearer(token: &AccessToken) -> Option<HeaderValue> {
+    let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose())).ok()?;
+    auth.set_sensitive(true);
+    Some(auth)
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -100,6 +110,7 @@ impl Gate {
                 .is_some_and(|c| c.generation == state.generation && c.token == state.access_token);
             if !same {
                 *cur = Some(Arc::new(Current {
+                    auth: bearer(&state.access_token),
                     token: state.access_token.clone(),
                     generation: state.generation,
                     expires_at: state.access_expires_at,

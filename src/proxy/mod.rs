@@ -17,25 +17,56 @@ pub use gate::Gate;
 use crate::config::{Listen, ProxyConfig};
 use std::sync::Arc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The proxies' upstream client: hyper's pooled client, HTTPS through rustls with the
+/// platform's roots (as reqwest does for the token requests), plain HTTP for a loopback upstream.
+pub type Upstream = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    forward::UpBody,
+>;
 
 /// One HTTP client for every proxy of a daemon: its pool keeps upstream connections (HTTP/2
 /// where the upstream offers it over TLS). No redirects followed, no timeout of its own (a
-/// slow upstream is passed through; the caller decides how long to wait), no added headers.
-pub fn upstream_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .default_headers(reqwest::header::HeaderMap::new())
+/// slow upstream is passed through; the caller decides how long to wait), no added headers
+/// besides `Host`.
+pub fn upstream_client() -> Upstream {
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    // Small requests and answers: no Nagle delay on top of the upstream's latency.
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config())
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .build()
-        .expect("a client with a static configuration")
+        .pool_timer(TokioTimer::new())
+        .build(https)
 }
 
-/// Binds every proxy of a token and serves them; abort the tasks to stop.
+fn tls_config() -> rustls::ClientConfig {
+    use rustls_platform_verifier::BuilderVerifierExt;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(BuilderVerifierExt::with_platform_verifier)
+        // The daemon built its token client on this same verifier before any proxy starts,
+        // and stopped with exit 69 if the machine has no CA certificates: this cannot fail.
+        .expect("the platform's certificate verifier, already built once by the token client")
+        .with_no_client_auth()
+}
+
+/// Binds every proxy of a token and serves them until `shutdown`, when each drains (see
+/// `server::serve`); its task ends once drained. Aborting a task ends its connections at once.
 pub async fn start(
     configs: &[ProxyConfig],
     gate: &Arc<Gate>,
-    client: &reqwest::Client,
+    client: &Upstream,
+    shutdown: &CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, (Listen, std::io::Error)> {
     let mut tasks = Vec::new();
     for cfg in configs {
@@ -49,12 +80,8 @@ pub async fn start(
             }
         };
         tracing::info!(token = %gate.name(), listen = %cfg.listen, upstream = %cfg.upstream, "proxy listening");
-        let proxy = Arc::new(forward::Proxy {
-            cfg: cfg.clone(),
-            gate: gate.clone(),
-            client: client.clone(),
-        });
-        tasks.push(tokio::spawn(server::serve(listener, proxy)));
+        let proxy = Arc::new(forward::Proxy::new(cfg, gate, client));
+        tasks.push(tokio::spawn(server::serve(listener, proxy, shutdown.clone())));
     }
     Ok(tasks)
 }

@@ -13,6 +13,7 @@ mod interop;
 mod login;
 mod metrics;
 mod proxy;
+mod proxy_lifecycle;
 mod proxy_upstream;
 mod rotation;
 mod slow_disk;
