@@ -69,6 +69,13 @@ impl ProxyCounters {
     }
 }
 
+/// A panic in one token's task while it held the lock (the supervisor restarts that task) must
+/// not panic every other token's task and the exporters after it: the figures are plain
+/// counters, still good after a poisoning.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// All tokens' figures; refreshers update, the exporters read.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -81,24 +88,24 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn update(&self, token: &str, f: impl FnOnce(&mut TokenMetrics)) {
-        f(self.tokens.lock().expect("metrics lock").entry(token.to_string()).or_default());
+        f(lock(&self.tokens).entry(token.to_string()).or_default());
         self.changed.notify_one();
     }
 
     /// The proxy counters of `token`, created on first use.
     pub fn proxy(&self, token: &str) -> Arc<ProxyCounters> {
-        self.proxies.lock().expect("metrics lock").entry(token.to_string()).or_default().clone()
+        lock(&self.proxies).entry(token.to_string()).or_default().clone()
     }
 
     pub fn remove(&self, token: &str) {
-        self.proxies.lock().expect("metrics lock").remove(token);
-        self.tokens.lock().expect("metrics lock").remove(token);
+        lock(&self.proxies).remove(token);
+        lock(&self.tokens).remove(token);
         self.changed.notify_one();
     }
 
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let tokens = self.tokens.lock().expect("metrics lock").clone();
+        let tokens = lock(&self.tokens).clone();
         let mut out = String::new();
         let gauges: [(&str, &str, &str, Getter); 11] = [
             (
@@ -190,7 +197,7 @@ impl Metrics {
 
     fn render_proxies(&self, out: &mut String) {
         type Get = fn(&ProxyCounters) -> f64;
-        let proxies = self.proxies.lock().expect("metrics lock").clone();
+        let proxies = lock(&self.proxies).clone();
         if proxies.is_empty() {
             return;
         }
@@ -233,7 +240,7 @@ impl Metrics {
     /// Reasons the service is unhealthy; empty when healthy.
     pub fn problems(&self) -> Vec<String> {
         let now = Utc::now().timestamp();
-        let tokens = self.tokens.lock().expect("metrics lock");
+        let tokens = lock(&self.tokens);
         let mut out = Vec::new();
         for (name, m) in tokens.iter() {
             if m.needs_login {
@@ -292,5 +299,21 @@ pub async fn serve(metrics: std::sync::Arc<Metrics>, listener: tokio::net::TcpLi
             );
     if let Err(e) = axum::serve(listener, router).await {
         tracing::error!(error = %e, "metrics server stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_inside_an_update_does_not_poison_the_others() {
+        let m = Metrics::default();
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            m.update("a", |_| panic!("a token's task dies holding the lock"));
+        }));
+        assert!(died.is_err());
+        m.update("b", |t| t.attempts += 1);
+        assert!(m.render().contains("tokend_refresh_attempts_total{token=\"b\"} 1"));
     }
 }
