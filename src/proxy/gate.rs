@@ -8,8 +8,10 @@ use chrono::{DateTime, Utc};
 use hyper::header::HeaderValue;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 /// At most one refresh per this long is asked for by 401s on the current token.
 pub const FORCED_REFRESH_EVERY: Duration = Duration::from_secs(60);
@@ -31,18 +33,21 @@ fn bearer(token: &AccessToken) -> Option<HeaderValue> {
     Some(auth)
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-struct Admission {
-    /// A refresh is about to start or running: new requests wait.
-    closed: bool,
-    /// Requests sent upstream whose response headers have not come back yet.
-    in_flight: usize,
-}
-
 /// One token's gate, shared by its refresher (or cluster task) and all its proxies.
+///
+/// Admission is two atomics (a request adds itself to `in_flight`, then checks `closed`; a
+/// close sets `closed`, then checks `in_flight`: sequentially consistent, one of the two sees
+/// the other), so a request through an open gate takes no lock and wakes no one.
 pub struct Gate {
     name: String,
-    admission: watch::Sender<Admission>,
+    /// A refresh is about to start or running: new requests wait.
+    closed: AtomicBool,
+    /// Requests sent upstream whose response headers have not come back yet.
+    in_flight: AtomicUsize,
+    /// Woken when the gate opens (the held requests go).
+    opened: Notify,
+    /// Woken when the last request in flight leaves a closed gate (the drain is over).
+    drained: Notify,
     current: watch::Sender<Option<Arc<Current>>>,
     drain_timeout: Duration,
     /// Asks the token's refresher for a refresh now (a 401 on the current token).
@@ -60,7 +65,7 @@ pub struct Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.gate.admission.send_modify(|a| a.in_flight -= 1);
+        self.gate.leave();
     }
 }
 
@@ -73,7 +78,10 @@ impl Gate {
     ) -> Arc<Self> {
         Arc::new(Self {
             name: name.to_string(),
-            admission: watch::Sender::new(Admission::default()),
+            closed: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            opened: Notify::new(),
+            drained: Notify::new(),
             current: watch::Sender::new(None),
             drain_timeout,
             refresh,
@@ -89,9 +97,16 @@ impl Gate {
     /// Before a token request: stop admitting, then wait (at most `drain_timeout`) for the
     /// requests in flight, which still carry the token the request is about to kill.
     pub async fn close(&self) {
-        self.admission.send_modify(|a| a.closed = true);
-        let mut rx = self.admission.subscribe();
-        let drained = rx.wait_for(|a| a.in_flight == 0);
+        self.closed.store(true, SeqCst);
+        let drained = async {
+            loop {
+                let woken = self.drained.notified();
+                if self.in_flight.load(SeqCst) == 0 {
+                    return;
+                }
+                woken.await;
+            }
+        };
         if tokio::time::timeout(self.drain_timeout, drained).await.is_err() {
             tracing::warn!(token = %self.name, timeout_ms = self.drain_timeout.as_millis() as u64, "proxied requests still in flight at the drain timeout; refreshing anyway (a 401 among them is replayed)");
         }
@@ -99,7 +114,9 @@ impl Gate {
 
     /// After the attempt (published or failed): release the held requests.
     pub fn open(&self) {
-        self.admission.send_if_modified(|a| std::mem::replace(&mut a.closed, false));
+        if self.closed.swap(false, SeqCst) {
+            self.opened.notify_waiters();
+        }
     }
 
     /// Makes `state`'s access token the one the proxies send (once it is durable).
@@ -123,29 +140,38 @@ impl Gate {
     /// Waits while the gate is closed, then counts the request in flight.
     pub async fn admit(self: &Arc<Self>) -> Admitted {
         let mut held_since = None;
-        let mut rx = self.admission.subscribe();
         loop {
-            let mut admitted = false;
-            self.admission.send_if_modified(|a| {
-                admitted = !a.closed;
-                a.in_flight += usize::from(admitted);
-                false
-            });
-            if admitted {
+            self.in_flight.fetch_add(1, SeqCst);
+            if !self.closed.load(SeqCst) {
                 let held = held_since.map(|t: Instant| t.elapsed());
                 return Admitted { gate: self.clone(), held };
             }
+            self.leave();
             held_since.get_or_insert_with(Instant::now);
-            // The sender lives as long as `self`: this cannot fail.
-            let _ = rx.wait_for(|a| !a.closed).await;
+            // Made before the check: an `open` after the check wakes it.
+            let woken = self.opened.notified();
+            if self.closed.load(SeqCst) {
+                woken.await;
+            }
+        }
+    }
+
+    /// A request leaves (answered, or turned back by a closed gate).
+    fn leave(&self) {
+        if self.in_flight.fetch_sub(1, SeqCst) == 1 && self.closed.load(SeqCst) {
+            self.drained.notify_waiters();
         }
     }
 
     /// The token to send now, waiting up to `wait` for one when there is none or it expired.
     pub async fn token(&self, wait: Duration) -> Option<Arc<Current>> {
-        let mut rx = self.current.subscribe();
         let usable =
             |c: &Option<Arc<Current>>| c.as_ref().is_some_and(|c| c.expires_at > Utc::now());
+        // The usual case, without a receiver or a timer.
+        if let Some(c) = Some(self.current.borrow()).filter(|c| usable(c)) {
+            return c.clone();
+        }
+        let mut rx = self.current.subscribe();
         let found = tokio::time::timeout(wait, rx.wait_for(usable)).await;
         match found {
             Ok(Ok(c)) => c.clone(),
@@ -226,6 +252,43 @@ mod tests {
         let (g, _rx) = gate(Duration::from_millis(50));
         let _stuck = g.admit().await;
         tokio::time::timeout(Duration::from_secs(10), g.close()).await.expect("bounded");
+    }
+
+    /// Requests racing closes on two threads: once `close` returns, none is in flight, and
+    /// none gets in until `open`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_request_is_in_flight_between_close_and_open_under_contention() {
+        let (g, _rx) = gate(Duration::from_secs(60));
+        // Set from the end of a drain to the next open: no request may be admitted then.
+        let drained = Arc::new(AtomicBool::new(false));
+        let callers: Vec<_> = (0..8)
+            .map(|_| {
+                let (g, drained) = (g.clone(), drained.clone());
+                tokio::spawn(async move {
+                    for _ in 0..2_000 {
+                        let admitted = g.admit().await;
+                        assert!(!drained.load(SeqCst), "a request admitted while closed");
+                        tokio::task::yield_now().await;
+                        assert!(!drained.load(SeqCst), "a request in flight after the drain");
+                        drop(admitted);
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..200 {
+            if callers.iter().any(tokio::task::JoinHandle::is_finished) {
+                break; // one failed (or all are done): its panic is reported below
+            }
+            g.close().await;
+            drained.store(true, SeqCst);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            drained.store(false, SeqCst);
+            g.open();
+            tokio::task::yield_now().await;
+        }
+        for c in callers {
+            tokio::time::timeout(Duration::from_secs(60), c).await.expect("bounded").unwrap();
+        }
     }
 
     #[tokio::test]
