@@ -271,6 +271,9 @@ pub struct TokenConfig {
     /// Upper bound of the random delay after each tick.
     pub jitter: Duration,
     pub access_token_ttl: Option<u64>,
+    /// The access token's lifetime when a reply has no `expires_in` (Salesforce); without
+    /// one such a reply is refused.
+    pub access_token_lifetime: Option<Duration>,
     pub refresh_token_ttl: Option<u64>,
     /// Refresh before the published access token comes this close to expiry.
     pub safety_margin: Duration,

@@ -52,6 +52,11 @@ pub enum OAuthError {
     /// The body itself is never kept: it might hold a token.
     #[error("unusable reply (HTTP {status}, {len} bytes): {reason}")]
     Body { status: u16, len: usize, reason: String },
+    /// A well-formed token reply that this token's config cannot use (no `expires_in` and no
+    /// known lifetime, a token type other than bearer). The server sends it the same way
+    /// again, so a retry cannot help: the config must change.
+    #[error("unusable token reply: {reason}")]
+    Refused { reason: String },
 }
 
 impl OAuthError {
@@ -63,6 +68,7 @@ impl OAuthError {
         match self {
             Self::Transport { .. } | Self::Body { .. } => true,
             Self::Server { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            Self::Refused { .. } => false,
         }
     }
 
@@ -97,6 +103,7 @@ impl OAuthError {
             Self::Server { error: Some(e), .. } => e.clone(),
             Self::Server { status, .. } => format!("http-{status}"),
             Self::Body { .. } => "bad-reply".into(),
+            Self::Refused { .. } => "unusable-reply".into(),
         }
     }
 }
@@ -163,7 +170,16 @@ impl OAuthClient {
             }
         };
         add_options(cfg, &mut form);
-        self.post(cfg, &form).await
+        let tokens = self.post(cfg, &form).await?;
+        // Bootstrapping from a configured refresh token is a refresh: a reply without a new
+        // one leaves the configured one current (RFC 6749 section 6).
+        let sent = match &cfg.grant {
+            Grant::RefreshToken { refresh_token } => {
+                Some(RefreshToken::new(refresh_token.get().expose()))
+            }
+            _ => None,
+        };
+        Ok(keep_refresh_token(tokens, sent.as_ref()))
     }
 
     /// Refreshes with `refresh_token`.
@@ -177,7 +193,8 @@ impl OAuthClient {
             ("refresh_token", refresh_token.expose().into()),
         ];
         add_options(cfg, &mut form);
-        self.post(cfg, &form).await
+        let tokens = self.post(cfg, &form).await?;
+        Ok(keep_refresh_token(tokens, Some(refresh_token)))
     }
 
     /// Exchanges an authorization code (with its PKCE verifier).
@@ -221,8 +238,17 @@ impl OAuthClient {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let body = read_capped(resp).await?;
-        parse_reply(status, &body, retry_after)
+        parse_reply_for(status, &body, retry_after, cfg.access_token_lifetime)
     }
+}
+
+/// RFC 6749 section 6: "the authorization server MAY issue a new refresh token"; when it does
+/// not (Google, Dropbox), the one sent stays current and must be kept, not dropped.
+pub fn keep_refresh_token(mut tokens: TokenSet, sent: Option<&RefreshToken>) -> TokenSet {
+    if tokens.refresh_token.is_none() {
+        tokens.refresh_token = sent.cloned();
+    }
+    tokens
 }
 
 fn add_options(cfg: &TokenConfig, form: &mut Vec<(&str, String)>) {
@@ -308,11 +334,23 @@ struct RawErrorItem {
     error_code: Option<String>,
 }
 
-/// Turns a status and body into a token set or a classified error. Pure; property-tested.
+/// `parse_reply_for` with no known lifetime: a reply without `expires_in` is refused.
 pub fn parse_reply(
     status: u16,
     body: &[u8],
     retry_after: Option<Duration>,
+) -> Result<TokenSet, OAuthError> {
+    parse_reply_for(status, body, retry_after, None)
+}
+
+/// Turns a status and body into a token set or a classified error. Pure; property-tested.
+/// `lifetime`: the access token's lifetime when the reply has no `expires_in` (RFC 6749
+/// section 5.1 makes it only RECOMMENDED; Salesforce never sends it).
+pub fn parse_reply_for(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    lifetime: Option<Duration>,
 ) -> Result<TokenSet, OAuthError> {
     let bad = |reason: String| OAuthError::Body { status, len: body.len(), reason };
     if !(200..300).contains(&status) {
@@ -345,11 +383,18 @@ pub fn parse_reply(
     if refresh_token.as_deref().is_some_and(|t| !crate::text::is_token(t)) {
         return Err(bad("refresh_token holds characters outside visible ASCII".into()));
     }
-    let expires_in = raw.expires_in.ok_or_else(|| bad("no expires_in".into()))?;
+    let expires_in = raw.expires_in.or(lifetime.map(|d| d.as_secs())).ok_or_else(|| {
+        OAuthError::Refused {
+            reason: "no expires_in, and no lifetime is known for this token; set \
+                     access_token_lifetime (e.g. \"2h\") or the provider"
+                .into(),
+        }
+    })?;
+    let token_type = bearer(raw.token_type)?;
     let clean = |s: String| crate::text::escape_controls(&s).into_owned();
     Ok(TokenSet {
         access_token: AccessToken::new(access_token),
-        token_type: raw.token_type.map_or_else(|| "bearer".into(), clean),
+        token_type,
         expires_in: expires_in.min(MAX_LIFETIME_SECS),
         refresh_token: refresh_token.map(RefreshToken::new),
         refresh_token_expires_in: raw.refresh_token_expires_in.map(|s| s.min(MAX_LIFETIME_SECS)),
@@ -358,6 +403,24 @@ pub fn parse_reply(
         endpoint_id: raw.endpoint_id.map(clean),
         session_id: raw.session_id.map(value_string).map(clean),
     })
+}
+
+/// The token type, compared case-insensitively (RFC 6749 section 5.1): "Bearer" (Microsoft,
+/// Salesforce) is RingCentral's "bearer". Any other type is refused: RFC 6749 section 7.1
+/// forbids using a token whose type the client does not understand, and tokend's readers and
+/// proxy send it as a bearer token. Missing: bearer, as every provider here means.
+fn bearer(token_type: Option<String>) -> Result<String, OAuthError> {
+    match token_type {
+        None => Ok("bearer".into()),
+        Some(t) if t.eq_ignore_ascii_case("bearer") => Ok("bearer".into()),
+        // Not quoted: the parser never repeats what the server sent in a token reply.
+        Some(t) => Err(OAuthError::Refused {
+            reason: format!(
+                "token_type ({} bytes) is not bearer; tokend hands out bearer tokens only",
+                t.len()
+            ),
+        }),
+    }
 }
 
 fn value_string(v: serde_json::Value) -> String {
@@ -451,6 +514,46 @@ mod tests {
         assert!(!text.contains(['\n', '\r', '\u{1b}']), "{text}");
         assert!(e.code().starts_with(r"\u{1b}[31mOAU-1"), "{text}");
         assert!(e.to_string().contains(r"x\n2026"), "{e}");
+    }
+
+    #[test]
+    fn a_reply_without_expires_in_needs_a_known_lifetime() {
+        // Salesforce: `issued_at`, no `expires_in`.
+        let body = br#"{"access_token":"a","token_type":"Bearer","issued_at":"1700000000000","scope":"api refresh_token"}"#;
+        let e = parse_reply(200, body, None).unwrap_err();
+        assert!(!e.is_transient() && !e.is_invalid_grant(), "a retry gets the same reply: {e}");
+        assert_eq!(e.code(), "unusable-reply");
+        assert!(e.to_string().contains("access_token_lifetime"), "{e}");
+        let t = parse_reply_for(200, body, None, Some(Duration::from_secs(7200))).unwrap();
+        assert_eq!((t.expires_in, t.scope.as_deref()), (7200, Some("api refresh_token")));
+        // The reply's own expires_in wins over the configured lifetime.
+        let body = br#"{"access_token":"a","expires_in":60}"#;
+        let t = parse_reply_for(200, body, None, Some(Duration::from_secs(7200))).unwrap();
+        assert_eq!(t.expires_in, 60);
+    }
+
+    #[test]
+    fn token_type_is_case_insensitive_and_only_bearer() {
+        for tt in ["bearer", "Bearer", "BEARER", "bEaReR"] {
+            let body = format!(r#"{{"access_token":"a","expires_in":60,"token_type":"{tt}"}}"#);
+            assert_eq!(parse_reply(200, body.as_bytes(), None).unwrap().token_type, "bearer");
+        }
+        let body = br#"{"access_token":"a","expires_in":60,"token_type":"DPoP-SECRET"}"#;
+        let e = parse_reply(200, body, None).unwrap_err();
+        assert!(!e.is_transient() && !format!("{e} {e:?}").contains("SECRET"), "{e}");
+    }
+
+    #[test]
+    fn a_refresh_reply_without_a_refresh_token_keeps_the_one_sent() {
+        // Google, Dropbox: no rotation, so no refresh_token in the reply (RFC 6749 section 6).
+        let body = br#"{"access_token":"a2","expires_in":3599,"token_type":"Bearer"}"#;
+        let held = RefreshToken::new("rt-held");
+        let t = keep_refresh_token(parse_reply(200, body, None).unwrap(), Some(&held));
+        assert_eq!(t.refresh_token.as_ref().map(RefreshToken::expose), Some("rt-held"));
+        // A rotated one replaces it.
+        let body = br#"{"access_token":"a2","expires_in":3599,"refresh_token":"rt-new"}"#;
+        let t = keep_refresh_token(parse_reply(200, body, None).unwrap(), Some(&held));
+        assert_eq!(t.refresh_token.as_ref().map(RefreshToken::expose), Some("rt-new"));
     }
 
     #[test]

@@ -167,3 +167,84 @@ proptest! {
         }
     }
 }
+
+/// One optional field of a token reply: absent, or one of a few values.
+fn optional<T: std::fmt::Debug + Clone + 'static>(
+    values: impl Strategy<Value = T> + 'static,
+) -> impl Strategy<Value = Option<T>> {
+    proptest::option::of(values)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Issue 14 (RFC 6749 sections 5.1 and 6): a refresh reply with any subset of the
+    /// optional fields either parses or is refused with a named reason, and the state after
+    /// it never loses the refresh token held (a reply without one keeps it), nor the scope.
+    #[test]
+    fn replies_with_any_optional_fields_keep_the_refresh_token_held(
+        token_type in optional(prop_oneof![
+            Just("bearer"), Just("Bearer"), Just("BEARER"), Just("mac"), Just("DPoP"),
+        ]),
+        expires_in in optional(0u64..100_000),
+        refresh_token in optional("[A-Za-z0-9._-]{1,32}"),
+        refresh_expires_in in optional(0u64..10_000_000),
+        scope in optional("[a-z. ]{0,20}"),
+        lifetime in optional(10u64..100_000),
+        held in "[A-Za-z0-9._-]{1,32}",
+    ) {
+        let mut reply = serde_json::json!({"access_token": "AT-2"});
+        let fields: [(&str, Option<serde_json::Value>); 5] = [
+            ("token_type", token_type.map(Into::into)),
+            ("expires_in", expires_in.map(Into::into)),
+            ("refresh_token", refresh_token.clone().map(Into::into)),
+            ("refresh_token_expires_in", refresh_expires_in.map(Into::into)),
+            ("scope", scope.clone().map(Into::into)),
+        ];
+        for (k, v) in fields {
+            if let Some(v) = v {
+                reply[k] = v;
+            }
+        }
+        let now = Utc::now();
+        let held_rt = tokend::secret::RefreshToken::new(held.clone());
+        let first = serde_json::json!({
+            "access_token": "AT-1", "expires_in": 3600, "refresh_token": held, "scope": "held.scope",
+            "refresh_token_expires_in": 600,
+        });
+        let previous = tokend::store::next_state(
+            "main", parse_reply(200, first.to_string().as_bytes(), None).unwrap(), None, true, now,
+        );
+        let lifetime_d = lifetime.map(Duration::from_secs);
+        let parsed = tokend::oauth::parse_reply_for(200, reply.to_string().as_bytes(), None, lifetime_d);
+        let type_ok = token_type.is_none_or(|t| t.eq_ignore_ascii_case("bearer"));
+        let expiry = expires_in.or(lifetime);
+        match parsed {
+            Err(e) => {
+                let reason = e.to_string();
+                prop_assert!(!e.is_transient(), "a retry gets the same reply: {}", reason);
+                prop_assert!(
+                    (expiry.is_none() && reason.contains("expires_in"))
+                        || (!type_ok && reason.contains("token_type")),
+                    "named reason: {}", reason
+                );
+            }
+            Ok(tokens) => {
+                prop_assert!(type_ok && expiry.is_some());
+                let tokens = tokend::oauth::keep_refresh_token(tokens, Some(&held_rt));
+                let state = tokend::store::next_state("main", tokens, Some(&previous), false, now);
+                let want_rt = refresh_token.clone().unwrap_or(held.clone());
+                prop_assert_eq!(state.refresh_token.as_ref().map(|r| r.expose()), Some(want_rt.as_str()));
+                prop_assert_eq!(state.token_type.as_str(), "bearer");
+                let want_scope = scope.clone().unwrap_or_else(|| "held.scope".into());
+                prop_assert_eq!(state.scope.as_deref(), Some(want_scope.as_str()));
+                let secs = i64::try_from(expiry.unwrap()).unwrap();
+                prop_assert_eq!(state.access_expires_at, now + chrono::Duration::seconds(secs));
+                if refresh_token.is_none() && refresh_expires_in.is_none() {
+                    // The same token: its known expiry stays.
+                    prop_assert_eq!(state.refresh_expires_at, previous.refresh_expires_at);
+                }
+            }
+        }
+    }
+}

@@ -77,6 +77,7 @@ struct RawToken {
     schedule: Option<Spanned<String>>,
     jitter: Option<Spanned<String>>,
     access_token_ttl: Option<Spanned<u64>>,
+    access_token_lifetime: Option<Spanned<String>>,
     refresh_token_ttl: Option<Spanned<u64>>,
     safety_margin: Option<Spanned<String>>,
     retry_initial: Option<Spanned<String>>,
@@ -577,6 +578,11 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
         schedule,
         jitter,
         access_token_ttl: counts.access_token_ttl,
+        access_token_lifetime: t
+            .access_token_lifetime
+            .as_ref()
+            .map(|s| bounded_duration(ctx, s, "access_token_lifetime", &key))
+            .transpose()?,
         refresh_token_ttl: counts.refresh_token_ttl,
         safety_margin: opt_duration(&t.safety_margin, "safety_margin", Duration::from_secs(300))?,
         retry,
@@ -767,7 +773,20 @@ const DURATION_BOUNDS: &[(&str, Duration, Duration)] = &[
     ("request_timeout", Duration::from_secs(1), Duration::from_secs(600)),
     ("safety_margin", Duration::ZERO, Duration::from_secs(7 * 86_400)),
     ("on_refresh_timeout", Duration::from_millis(100), Duration::from_secs(3600)),
+    ("access_token_lifetime", Duration::from_secs(10), Duration::from_secs(366 * 86_400)),
 ];
+
+/// Duration `k` of a token, inside its `DURATION_BOUNDS`.
+fn bounded_duration(
+    ctx: &Ctx<'_>,
+    s: &Spanned<String>,
+    k: &str,
+    key: &dyn Fn(&str) -> String,
+) -> Result<Duration, ConfigError> {
+    let d = duration(ctx, s, key(k))?;
+    within_bounds(k, d).map_err(|m| ctx.err(s, key(k), m))?;
+    Ok(d)
+}
 
 /// Whether duration `key` = `d` is inside its bounds; the message names them.
 fn within_bounds(key: &str, d: Duration) -> Result<(), String> {

@@ -187,19 +187,31 @@ pub fn next_state(
     now: DateTime<Utc>,
 ) -> State {
     let secs = |s: u64| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000));
+    // A refresh whose reply had no new refresh token kept the old one (`oauth::
+    // keep_refresh_token`): its expiry, unless the reply gave one, is still the one we knew.
+    let same_chain = previous.filter(|_| !new_session);
+    let kept_rt = same_chain
+        .filter(|p| p.refresh_token.is_some() && p.refresh_token == tokens.refresh_token);
+    let refresh_expires_at = match tokens.refresh_token_expires_in {
+        Some(s) => Some(now + secs(s)),
+        None => kept_rt.and_then(|p| p.refresh_expires_at),
+    };
+    // RFC 6749 section 5.1: a reply without `scope` was granted the scope asked for, which a
+    // refresh does not change.
+    let scope = tokens.scope.or_else(|| same_chain.and_then(|p| p.scope.clone()));
     State {
         version: STATE_VERSION,
         name: name.to_string(),
         generation: previous.map_or(1, |p| next_generation(name, p.generation)),
         token_type: tokens.token_type,
         access_expires_at: now + secs(tokens.expires_in),
-        refresh_expires_at: tokens.refresh_token_expires_in.map(|s| now + secs(s)),
+        refresh_expires_at,
         refreshed_at: now,
         session_started_at: match previous {
             Some(p) if !new_session => p.session_started_at,
             _ => now,
         },
-        scope: tokens.scope,
+        scope,
         owner_id: tokens.owner_id,
         endpoint_id: tokens.endpoint_id,
         session_id: tokens.session_id,
