@@ -122,6 +122,9 @@ pub enum Grant {
     AuthorizationCode {
         redirect_uri: Option<String>,
     },
+    /// Machine to machine (RFC 6749 section 4.4): the client secret alone gets an access
+    /// token, and no refresh token; each "refresh" is a new request of this grant.
+    ClientCredentials,
 }
 
 impl Grant {
@@ -131,12 +134,13 @@ impl Grant {
             Grant::RefreshToken { .. } => "refresh_token",
             Grant::Password { .. } => "password",
             Grant::AuthorizationCode { .. } => "authorization_code",
+            Grant::ClientCredentials => "client_credentials",
         }
     }
 
     /// Whether the daemon can start a new session on its own.
     pub fn can_relogin(&self) -> bool {
-        matches!(self, Grant::Jwt { .. } | Grant::Password { .. })
+        matches!(self, Grant::Jwt { .. } | Grant::Password { .. } | Grant::ClientCredentials)
     }
 
     /// Whether a login of this grant starts a new session at the server (RingCentral keeps 5
@@ -259,6 +263,10 @@ pub struct RateBudget {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenConfig {
     pub name: String,
+    /// The provider's refresh rules (`provider = ...`, default RingCentral).
+    pub provider: &'static crate::provider::Profile,
+    /// How the client authenticates: the profile's unless `client_auth` is set.
+    pub client_auth: crate::provider::ClientAuth,
     /// Some secret of this token is written in the config itself.
     pub has_literal_secret: bool,
     pub server: reqwest::Url,
@@ -281,6 +289,8 @@ pub struct TokenConfig {
     pub rate: RateBudget,
     pub request_timeout: Duration,
     pub scope: Option<String>,
+    /// Sent as `audience` on every token request (Auth0's API identifier).
+    pub audience: Option<String>,
     pub on_refresh: Option<Hook>,
     pub sinks: Vec<SinkConfig>,
     /// Local API proxies that add this token's current access token.
@@ -367,7 +377,7 @@ impl TokenConfig {
             Grant::Jwt { assertion: s }
             | Grant::RefreshToken { refresh_token: s }
             | Grant::Password { password: s, .. } => Some(s),
-            Grant::AuthorizationCode { .. } => None,
+            Grant::AuthorizationCode { .. } | Grant::ClientCredentials => None,
         };
         self.client_secret.as_mut().into_iter().chain(grant)
     }

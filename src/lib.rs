@@ -11,6 +11,8 @@
 //!   Each token runs as one task (`task`), a `refresher` on one host or the `cluster`'s
 //!   campaign, leader and mirror with `--features etcd`, under a `supervise`or that reports
 //!   and restarts a task that dies.
+//! - `provider`: each OAuth provider's refresh rules as data (token URL, client auth, rotation,
+//!   whether a lost refresh may be replayed), read by `config`, `oauth` and `policy`.
 //! - `policy`: every refresh decision, pure (it takes `now`, the wall clock and the random
 //!   draw): when, refresh or log in, retry and backoff, the request budget, needs-login. Both
 //!   modes drive the same `Policy`; `ChainHome` is the one place they differ.
@@ -25,7 +27,8 @@
 //!   `login`, `systemd` (sd_notify), `logging`, `limits` (open files), `signal`, `shutdown`.
 //! - Safety everywhere: `secret` (redacted newtypes), `text` (control characters from outside
 //!   made safe), `time` (RFC 3339 on disk).
-//! - `fake`: a lifecycle-faithful fake RingCentral server for the tests and `tokend demo`.
+//! - `fake`: a lifecycle-faithful fake RingCentral server (or another provider's rules, with
+//!   `--provider`) for the tests and `tokend demo`.
 //!
 //! Modules other crates (the integration tests, the benchmarks, the fuzz targets) do not use
 //! are `pub(crate)`.
@@ -43,6 +46,7 @@ pub mod login;
 pub(crate) mod metrics;
 pub mod oauth;
 pub mod policy;
+pub mod provider;
 pub(crate) mod proxy;
 pub(crate) mod publish;
 pub mod reader_cli;

@@ -2,6 +2,7 @@
 //! failure as transient (retry) or permanent (re-login or stop). It knows how to talk, never when.
 
 use crate::config::{Grant, TokenConfig};
+use crate::provider::ClientAuth;
 use crate::secret::{AccessToken, RefreshToken};
 use serde::Deserialize;
 use std::time::Duration;
@@ -38,7 +39,7 @@ pub struct TokenSet {
 pub enum OAuthError {
     /// Connect, TLS, timeout, reset: the server may or may not have acted.
     #[error("network error: {message}")]
-    Transport { message: String, timeout: bool },
+    Transport { message: String, timeout: bool, connect: bool },
     /// The server answered with an error status.
     #[error("server said {status}{}{}", .error.as_deref().map(|e| format!(" {e}")).unwrap_or_default(), .code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
     Server {
@@ -85,6 +86,17 @@ impl OAuthError {
     /// The refresh chain or the credentials are dead: only a new login helps.
     pub fn is_invalid_grant(&self) -> bool {
         matches!(self, Self::Server { error: Some(e), .. } if e == "invalid_grant")
+    }
+
+    /// The server may have acted on the request without the reply reaching us: a refresh may
+    /// have rotated the refresh token (a timeout or reset after sending, an unusable 200). A
+    /// connection never made, or an error status, means it did not.
+    pub fn may_have_acted(&self) -> bool {
+        match self {
+            Self::Transport { connect, .. } => !connect,
+            Self::Body { status, .. } => (200..300).contains(status),
+            Self::Server { .. } | Self::Refused { .. } => false,
+        }
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
@@ -161,6 +173,7 @@ impl OAuthClient {
                     ("refresh_token", refresh_token.get().expose().into()),
                 ]
             }
+            Grant::ClientCredentials => vec![("grant_type", "client_credentials".into())],
             Grant::AuthorizationCode { .. } => {
                 return Err(OAuthError::Body {
                     status: 0,
@@ -221,13 +234,17 @@ impl OAuthClient {
         form: &[(&str, String)],
     ) -> Result<TokenSet, OAuthError> {
         let mut form = form.to_vec();
-        if cfg.client_secret.is_none() {
-            // A public (PKCE) app identifies itself in the body.
+        let basic = cfg.client_secret.as_ref().filter(|_| cfg.client_auth == ClientAuth::Basic);
+        if basic.is_none() {
+            // A public (PKCE) app, or a provider that wants the client in the body.
             form.push(("client_id", cfg.client_id.clone()));
+            if let Some(secret) = &cfg.client_secret {
+                form.push(("client_secret", secret.get().expose().into()));
+            }
         }
         let mut req =
             self.http.post(cfg.token_url.clone()).timeout(cfg.request_timeout).form(&form);
-        if let Some(secret) = &cfg.client_secret {
+        if let Some(secret) = basic {
             req = req.basic_auth(&cfg.client_id, Some(secret.get().expose()));
         }
         let resp = req.send().await.map_err(transport)?;
@@ -261,13 +278,16 @@ fn add_options(cfg: &TokenConfig, form: &mut Vec<(&str, String)>) {
     if let Some(scope) = &cfg.scope {
         form.push(("scope", scope.clone()));
     }
+    if let Some(audience) = &cfg.audience {
+        form.push(("audience", audience.clone()));
+    }
 }
 
 fn transport(e: reqwest::Error) -> OAuthError {
     // reqwest's Display never includes the form body; drop the URL too and add the root cause.
-    let timeout = e.is_timeout();
+    let (timeout, connect) = (e.is_timeout(), e.is_connect());
     let message = with_root_cause(&e.without_url());
-    OAuthError::Transport { message, timeout }
+    OAuthError::Transport { message, timeout, connect }
 }
 
 /// `e`, then the last error in its chain of sources (where the real reason is).
@@ -383,13 +403,12 @@ pub fn parse_reply_for(
     if refresh_token.as_deref().is_some_and(|t| !crate::text::is_token(t)) {
         return Err(bad("refresh_token holds characters outside visible ASCII".into()));
     }
-    let expires_in = raw.expires_in.or(lifetime.map(|d| d.as_secs())).ok_or_else(|| {
-        OAuthError::Refused {
+    let expires_in =
+        raw.expires_in.or(lifetime.map(|d| d.as_secs())).ok_or_else(|| OAuthError::Refused {
             reason: "no expires_in, and no lifetime is known for this token; set \
                      access_token_lifetime (e.g. \"2h\") or the provider"
                 .into(),
-        }
-    })?;
+        })?;
     let token_type = bearer(raw.token_type)?;
     let clean = |s: String| crate::text::escape_controls(&s).into_owned();
     Ok(TokenSet {

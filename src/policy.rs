@@ -57,12 +57,17 @@ pub enum Failure {
     Permanent,
     /// The cluster store did not answer (etcd): retry soon, on the store's own backoff.
     Store,
+    /// A refresh whose reply was lost after the server may have rotated the refresh token:
+    /// sent again only where the provider's profile makes a replay safe.
+    LostReply,
 }
 
 impl Failure {
     /// How the policy sees an error of the token endpoint (`was_refresh`: not a login).
     pub fn of(e: &OAuthError, was_refresh: bool) -> Self {
-        if e.is_transient() {
+        if e.is_transient() && was_refresh && e.may_have_acted() {
+            Self::LostReply
+        } else if e.is_transient() {
             Self::Transient { retry_after: e.retry_after() }
         } else if was_refresh && e.is_invalid_grant() {
             Self::DeadChain
@@ -103,6 +108,8 @@ pub struct Rules {
     /// configured refresh token counts, though it cannot start a second session).
     pub can_log_in: bool,
     pub home: ChainHome,
+    /// Whether a lost refresh may be replayed with the same refresh token (the provider's).
+    pub replay: crate::provider::Replay,
 }
 
 impl Rules {
@@ -119,6 +126,7 @@ impl Rules {
             can_relogin: cfg.grant.can_relogin(),
             can_log_in: !matches!(cfg.grant, crate::config::Grant::AuthorizationCode { .. }),
             home,
+            replay: cfg.provider.replay,
         }
     }
 }
@@ -151,6 +159,8 @@ pub struct Policy {
     /// Random fraction taken off the safety margin per token, so tokens issued together
     /// spread their refreshes.
     deadline_jitter: Duration,
+    /// When the first reply of the refresh being replayed was lost.
+    lost_at: Option<Instant>,
 }
 
 impl Policy {
@@ -169,6 +179,7 @@ impl Policy {
             needs_login: false,
             token: None,
             deadline_jitter: Duration::ZERO,
+            lost_at: None,
         }
     }
 
@@ -208,6 +219,16 @@ impl Policy {
     /// The token must be refreshed before it is published (a refresh was in flight).
     pub fn replay(&mut self, now: Instant) {
         self.pending = Some(now);
+    }
+
+    /// Started with a refresh in flight `age` ago (its reply lost with the process): replayed
+    /// where the provider allows it (`Retry(0)`), else a new login or "needs login".
+    pub fn lost_on_restart(&mut self, now: Instant, age: Duration) -> Next {
+        if self.rules.replay.allows(age) {
+            self.replay(now);
+            return Next::Retry(Duration::ZERO);
+        }
+        self.on_failure(now, Failure::DeadChain, 0.0)
     }
 
     /// The store holds something this host must not refresh or log in over (an unreadable
@@ -341,6 +362,7 @@ impl Policy {
 
     /// A new token is published: everything starts afresh.
     pub fn on_success(&mut self, issued: DateTime<Utc>, expires: DateTime<Utc>, rand01: f64) {
+        self.lost_at = None;
         (self.relogin, self.needs_login, self.retry_at, self.not_before, self.attempt) =
             (false, false, None, None, 0);
         self.logins_held_until = None;
@@ -370,6 +392,14 @@ impl Policy {
                 let delay = store_backoff(self.attempt, rand01);
                 self.retry_at = Some(now + delay);
                 Next::Retry(delay)
+            }
+            Failure::LostReply => {
+                let since = now - *self.lost_at.get_or_insert(now);
+                if self.rules.replay.allows(since) {
+                    return self.on_failure(now, Failure::Transient { retry_after: None }, rand01);
+                }
+                self.lost_at = None;
+                self.on_failure(now, Failure::DeadChain, rand01)
             }
             Failure::DeadChain if self.rules.can_relogin => {
                 (self.relogin, self.pending, self.retry_at, self.attempt) =

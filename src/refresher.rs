@@ -28,6 +28,12 @@ pub struct Refresher {
     gate: Option<Arc<crate::proxy::Gate>>,
 }
 
+/// How long ago the refresh in flight when tokend stopped began (its intent file), if one was.
+fn intent_age(cfg: &TokenConfig) -> Option<Duration> {
+    let meta = std::fs::metadata(State::intent_path(&cfg.state_file)).ok()?;
+    Some(meta.modified().ok().and_then(|m| m.elapsed().ok()).unwrap_or_default())
+}
+
 impl Refresher {
     pub fn new(cfg: Arc<TokenConfig>, shared: Shared) -> Self {
         let Shared { metrics, requests, client, gate } = shared;
@@ -141,12 +147,15 @@ impl Refresher {
         info!(token = %self.name(), generation = state.generation, access_expires = %crate::time::left(state.access_expires_at, now), "loaded state");
         let expired = state.access_expires_at <= now;
         self.policy.token_changed(state.refreshed_at, state.access_expires_at, rand::random());
-        if State::intent_path(&self.cfg.state_file).exists() {
+        if let Some(age) = intent_age(&self.cfg) {
             // Stopped mid-refresh: the server may already have killed this access token.
-            // Replay the refresh (same refresh token, grace window) before publishing.
-            info!(token = %self.name(), "a refresh was in flight when tokend stopped; replaying it before publishing");
-            self.policy.replay(Instant::now());
+            // Replay the refresh (same refresh token) before publishing, where the provider
+            // makes that safe; elsewhere a new login, or wait for a person.
+            self.resume_lost(age);
             self.files.serve(&self.cfg, state);
+            if self.policy.needs_login() && !expired {
+                self.flush().await;
+            }
         } else if expired {
             // Never publish an expired token; the deadline triggers a refresh at once.
             info!(token = %self.name(), "access token in state has expired; refreshing before publishing");
@@ -154,6 +163,26 @@ impl Refresher {
         } else {
             self.files.serve(&self.cfg, state);
             self.flush().await;
+        }
+    }
+
+    /// The refresh in flight when tokend stopped, `age` ago, lost its reply.
+    fn resume_lost(&mut self, age: Duration) {
+        let provider = self.cfg.provider.name;
+        match self.policy.lost_on_restart(Instant::now(), age) {
+            Next::Retry(_) => {
+                info!(token = %self.name(), provider, "a refresh was in flight when tokend stopped; replaying it before publishing");
+            }
+            Next::Relogin => {
+                // The intent stays until the login is persisted: a crash before that must
+                // not refresh with the abandoned token either.
+                warn!(token = %self.name(), provider, "a refresh was in flight when tokend stopped, and this provider does not allow replaying it now; logging in again (new session)");
+            }
+            Next::NeedsLogin => {
+                self.report.needs_login(true);
+                error!(token = %self.name(), provider, "a refresh was in flight when tokend stopped, and this provider does not allow replaying it now: needs login (`tokend login --token {}`)", self.name());
+                crate::publish::clear_intent(&self.cfg);
+            }
         }
     }
 

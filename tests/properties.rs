@@ -234,7 +234,7 @@ proptest! {
                 let tokens = tokend::oauth::keep_refresh_token(tokens, Some(&held_rt));
                 let state = tokend::store::next_state("main", tokens, Some(&previous), false, now);
                 let want_rt = refresh_token.clone().unwrap_or(held.clone());
-                prop_assert_eq!(state.refresh_token.as_ref().map(|r| r.expose()), Some(want_rt.as_str()));
+                prop_assert_eq!(state.refresh_token.as_ref().map(tokend::secret::RefreshToken::expose), Some(want_rt.as_str()));
                 prop_assert_eq!(state.token_type.as_str(), "bearer");
                 let want_scope = scope.clone().unwrap_or_else(|| "held.scope".into());
                 prop_assert_eq!(state.scope.as_deref(), Some(want_scope.as_str()));

@@ -37,6 +37,19 @@ impl Config {
 fn token_plan(out: &mut String, t: &TokenConfig) {
     let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let _ = writeln!(out, "\ntoken \"{}\"", t.name);
+    let p = t.provider;
+    let replay = match p.replay {
+        crate::provider::Replay::Always => "always safe".into(),
+        crate::provider::Replay::Within(w) => format!("within {}", d(w)),
+        crate::provider::Replay::Never => "never (log in again instead)".into(),
+    };
+    let _ = writeln!(
+        out,
+        "  provider        {} (client auth {}, rotation {}, replay of a lost refresh {replay})",
+        p.name,
+        t.client_auth.name(),
+        if p.rotates { "on" } else { "off" },
+    );
     let _ = writeln!(out, "  token endpoint  {}", redact_url(&t.token_url));
     let _ = writeln!(out, "  client_id       {}", escape_controls(&t.client_id));
     let secret =
@@ -49,6 +62,9 @@ fn token_plan(out: &mut String, t: &TokenConfig) {
         }
         Grant::AuthorizationCode { .. } => {
             "authorization_code (first state from `tokend login`)".into()
+        }
+        Grant::ClientCredentials => {
+            "client_credentials (no refresh token: a new token each time)".into()
         }
         Grant::Jwt { assertion: s } | Grant::RefreshToken { refresh_token: s } => {
             format!("{} (secret {})", t.grant.name(), s.describe())

@@ -6,6 +6,7 @@ use super::{
     MetricsConfig, RateBudget, RetryPolicy, Schedule, SinkConfig, SinkFormat, TokenConfig,
 };
 use crate::logging::LogFormat;
+use crate::provider::{ClientAuth, Profile};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -62,8 +63,11 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawToken {
     name: Spanned<String>,
-    server: Spanned<String>,
+    provider: Option<Spanned<String>>,
+    server: Option<Spanned<String>>,
     token_url: Option<Spanned<String>>,
+    client_auth: Option<Spanned<String>>,
+    audience: Option<String>,
     client_id: Spanned<String>,
     client_secret: Option<Spanned<RawSecret>>,
     grant: Spanned<String>,
@@ -502,13 +506,12 @@ fn metrics(ctx: &Ctx<'_>, raw: Option<RawMetrics>) -> Result<MetricsConfig, Conf
 fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError> {
     let name = token_name(ctx, &t.name)?;
     let key = |k: &str| format!("token \"{name}\".{k}");
-    let server = url(ctx, &t.server, key("server"))?;
-    let token_url = match &t.token_url {
-        Some(u) => url(ctx, u, key("token_url"))?,
-        None => server.join("/restapi/oauth/token").expect("static path joins"),
-    };
+    let provider = provider(ctx, &t, &key)?;
+    let (server, token_url) = endpoints(ctx, &t, provider, &key)?;
     let client_secret = t.client_secret.as_ref().map(|s| ctx.secret(s, key("client_secret")));
     let grant = grant(ctx, &t, &key)?;
+    grant_of_provider(ctx, &t, provider, client_secret.is_some(), &key)?;
+    let client_auth = client_auth(ctx, &t, provider, &key)?;
     let schedule_text = t.schedule.as_ref().map_or(DEFAULT_SCHEDULE, |s| s.get_ref().as_str());
     let schedule = ctx.schedule(schedule_text).map_err(|m| match &t.schedule {
         Some(s) => ctx.err(s, key("schedule"), m),
@@ -567,6 +570,9 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
     };
     let has_literal_secret = has_literal_secret(&t);
     Ok(TokenConfig {
+        provider,
+        client_auth,
+        audience: t.audience.clone(),
         proxies: super::proxy::validate_all(ctx, &t.proxy, &server, &key)?,
         has_literal_secret,
         state_file: ctx.path(t.state_file.get_ref()),
@@ -597,6 +603,100 @@ fn validate_token(ctx: &Ctx<'_>, t: RawToken) -> Result<TokenConfig, ConfigError
         sinks,
         name,
     })
+}
+
+/// `provider = ...`: the profile whose rules this token follows (default RingCentral).
+fn provider(
+    ctx: &Ctx<'_>,
+    t: &RawToken,
+    key: &dyn Fn(&str) -> String,
+) -> Result<&'static Profile, ConfigError> {
+    let Some(p) = &t.provider else { return Ok(Profile::default_profile()) };
+    Profile::named(p.get_ref()).ok_or_else(|| {
+        ctx.err(
+            p,
+            key("provider"),
+            format!("{:?} is not a provider; valid: {}", p.get_ref(), Profile::names()),
+        )
+    })
+}
+
+/// `server` and `token_url`. RingCentral's token URL is a path on `server`, which it needs;
+/// elsewhere the token URL comes from the profile or the config, and `server` (the proxies'
+/// default upstream) defaults to the token URL's origin.
+fn endpoints(
+    ctx: &Ctx<'_>,
+    t: &RawToken,
+    provider: &Profile,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(reqwest::Url, reqwest::Url), ConfigError> {
+    let server = t.server.as_ref().map(|s| url(ctx, s, key("server"))).transpose()?;
+    let token_url = match (&t.token_url, provider.token_url, &server) {
+        (Some(u), ..) => url(ctx, u, key("token_url"))?,
+        (None, Some(path), Some(server)) if path.starts_with('/') => {
+            server.join(path).expect("static path joins")
+        }
+        (None, Some(path), None) if path.starts_with('/') => {
+            return Err(ctx.err(&t.name, key("server"), format!("provider {:?} needs `server`, e.g. server = \"https://platform.ringcentral.com\"", provider.name)));
+        }
+        (None, Some(u), _) => reqwest::Url::parse(u).expect("profile URLs parse"),
+        (None, None, _) => {
+            return Err(ctx.err(&t.name, key("token_url"), format!("provider {:?} has no standard token endpoint (it is per tenant); set token_url, e.g. token_url = \"https://example.okta.com/oauth2/default/v1/token\"", provider.name)));
+        }
+    };
+    let server = server.unwrap_or_else(|| {
+        let mut origin = token_url.clone();
+        origin.set_path("/");
+        origin.set_query(None);
+        origin
+    });
+    Ok((server, token_url))
+}
+
+/// The grant must be one the provider has; `client_credentials` needs a client secret.
+fn grant_of_provider(
+    ctx: &Ctx<'_>,
+    t: &RawToken,
+    provider: &Profile,
+    has_secret: bool,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    let g = t.grant.get_ref();
+    if !provider.has_grant(g) {
+        let valid = provider.grants.iter().map(|g| format!("{g:?}")).collect::<Vec<_>>();
+        return Err(ctx.err(
+            &t.grant,
+            key("grant"),
+            format!("provider {:?} has no {g:?} grant; valid: {}", provider.name, valid.join(", ")),
+        ));
+    }
+    if g == "client_credentials" && !has_secret {
+        return Err(ctx.err(
+            &t.grant,
+            key("client_secret"),
+            "grant = \"client_credentials\" needs a `client_secret`",
+        ));
+    }
+    Ok(())
+}
+
+/// `client_auth = "basic" | "body"`, default from the profile.
+fn client_auth(
+    ctx: &Ctx<'_>,
+    t: &RawToken,
+    provider: &Profile,
+    key: &dyn Fn(&str) -> String,
+) -> Result<ClientAuth, ConfigError> {
+    match t.client_auth.as_ref().map(|c| (c, c.get_ref().as_str())) {
+        None => Ok(provider.client_auth),
+        Some((_, "basic")) => Ok(ClientAuth::Basic),
+        Some((_, "body")) => Ok(ClientAuth::Body),
+        Some((c, other)) => Err(ctx.err(
+            c,
+            key("client_auth"),
+            format!("{other:?} is not a client authentication; valid: \"basic\", \"body\""),
+        )),
+    }
 }
 
 /// A token's name: `[a-z0-9_-]+` (it names files, log fields and metric labels).
@@ -659,8 +759,9 @@ fn grant(ctx: &Ctx<'_>, t: &RawToken, key: &dyn Fn(&str) -> String) -> Result<Gr
             }
         }
         "authorization_code" => Grant::AuthorizationCode { redirect_uri: t.redirect_uri.clone() },
+        "client_credentials" => Grant::ClientCredentials,
         other => {
-            return Err(ctx.err(&t.grant, key("grant"), format!("{other:?} is not a grant; valid: \"jwt\", \"authorization_code\", \"refresh_token\", \"password\"")));
+            return Err(ctx.err(&t.grant, key("grant"), format!("{other:?} is not a grant; valid: \"jwt\", \"authorization_code\", \"refresh_token\", \"password\", \"client_credentials\"")));
         }
     };
     Ok(grant)

@@ -317,3 +317,80 @@ fn secrets_lose_trailing_newlines_from_every_source() {
     let e = SecretSource::File("/dev/zero".into()).resolve().unwrap_err();
     assert!(e.contains("not a regular file"), "{e}");
 }
+
+/// `GOOD` as another provider's token: `server` dropped, the grant replaced.
+fn provider_config(extra: &str, grant: &str) -> String {
+    with_jwt(GOOD)
+        .replace("server = \"https://platform.ringcentral.com\"\n", extra)
+        .replace("grant = \"jwt\"", grant)
+}
+
+#[test]
+fn providers_set_the_defaults() {
+    let code = "grant = \"refresh_token\"\nrefresh_token = \"rt\"";
+    let c = parse(&provider_config("provider = \"google\"\n", code)).unwrap();
+    let t = &c.tokens[0];
+    assert_eq!(t.token_url.as_str(), "https://oauth2.googleapis.com/token");
+    assert_eq!(t.server.as_str(), "https://oauth2.googleapis.com/", "the proxies' upstream");
+    assert_eq!((t.provider.name, t.client_auth), ("google", crate::provider::ClientAuth::Body));
+    let text = provider_config(
+        "provider = \"salesforce\"\nclient_auth = \"basic\"\naccess_token_lifetime = \"30m\"\naudience = \"api\"\n",
+        "grant = \"client_credentials\"",
+    );
+    let t = &parse(&text).unwrap().tokens[0];
+    assert_eq!(t.client_auth, crate::provider::ClientAuth::Basic);
+    assert_eq!(t.access_token_lifetime, Some(Duration::from_secs(1800)));
+    assert_eq!((t.grant.name(), t.audience.as_deref()), ("client_credentials", Some("api")));
+    let text = provider_config(
+        "provider = \"okta\"\ntoken_url = \"https://x.okta.com/oauth2/v1/token\"\n",
+        "grant = \"client_credentials\"",
+    );
+    assert_eq!(parse(&text).unwrap().tokens[0].token_url.host_str(), Some("x.okta.com"));
+    // RingCentral, the default, keeps its token URL on `server`.
+    assert_eq!(parse(&with_jwt(GOOD)).unwrap().tokens[0].provider.name, "ringcentral");
+}
+
+#[test]
+fn provider_errors_name_line_and_key() {
+    let cases: &[(&str, &str, usize, &str, &str)] = &[
+        // (extra lines instead of `server`, grant line, line, key contains, message contains)
+        ("provider = \"hubspot\"\n", "grant = \"jwt\"", 7, "provider", "valid: \"ringcentral\""),
+        ("provider = \"okta\"\n", "grant = \"client_credentials\"", 6, "token_url", "per tenant"),
+        ("", "grant = \"jwt\"", 6, "server", "needs `server`"),
+        ("provider = \"google\"\n", "grant = \"jwt\"", 10, "grant", "has no \"jwt\" grant"),
+        (
+            "provider = \"zoom\"\nclient_auth = \"post\"\n",
+            "grant = \"refresh_token\"\nrefresh_token = \"r\"",
+            8,
+            "client_auth",
+            "valid: \"basic\"",
+        ),
+        (
+            "provider = \"google\"\naccess_token_lifetime = \"1s\"\n",
+            "grant = \"authorization_code\"",
+            8,
+            "access_token_lifetime",
+            "out of range",
+        ),
+        (
+            "provider = \"google\"\naccess_token_lifetime = \"soon\"\n",
+            "grant = \"authorization_code\"",
+            8,
+            "access_token_lifetime",
+            "not a duration",
+        ),
+    ];
+    for (extra, grant, line, key, msg) in cases {
+        let e = err(&provider_config(extra, grant));
+        assert_eq!(e.line, Some(*line), "{e}");
+        assert!(e.key.contains(key), "key {key:?} not in: {e}");
+        assert!(e.message.contains(msg), "message {msg:?} not in: {e}");
+    }
+    let text = provider_config("provider = \"xero\"\n", "grant = \"client_credentials\"")
+        .replace("client_secret = \"literal-secret\"\n", "");
+    let e = err(&text);
+    assert!(
+        e.key.ends_with("client_secret") && e.message.contains("needs a `client_secret`"),
+        "{e}"
+    );
+}

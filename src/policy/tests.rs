@@ -154,7 +154,55 @@ fn rules(home: ChainHome, grant: G) -> Rules {
         can_relogin: matches!(grant, G::Jwt),
         can_log_in: !matches!(grant, G::Code),
         home,
+        replay: crate::provider::Replay::Within(Duration::from_secs(3600)),
     }
+}
+
+/// Issue 14: a refresh whose reply was lost is replayed only inside the provider's window
+/// (RingCentral's grace, Okta's leeway, always where the old token keeps working); past it,
+/// or where a replay revokes the family, a new login if the grant can, else needs login.
+#[test]
+fn a_lost_reply_is_replayed_only_where_the_provider_allows() {
+    use crate::provider::Replay as R;
+    let c = Clock::new();
+    let s = Duration::from_secs;
+    let cases = [
+        // (replay rule, grant, second loss at s, next after first loss, next after second)
+        (R::Always, G::Code, 86_400, Next::Retry(s(1)), Next::Retry(s(2))),
+        (R::Within(s(30)), G::Code, 10, Next::Retry(s(1)), Next::Retry(s(2))),
+        (R::Within(s(30)), G::Code, 31, Next::Retry(s(1)), Next::NeedsLogin),
+        (R::Within(s(30)), G::Jwt, 31, Next::Retry(s(1)), Next::Relogin),
+        (R::Never, G::Jwt, 0, Next::Relogin, Next::Relogin),
+        (R::Never, G::Rt, 0, Next::NeedsLogin, Next::NeedsLogin),
+    ];
+    for (replay, grant, second, first_next, second_next) in cases {
+        let mut p = Policy::new(Rules { replay, ..rules(ChainHome::StateFile, grant) });
+        let why = format!("{replay:?} {grant:?}");
+        assert_eq!(p.on_failure(c.now(0), Failure::LostReply, 1.0), first_next, "{why}");
+        let next = p.on_failure(c.now(second * 1000), Failure::LostReply, 1.0);
+        assert_eq!(next, second_next, "{why}");
+        if next == Next::Relogin {
+            assert_eq!(p.begin(c.now(second * 1000), true), Some(Request::Login), "{why}");
+        }
+    }
+    // After a restart with a refresh in flight: the same rule, by the intent's age.
+    let mut p = Policy::new(Rules { replay: R::Never, ..rules(ChainHome::StateFile, G::Code) });
+    assert_eq!(p.lost_on_restart(c.now(0), s(1)), Next::NeedsLogin);
+    let mut p = Policy::new(rules(ChainHome::StateFile, G::Code));
+    assert_eq!(p.lost_on_restart(c.now(0), s(5)), Next::Retry(Duration::ZERO));
+    assert!(p.wanted(c.now(0)));
+}
+
+#[test]
+fn only_a_refresh_whose_reply_may_be_lost_is_a_lost_reply() {
+    let t = |connect| OAuthError::Transport { message: String::new(), timeout: false, connect };
+    assert_eq!(Failure::of(&t(false), true), Failure::LostReply);
+    assert!(matches!(Failure::of(&t(true), true), Failure::Transient { .. }), "never sent");
+    assert!(matches!(Failure::of(&t(false), false), Failure::Transient { .. }), "a login");
+    let body = OAuthError::Body { status: 200, len: 3, reason: String::new() };
+    assert_eq!(Failure::of(&body, true), Failure::LostReply);
+    let server = crate::oauth::parse_reply(503, b"", None).unwrap_err();
+    assert!(matches!(Failure::of(&server, true), Failure::Transient { .. }), "it answered");
 }
 
 /// A driven clock: monotonic and wall time advance together from a fixed start.

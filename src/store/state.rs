@@ -190,8 +190,8 @@ pub fn next_state(
     // A refresh whose reply had no new refresh token kept the old one (`oauth::
     // keep_refresh_token`): its expiry, unless the reply gave one, is still the one we knew.
     let same_chain = previous.filter(|_| !new_session);
-    let kept_rt = same_chain
-        .filter(|p| p.refresh_token.is_some() && p.refresh_token == tokens.refresh_token);
+    let kept_rt =
+        same_chain.filter(|p| p.refresh_token.is_some() && p.refresh_token == tokens.refresh_token);
     let refresh_expires_at = match tokens.refresh_token_expires_in {
         Some(s) => Some(now + secs(s)),
         None => kept_rt.and_then(|p| p.refresh_expires_at),
