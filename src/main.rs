@@ -175,6 +175,17 @@ struct FakeServerArgs {
     /// missing_access_token oversized(bytes=) commit_then_drop. Repeatable.
     #[arg(long = "fault")]
     faults: Vec<fake::Fault>,
+    /// Play this provider's refresh rules (rotation, reuse of an old refresh token, replies
+    /// without refresh_token or expires_in, client_credentials): ringcentral google microsoft
+    /// salesforce zoom okta auth0 dropbox xero quickbooks generic.
+    #[arg(long, default_value = "ringcentral", value_parser = provider_name)]
+    provider: String,
+}
+
+fn provider_name(s: &str) -> Result<String, String> {
+    fake::ProviderRules::named(s).map(|p| p.name.to_string()).ok_or_else(|| {
+        format!("{s:?} is not a provider; valid: {}", tokend::provider::Profile::names())
+    })
 }
 
 fn secs(s: &str) -> Result<Duration, String> {
@@ -210,7 +221,7 @@ impl FakeServerArgs {
         if self.enable_password {
             app.grants.push(fake::GrantKind::Password);
         }
-        config
+        config.with_provider(&self.provider).expect("checked by provider_name")
     }
 }
 

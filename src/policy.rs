@@ -161,6 +161,10 @@ pub struct Policy {
     deadline_jitter: Duration,
     /// When the first reply of the refresh being replayed was lost.
     lost_at: Option<Instant>,
+    /// The held refresh token may have been rotated away by a lost reply, and this provider
+    /// punishes its reuse (family revocation): it is never sent again, nor is a configured
+    /// bootstrap refresh token of the same family; only a new login helps.
+    spent: bool,
 }
 
 impl Policy {
@@ -180,6 +184,7 @@ impl Policy {
             token: None,
             deadline_jitter: Duration::ZERO,
             lost_at: None,
+            spent: false,
         }
     }
 
@@ -228,6 +233,7 @@ impl Policy {
             self.replay(now);
             return Next::Retry(Duration::ZERO);
         }
+        self.spent = true;
         self.on_failure(now, Failure::DeadChain, 0.0)
     }
 
@@ -257,6 +263,7 @@ impl Policy {
 
     /// A person logged in (`tokend login`): the new state needs nothing until its deadline.
     pub fn logged_in(&mut self) {
+        self.spent = false;
         (self.needs_login, self.relogin, self.retry_at, self.pending, self.attempt) =
             (false, false, None, None, 0);
         self.logins_held_until = None;
@@ -339,7 +346,10 @@ impl Policy {
     /// until when): it stays wanted and goes out once the oldest login leaves the hour.
     pub fn begin(&mut self, now: Instant, has_refresh_token: bool) -> Option<Request> {
         self.pending = None;
-        let request = if has_refresh_token && !self.relogin {
+        if self.spent && !self.rules.can_relogin {
+            return None;
+        }
+        let request = if has_refresh_token && !self.relogin && !self.spent {
             Request::Refresh
         } else if self.rules.can_log_in {
             Request::Login
@@ -362,7 +372,7 @@ impl Policy {
 
     /// A new token is published: everything starts afresh.
     pub fn on_success(&mut self, issued: DateTime<Utc>, expires: DateTime<Utc>, rand01: f64) {
-        self.lost_at = None;
+        (self.lost_at, self.spent) = (None, false);
         (self.relogin, self.needs_login, self.retry_at, self.not_before, self.attempt) =
             (false, false, None, None, 0);
         self.logins_held_until = None;
@@ -398,7 +408,7 @@ impl Policy {
                 if self.rules.replay.allows(since) {
                     return self.on_failure(now, Failure::Transient { retry_after: None }, rand01);
                 }
-                self.lost_at = None;
+                (self.lost_at, self.spent) = (None, true);
                 self.on_failure(now, Failure::DeadChain, rand01)
             }
             Failure::DeadChain if self.rules.can_relogin => {

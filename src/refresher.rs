@@ -179,9 +179,9 @@ impl Refresher {
                 warn!(token = %self.name(), provider, "a refresh was in flight when tokend stopped, and this provider does not allow replaying it now; logging in again (new session)");
             }
             Next::NeedsLogin => {
+                // The intent stays: every restart must know the held token is spent.
                 self.report.needs_login(true);
                 error!(token = %self.name(), provider, "a refresh was in flight when tokend stopped, and this provider does not allow replaying it now: needs login (`tokend login --token {}`)", self.name());
-                crate::publish::clear_intent(&self.cfg);
             }
         }
     }
@@ -294,8 +294,9 @@ impl Refresher {
     fn on_failure(&mut self, e: &OAuthError, request: Request) {
         let failure = Failure::of(e, request == Request::Refresh);
         let next = self.policy.on_failure(Instant::now(), failure, rand::random());
-        if next == Next::NeedsLogin {
-            // Nothing is in flight any more: the next attempt starts afresh.
+        if next == Next::NeedsLogin && failure != Failure::LostReply {
+            // Nothing is in flight any more: the next attempt starts afresh. (After a lost
+            // reply the intent stays, so that a restart does not send the spent token.)
             crate::publish::clear_intent(&self.cfg);
         }
         let serving = self.state().map(|s| crate::time::left(s.access_expires_at, Utc::now()));

@@ -16,6 +16,7 @@ pub enum GrantKind {
     RefreshToken,
     AuthorizationCode,
     Password,
+    ClientCredentials,
 }
 
 impl GrantKind {
@@ -26,6 +27,7 @@ impl GrantKind {
             "refresh_token" => Some(Self::RefreshToken),
             "authorization_code" => Some(Self::AuthorizationCode),
             "password" => Some(Self::Password),
+            "client_credentials" => Some(Self::ClientCredentials),
             _ => None,
         }
     }
@@ -60,6 +62,68 @@ pub struct RateLimit {
     pub penalty: Duration,
 }
 
+/// What a provider does when a refresh token it rotated away is presented again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reuse {
+    /// RingCentral: the cached pair again, inside the grace window (`grace_*`).
+    Grace,
+    /// Microsoft: the old token is not revoked; it refreshes like the current one.
+    Accept,
+    /// Okta, Xero: the cached pair inside this leeway; after it, the whole family is revoked.
+    Leeway(Duration),
+    /// Salesforce, Auth0: reuse revokes the whole family (RFC 9700 reuse detection).
+    RevokeFamily,
+    /// Zoom: refused at once, nothing else happens.
+    Refuse,
+}
+
+/// One provider's documented refresh rules (PROVIDERS.md), as the fake plays them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProviderRules {
+    pub name: &'static str,
+    /// A refresh issues a new refresh token; without rotation the reply has none (Google).
+    pub rotate: bool,
+    pub reuse: Reuse,
+    /// The reply carries `expires_in` (Salesforce's has only `issued_at`).
+    pub expires_in: bool,
+    pub token_type: &'static str,
+    /// `client_secret` in the body is accepted besides HTTP Basic.
+    pub body_secret: bool,
+    /// The `client_credentials` grant exists.
+    pub client_credentials: bool,
+}
+
+impl ProviderRules {
+    const RINGCENTRAL: Self = Self {
+        name: "ringcentral",
+        rotate: true,
+        reuse: Reuse::Grace,
+        expires_in: true,
+        token_type: "bearer",
+        body_secret: false,
+        client_credentials: false,
+    };
+
+    /// The rules of provider `name` (tokend's profile names).
+    pub fn named(name: &str) -> Option<Self> {
+        let base = Self { name: "", body_secret: true, token_type: "Bearer", ..Self::RINGCENTRAL };
+        let s = Duration::from_secs;
+        let (rotate, reuse, cc) = match name {
+            "ringcentral" => return Some(Self::RINGCENTRAL),
+            "google" | "dropbox" => (false, Reuse::Accept, false),
+            "microsoft" => (true, Reuse::Accept, true),
+            "salesforce" | "auth0" | "generic" => (true, Reuse::RevokeFamily, true),
+            "zoom" | "quickbooks" => (true, Reuse::Refuse, false),
+            "okta" => (true, Reuse::Leeway(s(30)), true),
+            "xero" => (true, Reuse::Leeway(s(1800)), true),
+            _ => return None,
+        };
+        let name = crate::provider::Profile::named(name)?.name;
+        let expires_in = name != "salesforce";
+        Some(Self { name, rotate, reuse, expires_in, client_credentials: cc, ..base })
+    }
+}
+
 /// Everything configurable about the fake server. `Default` mirrors production RingCentral.
 #[derive(Clone, Debug)]
 pub struct FakeConfig {
@@ -85,6 +149,8 @@ pub struct FakeConfig {
     /// the WAN between a client and RingCentral, which opens the window at each rotation in
     /// which a call still carries the token the refresh just killed.
     pub latency: Duration,
+    /// Whose rules the server plays (`--provider`); RingCentral's by default.
+    pub provider: ProviderRules,
 }
 
 impl Default for FakeConfig {
@@ -113,6 +179,7 @@ impl Default for FakeConfig {
             }),
             code_ttl: Duration::from_secs(60),
             latency: Duration::ZERO,
+            provider: ProviderRules::RINGCENTRAL,
         }
     }
 }
@@ -134,6 +201,15 @@ impl FakeConfig {
     /// A config for tests: short clamps allowed and no rate limit, other values as production.
     pub fn for_tests() -> Self {
         Self { access_ttl_min: 1, rate_limit: None, ..Self::default() }
+    }
+
+    /// Plays provider `name`'s rules; its grants added to the first app. None: no such provider.
+    pub fn with_provider(mut self, name: &str) -> Option<Self> {
+        self.provider = ProviderRules::named(name)?;
+        if self.provider.client_credentials && !self.apps.is_empty() {
+            self.apps[0].grants.push(GrantKind::ClientCredentials);
+        }
+        Some(self)
     }
 
     /// Clamps a requested access token TTL the way RingCentral does (never refuses).

@@ -248,7 +248,12 @@ fn handle_token(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
     };
     let mut auth = shared.auth.lock().expect("auth lock");
     let body_client = form.remove("client_id");
-    let client_id = match auth.authenticate(basic_auth(headers), body_client.as_deref()) {
+    let body_secret = form.remove("client_secret");
+    let client_id = match auth.authenticate(
+        basic_auth(headers),
+        body_client.as_deref(),
+        body_secret.as_deref(),
+    ) {
         Ok(id) => id,
         Err(e) => return oauth_error(&e),
     };
@@ -294,7 +299,8 @@ fn fault_response(kind: &FaultKind) -> Response {
     let sample = || TokenResponse {
         access_token: "fault-injected-not-a-token".into(),
         token_type: "bearer",
-        expires_in: 3599,
+        expires_in: Some(3599),
+        issued_at: None,
         refresh_token: Some("fault-injected-not-a-token".into()),
         refresh_token_expires_in: Some(604_799),
         scope: String::new(),
@@ -373,7 +379,9 @@ async fn revoke(
     };
     let mut auth = shared.auth.lock().expect("auth lock");
     let body_client = form.remove("client_id");
-    if let Err(e) = auth.authenticate(basic_auth(&headers), body_client.as_deref()) {
+    let body_secret = form.remove("client_secret");
+    let basic = basic_auth(&headers);
+    if let Err(e) = auth.authenticate(basic, body_client.as_deref(), body_secret.as_deref()) {
         return oauth_error(&e);
     }
     match form.remove("token").or(query.token) {

@@ -19,8 +19,8 @@ mod stats;
 
 pub use auth::pkce_matches;
 pub use config::{
-    App, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_JWT, FakeConfig, GrantKind, RateLimit,
-    User,
+    App, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_JWT, FakeConfig, GrantKind,
+    ProviderRules, RateLimit, Reuse, User,
 };
 pub use faults::{Fault, FaultKind};
 pub use stats::Stats;

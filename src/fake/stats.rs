@@ -23,6 +23,12 @@ pub struct Stats {
     /// Sessions dropped because the user went past `max_sessions`.
     pub sessions_dropped: u64,
     pub revocations: u64,
+    /// Sessions (token families) revoked because a rotated-away refresh token was reused.
+    #[serde(default)]
+    pub family_revocations: u64,
+    /// Rotated-away refresh tokens presented again, whatever the provider did about it.
+    #[serde(default)]
+    pub reuses: u64,
     /// Live sessions per user id (filled in when served).
     pub live_sessions: BTreeMap<String, u64>,
     pub api_accepted: u64,

@@ -185,9 +185,21 @@ fn a_lost_reply_is_replayed_only_where_the_provider_allows() {
             assert_eq!(p.begin(c.now(second * 1000), true), Some(Request::Login), "{why}");
         }
     }
+    // The spent refresh token is never sent again: not on a tick, not on SIGUSR1, and not
+    // as a configured bootstrap token (same family); a person's login clears it.
+    let mut p = Policy::new(Rules { replay: R::Never, ..rules(ChainHome::StateFile, G::Rt) });
+    assert_eq!(p.on_failure(c.now(0), Failure::LostReply, 1.0), Next::NeedsLogin);
+    p.on_tick(c.now(1000), 0.0);
+    p.refresh_now(c.now(2000));
+    assert_eq!(p.begin(c.now(2000), true), None);
+    p.logged_in();
+    p.refresh_now(c.now(3000));
+    assert_eq!(p.begin(c.now(3000), true), Some(Request::Refresh));
     // After a restart with a refresh in flight: the same rule, by the intent's age.
     let mut p = Policy::new(Rules { replay: R::Never, ..rules(ChainHome::StateFile, G::Code) });
     assert_eq!(p.lost_on_restart(c.now(0), s(1)), Next::NeedsLogin);
+    p.refresh_now(c.now(0));
+    assert_eq!(p.begin(c.now(0), true), None);
     let mut p = Policy::new(rules(ChainHome::StateFile, G::Code));
     assert_eq!(p.lost_on_restart(c.now(0), s(5)), Next::Retry(Duration::ZERO));
     assert!(p.wanted(c.now(0)));

@@ -12,6 +12,7 @@ mod hostile;
 mod interop;
 mod login;
 mod metrics;
+mod providers;
 mod proxy;
 mod proxy_lifecycle;
 mod proxy_upstream;

@@ -1,7 +1,7 @@
 //! The fake server's pure state machine: sessions, token rotation, grace replays, rate
 //! limits. No I/O; every method takes `now` so tests can drive time.
 
-use super::config::{FakeConfig, GrantKind, User};
+use super::config::{FakeConfig, GrantKind, Reuse, User};
 use super::stats::Stats;
 use base64::Engine;
 use serde::Serialize;
@@ -55,7 +55,11 @@ pub const AT_NOT_FOUND: ApiError = ApiError::new(401, "TokenInvalid", "OAU-213",
 pub struct TokenResponse {
     pub access_token: String,
     pub token_type: &'static str,
-    pub expires_in: u64,
+    /// None where the provider sends none (Salesforce): then `issued_at` instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -162,13 +166,21 @@ impl Auth {
         }
     }
 
-    /// Client authentication: HTTP Basic (optionally with `client_id` repeated in the body)
-    /// or body-only `client_id` for public apps.
+    /// Client authentication: HTTP Basic (optionally with `client_id` repeated in the body),
+    /// `client_id` and `client_secret` in the body where the provider takes that, or
+    /// body-only `client_id` for public apps.
     pub fn authenticate(
         &self,
         basic: Option<(String, String)>,
         body_client: Option<&str>,
+        body_secret: Option<&str>,
     ) -> Result<String, ApiError> {
+        if let (None, Some(id), Some(secret)) = (&basic, body_client, body_secret) {
+            if !self.config.provider.body_secret {
+                return Err(NO_CLIENT_AUTH);
+            }
+            return self.authenticate(Some((id.to_string(), secret.to_string())), None, None);
+        }
         match (basic, body_client) {
             (Some((id, secret)), body) => {
                 let app = self.app(&id).ok_or(BAD_CLIENT)?;
@@ -209,7 +221,7 @@ impl Auth {
             Some(GrantKind::Password) => {
                 req.form.get("username").and_then(|n| self.user_by_name(n))
             }
-            None => None,
+            Some(GrantKind::ClientCredentials) | None => None,
         };
         match user {
             Some(u) => format!("user:{}", self.config.users[u].id),
@@ -256,6 +268,8 @@ impl Auth {
             GrantKind::Password => self.password_login(req, now),
             GrantKind::AuthorizationCode => self.code_login(req, now),
             GrantKind::RefreshToken => self.refresh(req, now),
+            // Machine to machine: the app's own token, no user's session, no refresh token.
+            GrantKind::ClientCredentials => Ok(self.login(0, req, "client_credentials", now)),
         };
         result.map_err(|e| self.reject(e))
     }
@@ -353,7 +367,10 @@ impl Auth {
     /// Issues a new pair in `session`, killing its current access token at once.
     fn issue(&mut self, session: u64, req: &TokenRequest, now: Instant) -> TokenResponse {
         let ttl = self.config.clamp_access_ttl(num(req, "access_token_ttl"));
-        let rt_ttl = self.config.clamp_refresh_ttl(num(req, "refresh_token_ttl"));
+        let rt_ttl = self
+            .config
+            .clamp_refresh_ttl(num(req, "refresh_token_ttl"))
+            .filter(|_| req.grant != Some(GrantKind::ClientCredentials));
         let at = random_token();
         let s = self.sessions.get_mut(&session).expect("caller made it");
         if let Some(old) = s.current_access.replace(at.clone())
@@ -374,10 +391,12 @@ impl Auth {
                 RefreshRec { session, expires: *expires, status: RtStatus::Current },
             );
         }
+        let p = self.config.provider;
         TokenResponse {
             access_token: at,
-            token_type: "bearer",
-            expires_in: ttl.saturating_sub(1),
+            token_type: p.token_type,
+            expires_in: p.expires_in.then_some(ttl.saturating_sub(1)),
+            issued_at: (!p.expires_in).then(|| chrono::Utc::now().timestamp_millis().to_string()),
             refresh_token_expires_in: rt_ttl.map(|t| t.saturating_sub(1)),
             refresh_token: rt.map(|(v, _)| v),
             scope,
@@ -397,16 +416,76 @@ impl Auth {
         if session.client_id != req.client_id {
             return Err(TOKEN_NOT_FOUND);
         }
+        if matches!(rec.status, RtStatus::Rotated { .. } | RtStatus::Dead) {
+            self.stats.reuses += 1;
+        }
         match &rec.status {
-            RtStatus::Dead => Err(TOKEN_NOT_FOUND),
-            RtStatus::Rotated { at, next } => {
-                let reply = self.replay(*at, next, now);
-                self.stats.grace_replays += u64::from(reply.is_ok());
-                reply
-            }
+            RtStatus::Dead | RtStatus::Rotated { .. } => self.reuse(&value, now, req),
             RtStatus::Current if rec.expires <= now => Err(TOKEN_EXPIRED),
+            RtStatus::Current if !self.config.provider.rotate => {
+                Ok(self.refresh_in_place(&value, now, req))
+            }
             RtStatus::Current => Ok(self.rotate(&value, now, req)),
         }
+    }
+
+    /// A refresh token rotated away comes back: each provider's rule (`Reuse`).
+    fn reuse(
+        &mut self,
+        value: &str,
+        now: Instant,
+        req: &TokenRequest,
+    ) -> Result<TokenResponse, ApiError> {
+        let rec = &self.refresh[value];
+        let rotated_at = match &rec.status {
+            RtStatus::Rotated { at, .. } => Some(*at),
+            _ => None,
+        };
+        match self.config.provider.reuse {
+            Reuse::Grace => self.replay_cached(value, now),
+            Reuse::Accept => Ok(self.rotate(value, now, req)),
+            Reuse::Leeway(w) if rotated_at.is_some_and(|at| now.duration_since(at) < w) => {
+                self.replay_cached(value, now)
+            }
+            Reuse::Leeway(_) | Reuse::RevokeFamily => {
+                let session = rec.session;
+                self.revoke_family(session);
+                Err(TOKEN_REVOKED)
+            }
+            Reuse::Refuse => Err(TOKEN_NOT_FOUND),
+        }
+    }
+
+    fn replay_cached(&mut self, value: &str, now: Instant) -> Result<TokenResponse, ApiError> {
+        let RtStatus::Rotated { at, next } = &self.refresh[value].status else {
+            return Err(TOKEN_NOT_FOUND);
+        };
+        let reply = self.replay(*at, next, now);
+        self.stats.grace_replays += u64::from(reply.is_ok());
+        reply
+    }
+
+    /// RFC 9700 reuse detection: the session and every token of it end.
+    fn revoke_family(&mut self, session: u64) {
+        if let Some(s) = self.sessions.get_mut(&session)
+            && s.live
+        {
+            s.live = false;
+            self.stats.family_revocations += 1;
+        }
+    }
+
+    /// No rotation (Google, Dropbox): a new access token; the refresh token stays current
+    /// and the reply carries none.
+    fn refresh_in_place(&mut self, value: &str, now: Instant, req: &TokenRequest) -> TokenResponse {
+        let session = self.refresh[value].session;
+        let mut reply = self.issue(session, req, now);
+        if let Some(minted) = reply.refresh_token.take() {
+            self.refresh.remove(&minted);
+        }
+        reply.refresh_token_expires_in = None;
+        self.stats.refreshes += 1;
+        reply
     }
 
     /// The grace window: a rotated refresh token returns the identical cached pair.
@@ -426,7 +505,7 @@ impl Auth {
             return Err(TOKEN_NOT_FOUND);
         }
         let mut reply = cached.clone();
-        reply.expires_in = secs_left(*at_expires, now);
+        reply.expires_in = reply.expires_in.map(|_| secs_left(*at_expires, now));
         reply.refresh_token_expires_in = rt_expires.map(|e| secs_left(e, now));
         Ok(reply)
     }
@@ -434,7 +513,8 @@ impl Auth {
     fn rotate(&mut self, old_rt: &str, now: Instant, req: &TokenRequest) -> TokenResponse {
         let session = self.refresh[old_rt].session;
         let reply = self.issue(session, req, now);
-        let at_expires = now + Duration::from_secs(reply.expires_in + 1);
+        let ttl = self.config.clamp_access_ttl(num(req, "access_token_ttl"));
+        let at_expires = now + Duration::from_secs(ttl);
         let rt_expires = reply.refresh_token_expires_in.map(|s| now + Duration::from_secs(s + 1));
         let s = self.sessions.get_mut(&session).expect("live session");
         if let Some(older) = s.previous_refresh.replace(old_rt.to_string())

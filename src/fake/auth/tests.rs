@@ -30,7 +30,7 @@ fn refresh_kills_old_access_token_then_reports_not_found() {
     let mut a = Auth::new(FakeConfig::for_tests());
     let t0 = Instant::now();
     let first = a.token(&jwt(), t0).unwrap();
-    assert_eq!(first.expires_in, 3599);
+    assert_eq!(first.expires_in, Some(3599));
     assert!(a.api_call(Some(&bearer(&first.access_token)), t0).is_ok());
     let second = a.token(&refresh_req(first.refresh_token.as_ref().unwrap()), t0).unwrap();
     assert_eq!(a.api_call(Some(&bearer(&first.access_token)), t0), Err(AT_CORRUPTED));
@@ -176,12 +176,14 @@ fn client_authentication_rules() {
     let a = Auth::new(config);
     let basic = |id: &str, s: &str| Some((id.to_string(), s.to_string()));
     let secret = crate::fake::DEFAULT_CLIENT_SECRET;
-    assert!(a.authenticate(basic(DEFAULT_CLIENT_ID, secret), None).is_ok());
-    assert!(a.authenticate(basic(DEFAULT_CLIENT_ID, secret), Some(DEFAULT_CLIENT_ID)).is_ok());
-    assert_eq!(a.authenticate(basic(DEFAULT_CLIENT_ID, "x"), None), Err(BAD_CLIENT));
-    assert_eq!(a.authenticate(None, Some(DEFAULT_CLIENT_ID)), Err(NO_CLIENT_AUTH));
-    assert_eq!(a.authenticate(None, None), Err(NO_CLIENT_AUTH));
-    assert!(a.authenticate(None, Some("public")).is_ok());
+    assert!(a.authenticate(basic(DEFAULT_CLIENT_ID, secret), None, None).is_ok());
+    assert!(
+        a.authenticate(basic(DEFAULT_CLIENT_ID, secret), Some(DEFAULT_CLIENT_ID), None).is_ok()
+    );
+    assert_eq!(a.authenticate(basic(DEFAULT_CLIENT_ID, "x"), None, None), Err(BAD_CLIENT));
+    assert_eq!(a.authenticate(None, Some(DEFAULT_CLIENT_ID), None), Err(NO_CLIENT_AUTH));
+    assert_eq!(a.authenticate(None, None, None), Err(NO_CLIENT_AUTH));
+    assert!(a.authenticate(None, Some("public"), None).is_ok());
 }
 
 #[test]
@@ -242,4 +244,65 @@ fn rate_limit_penalty_restarts_on_each_request() {
     assert!(a.rate_check("u", t0 + Duration::from_secs(118)).is_err());
     assert!(a.rate_check("u", t0 + Duration::from_secs(178)).is_ok());
     assert!(a.rate_check("other", t0).is_ok(), "limits are per user");
+}
+
+/// Issue 14: each provider's rule for a rotated-away refresh token presented again, driven
+/// by the clock: (provider, reuse after s, ok, family revoked).
+#[test]
+fn each_provider_treats_a_reused_refresh_token_its_own_way() {
+    let cases = [
+        ("ringcentral", 5, true, false),
+        ("microsoft", 86_400, true, false),
+        ("okta", 29, true, false),
+        ("okta", 31, false, true),
+        ("xero", 1799, true, false),
+        ("salesforce", 0, false, true),
+        ("auth0", 0, false, true),
+        ("zoom", 0, false, false),
+    ];
+    for (name, after, ok, revoked) in cases {
+        let mut a = Auth::new(FakeConfig::for_tests().with_provider(name).unwrap());
+        let t0 = Instant::now();
+        let rt1 = a.token(&jwt(), t0).unwrap().refresh_token.unwrap();
+        let second = a.token(&refresh_req(&rt1), t0).unwrap();
+        let reuse = a.token(&refresh_req(&rt1), t0 + Duration::from_secs(after));
+        assert_eq!(reuse.is_ok(), ok, "{name} after {after} s: {reuse:?}");
+        assert_eq!(a.stats.family_revocations, u64::from(revoked), "{name}");
+        // A revoked family takes the newest refresh token and its access token with it.
+        let newest = a.token(&refresh_req(second.refresh_token.as_ref().unwrap()), t0);
+        assert_eq!(newest.is_err(), revoked, "{name}: {newest:?}");
+        assert_eq!(a.stats.reuses, 1, "{name}");
+    }
+}
+
+#[test]
+fn providers_without_rotation_keep_the_refresh_token_and_omit_it() {
+    for name in ["google", "dropbox"] {
+        let mut a = Auth::new(FakeConfig::for_tests().with_provider(name).unwrap());
+        let t0 = Instant::now();
+        let rt = a.token(&jwt(), t0).unwrap().refresh_token.unwrap();
+        for i in 0..3 {
+            let r = a.token(&refresh_req(&rt), t0 + Duration::from_secs(i)).unwrap();
+            assert!(r.refresh_token.is_none(), "{name}: no refresh_token on refresh");
+            assert_eq!(r.token_type, "Bearer");
+        }
+        assert_eq!((a.stats.refreshes, a.stats.reuses), (3, 0), "{name}");
+    }
+}
+
+#[test]
+fn salesforce_sends_no_expires_in_and_client_credentials_no_refresh_token() {
+    let mut a = Auth::new(FakeConfig::for_tests().with_provider("salesforce").unwrap());
+    let r = a.token(&jwt(), Instant::now()).unwrap();
+    assert!(r.expires_in.is_none() && r.issued_at.is_some());
+    let cc = a.token(&req(&[("grant_type", "client_credentials")]), Instant::now()).unwrap();
+    assert!(cc.refresh_token.is_none());
+    // RingCentral has no client_credentials grant, and takes no secret in the body.
+    let mut rc = Auth::new(FakeConfig::for_tests());
+    let e = rc.token(&req(&[("grant_type", "client_credentials")]), Instant::now());
+    assert_eq!(e.unwrap_err(), UNAUTHORIZED_GRANT);
+    let secret = crate::fake::DEFAULT_CLIENT_SECRET;
+    assert_eq!(rc.authenticate(None, Some(DEFAULT_CLIENT_ID), Some(secret)), Err(NO_CLIENT_AUTH));
+    assert!(a.authenticate(None, Some(DEFAULT_CLIENT_ID), Some(secret)).is_ok());
+    assert_eq!(a.authenticate(None, Some(DEFAULT_CLIENT_ID), Some("bad")), Err(BAD_CLIENT));
 }

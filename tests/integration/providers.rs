@@ -1,0 +1,155 @@
+//! Issue 14: every provider profile through the real binary against the fake playing that
+//! provider's rules (`FakeConfig::with_provider`, `tokend fake-server --provider`): many
+//! refreshes and a restart without a new session or a refused token, and a lost reply
+//! replayed only where the provider makes that safe.
+
+use crate::harness::{TokenSpec, World};
+use std::time::Duration;
+use tokend::fake::FakeConfig;
+
+/// Providers whose old refresh token may be replayed after a lost reply (within the window
+/// that the test stays inside), and those where a replay is refused or revokes the family.
+const REPLAY_SAFE: &[&str] = &["google", "dropbox", "microsoft", "okta", "xero"];
+const NO_REPLAY: &[&str] = &["salesforce", "auth0", "zoom", "quickbooks", "generic"];
+
+async fn world(provider: &str) -> World {
+    World::with(FakeConfig::for_tests().with_provider(provider).expect("a provider")).await
+}
+
+/// A token of `provider` bootstrapped from a refresh token the test got itself (the one
+/// session), with access tokens of `ttl` seconds (2: a refresh every second or so).
+fn spec(w: &World, provider: &str, rt: &str, ttl: u64) -> TokenSpec {
+    let mut spec = TokenSpec::new("main")
+        .grant(&format!("grant = \"refresh_token\"\nrefresh_token = \"{rt}\""))
+        .extra(&format!("provider = \"{provider}\""))
+        .extra(&format!("token_url = \"{}/restapi/oauth/token\"", w.server.url()))
+        .extra(&format!("access_token_ttl = {ttl}"));
+    if provider == "salesforce" {
+        // No expires_in in its replies: the lifetime comes from the config.
+        spec = spec.extra(&format!("access_token_lifetime = \"{}s\"", ttl.max(10)));
+    }
+    spec
+}
+
+/// Nothing a provider punishes happened: one session, no family revoked, no token refused.
+fn assert_clean(w: &World, provider: &str) {
+    let stats = w.stats();
+    assert_eq!(stats.sessions_created, 1, "{provider}: a new session: {stats:?}");
+    assert_eq!(stats.family_revocations, 0, "{provider}: a family was revoked: {stats:?}");
+    assert!(stats.rejected.is_empty(), "{provider}: a token was refused: {stats:?}");
+}
+
+#[tokio::test]
+async fn every_provider_refreshes_many_times_and_across_a_restart() {
+    let mut providers: Vec<&str> = REPLAY_SAFE.to_vec();
+    providers.extend(NO_REPLAY);
+    for provider in providers {
+        let w = world(provider).await;
+        let rt = w.refresh_token_from_elsewhere().await;
+        w.write_config(&[spec(&w, provider, &rt, 2)]);
+        let mut d = w.daemon();
+        d.wait_ready().await;
+        w.wait_generation("main", 5, Duration::from_secs(60)).await;
+        assert!(d.stop().await.success(), "{provider}: {}", d.output());
+        let before = w.generation("main");
+        let d = w.daemon();
+        d.wait_ready().await;
+        w.wait_generation("main", before + 3, Duration::from_secs(60)).await;
+        drop(d);
+        assert_clean(&w, provider);
+        let state = w.state("main");
+        let held = state.refresh_token.as_ref().map(|r| r.expose().to_string());
+        assert!(held.is_some(), "{provider}: the state lost its refresh token");
+        let rules = tokend::fake::ProviderRules::named(provider).unwrap();
+        if !rules.rotate {
+            assert_eq!(held.as_deref(), Some(rt.as_str()), "{provider}: the same token kept");
+        }
+        eprintln!("{provider}: generation {}, {:?}", state.generation, w.stats());
+    }
+}
+
+/// A refresh whose reply is lost (the server rotated, then the connection dropped).
+async fn lose_a_reply(w: &World, d: &crate::harness::Daemon) {
+    let injected = w.stats().faults_injected;
+    w.server.inject("commit_then_drop".parse().unwrap());
+    d.signal(libc::SIGUSR1);
+    crate::harness::wait_until("the lost reply", Duration::from_secs(20), || {
+        w.stats().faults_injected > injected
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_lost_reply_is_replayed_only_where_the_provider_allows() {
+    for provider in REPLAY_SAFE {
+        let w = world(provider).await;
+        let rt = w.refresh_token_from_elsewhere().await;
+        // Hour-long tokens: only the lost refresh and its replay happen.
+        w.write_config(&[spec(&w, provider, &rt, 3600)]);
+        let d = w.daemon();
+        d.wait_ready().await;
+        let start = w.generation("main");
+        lose_a_reply(&w, &d).await;
+        w.wait_generation("main", start + 1, Duration::from_secs(30)).await;
+        assert_clean(&w, provider);
+        assert!(w.stats().reuses <= 1, "{provider}: one replay at most: {:?}", w.stats());
+    }
+    for provider in NO_REPLAY {
+        let w = world(provider).await;
+        let rt = w.refresh_token_from_elsewhere().await;
+        w.write_config(&[spec(&w, provider, &rt, 3600)]);
+        let mut d = w.daemon();
+        d.wait_ready().await;
+        let reuses = w.stats().reuses;
+        lose_a_reply(&w, &d).await;
+        d.wait_log("needs login", 1, Duration::from_secs(20)).await;
+        let stats = w.stats();
+        assert_eq!(stats.reuses, reuses, "{provider}: the lost refresh was replayed: {stats:?}");
+        // Ticks, SIGUSR1 and a restart never send the spent refresh token.
+        d.signal(libc::SIGUSR1);
+        assert!(d.stop().await.success(), "{provider}");
+        let d = w.daemon();
+        d.wait_log("does not allow replaying it", 1, Duration::from_secs(20)).await;
+        d.signal(libc::SIGUSR1);
+        let stats = w.stats();
+        assert_eq!(stats.reuses, reuses, "{provider}: the spent token was sent: {stats:?}");
+        assert_eq!(stats.family_revocations, 0, "{provider}: {stats:?}");
+        assert!(w.sink("main").is_some(), "{provider}: the last token is still served");
+    }
+}
+
+#[tokio::test]
+async fn client_credentials_gets_a_new_token_each_time_and_a_restart_publishes_at_once() {
+    for provider in ["salesforce", "auth0", "generic", "microsoft", "okta", "xero"] {
+        let w = world(provider).await;
+        let spec = spec(&w, provider, "unused", 3600).grant("grant = \"client_credentials\"");
+        w.write_config(&[spec]);
+        let mut d = w.daemon();
+        d.wait_ready().await;
+        for generation in 2..=3 {
+            d.signal(libc::SIGUSR1);
+            w.wait_generation("main", generation, Duration::from_secs(30)).await;
+        }
+        assert!(d.stop().await.success(), "{provider}");
+        let stats = w.stats();
+        assert_eq!(stats.logins_by_grant.get("client_credentials"), Some(&stats.logins));
+        assert_eq!(stats.refreshes, 0, "{provider}: no refresh token to refresh with");
+        assert!(w.state("main").refresh_token.is_none(), "{provider}");
+        // A restart publishes from the state at once, with no request.
+        let requests = w.stats().token_requests;
+        std::fs::remove_file(w.path("main.json")).unwrap();
+        let mut d = w.daemon();
+        d.wait_ready().await;
+        assert!(w.sink("main").is_some(), "{provider}: published at start");
+        assert!(d.stop().await.success(), "{provider}");
+        assert_eq!(w.stats().token_requests, requests, "{provider}: a request at start");
+    }
+}
+
+#[tokio::test]
+async fn the_fake_server_binary_plays_a_provider() {
+    let out = crate::harness::tokend(&["fake-server", "--provider", "hubspot"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a provider") && err.contains("salesforce"), "{err}");
+}
