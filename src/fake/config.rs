@@ -78,6 +78,8 @@ pub enum Reuse {
 }
 
 /// One provider's documented refresh rules (PROVIDERS.md), as the fake plays them.
+/// Each flag is one independent documented rule, as in the PROVIDERS.md table.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProviderRules {
     pub name: &'static str,

@@ -153,3 +153,21 @@ async fn the_fake_server_binary_plays_a_provider() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a provider") && err.contains("salesforce"), "{err}");
 }
+
+#[test]
+fn readme_examples_are_valid() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let start = readme.find("<!-- provider examples -->").expect("the examples' start marker");
+    let end = readme.find("<!-- end provider examples -->").expect("the examples' end marker");
+    let block = &readme[start..end];
+    let toml = block.split("```toml").nth(1).and_then(|b| b.split("```").next()).unwrap();
+    let config = tokend::config::Config::parse(std::path::Path::new("/etc/tokend/x.toml"), toml)
+        .unwrap_or_else(|e| panic!("README provider examples: {e}"));
+    let mut shown: Vec<&str> = config.tokens.iter().map(|t| t.provider.name).collect();
+    shown.sort_unstable();
+    let mut all: Vec<&str> = tokend::provider::PROFILES.iter().map(|p| p.name).collect();
+    all.retain(|p| *p != "ringcentral"); // the Configuration section's example
+    all.sort_unstable();
+    assert_eq!(shown, all, "one README example per provider");
+}
