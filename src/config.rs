@@ -150,7 +150,8 @@ impl Grant {
     pub fn starts_sessions(&self) -> bool {
         match self {
             Grant::Jwt { .. } | Grant::Password { .. } | Grant::AuthorizationCode { .. } => true,
-            Grant::RefreshToken { .. } => false,
+            // client_credentials gets every token by a "login" that starts no session.
+            Grant::RefreshToken { .. } | Grant::ClientCredentials => false,
         }
     }
 }

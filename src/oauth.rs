@@ -78,7 +78,8 @@ impl OAuthError {
     /// failed this way may have started a session.
     pub fn may_have_acted(&self) -> bool {
         match self {
-            Self::Transport { .. } | Self::Body { .. } => true,
+            // A well-formed reply we refuse: the server did act (a login started a session).
+            Self::Transport { .. } | Self::Body { .. } | Self::Refused { .. } => true,
             Self::Server { status, .. } => (500..=599).contains(status) && *status != 503,
         }
     }
@@ -88,10 +89,11 @@ impl OAuthError {
         matches!(self, Self::Server { error: Some(e), .. } if e == "invalid_grant")
     }
 
-    /// The server may have acted on the request without the reply reaching us: a refresh may
+    /// The reply to a request the server may have acted on never reached us: a refresh may
     /// have rotated the refresh token (a timeout or reset after sending, an unusable 200). A
-    /// connection never made, or an error status, means it did not.
-    pub fn may_have_acted(&self) -> bool {
+    /// connection never made, or an error status, means the server did not hand out a new pair
+    /// (a 500 after processing is possible but rare, and is retried as a plain transient error).
+    pub fn reply_may_be_lost(&self) -> bool {
         match self {
             Self::Transport { connect, .. } => !connect,
             Self::Body { status, .. } => (200..300).contains(status),

@@ -65,7 +65,7 @@ pub enum Failure {
 impl Failure {
     /// How the policy sees an error of the token endpoint (`was_refresh`: not a login).
     pub fn of(e: &OAuthError, was_refresh: bool) -> Self {
-        if e.is_transient() && was_refresh && e.may_have_acted() {
+        if e.is_transient() && was_refresh && e.reply_may_be_lost() {
             Self::LostReply
         } else if e.is_transient() {
             Self::Transient { retry_after: e.retry_after() }

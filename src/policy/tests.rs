@@ -158,6 +158,26 @@ fn rules(home: ChainHome, grant: G) -> Rules {
     }
 }
 
+/// client_credentials gets every token by a "login" that starts no session: the session
+/// budget and the login backoff in minutes do not apply to it.
+#[test]
+fn client_credentials_requests_are_not_sessions() {
+    let c = Clock::new();
+    let cc =
+        Rules { logins_start_sessions: false, sessions: 1, ..rules(ChainHome::StateFile, G::Jwt) };
+    let mut p = Policy::new(cc);
+    for i in 0..5 {
+        p.refresh_now(c.now(i * 1000));
+        assert_eq!(p.begin(c.now(i * 1000), false), Some(Request::Login), "request {i}");
+    }
+    let next = p.on_failure(c.now(5000), Failure::Transient { retry_after: None }, 1.0);
+    assert_eq!(next, Next::Retry(Duration::from_secs(1)), "the ordinary backoff");
+    let mut p = Policy::new(Rules { sessions: 1, ..rules(ChainHome::StateFile, G::Jwt) });
+    assert_eq!(p.begin(c.now(0), false), Some(Request::Login));
+    p.refresh_now(c.now(1000));
+    assert_eq!(p.begin(c.now(1000), false), None, "a session login is budgeted");
+}
+
 /// Issue 14: a refresh whose reply was lost is replayed only inside the provider's window
 /// (RingCentral's grace, Okta's leeway, always where the old token keeps working); past it,
 /// or where a replay revokes the family, a new login if the grant can, else needs login.
