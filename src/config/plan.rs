@@ -34,13 +34,14 @@ impl Config {
     }
 }
 
-fn token_plan(out: &mut String, t: &TokenConfig) {
-    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
-    let _ = writeln!(out, "\ntoken \"{}\"", t.name);
+/// The provider's rules that this token follows.
+fn provider_plan(out: &mut String, t: &TokenConfig) {
     let p = t.provider;
     let replay = match p.replay {
         crate::provider::Replay::Always => "always safe".into(),
-        crate::provider::Replay::Within(w) => format!("within {}", d(w)),
+        crate::provider::Replay::Within(w) => {
+            format!("within {}", humantime::format_duration(w))
+        }
         crate::provider::Replay::Never => "never (log in again instead)".into(),
     };
     let _ = writeln!(
@@ -50,6 +51,12 @@ fn token_plan(out: &mut String, t: &TokenConfig) {
         t.client_auth.name(),
         if p.rotates { "on" } else { "off" },
     );
+}
+
+fn token_plan(out: &mut String, t: &TokenConfig) {
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let _ = writeln!(out, "\ntoken \"{}\"", t.name);
+    provider_plan(out, t);
     let _ = writeln!(out, "  token endpoint  {}", redact_url(&t.token_url));
     let _ = writeln!(out, "  client_id       {}", escape_controls(&t.client_id));
     let secret =
