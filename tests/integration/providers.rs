@@ -171,3 +171,58 @@ fn readme_examples_are_valid() {
     all.sort_unstable();
     assert_eq!(shown, all, "one README example per provider");
 }
+
+/// SIGKILL at spread instants, every fourth one while the server holds a refresh it has
+/// already committed (the reply lost with the process), and a restart each time. Where a
+/// replay is safe: one session, no family revoked, no token refused, the published token
+/// live at the end. Where it is not: the spent token is never sent (no reuse, no family
+/// revoked); the token ends as "needs login" at the first lost refresh.
+#[tokio::test]
+async fn sigkill_crash_loop_per_provider() {
+    const KILLS: usize = 16;
+    let mut providers: Vec<&str> = REPLAY_SAFE.to_vec();
+    providers.extend(["salesforce", "auth0"]);
+    for provider in providers {
+        let w = world(provider).await;
+        let rt = w.refresh_token_from_elsewhere().await;
+        w.write_config(&[spec(&w, provider, &rt, 2).schedule("* * * * * *")]);
+        let safe = REPLAY_SAFE.contains(&provider);
+        for i in 0..KILLS {
+            let mut d = w.daemon();
+            if i % 4 == 0 && safe {
+                d.wait_ready().await;
+                let injected = w.stats().faults_injected;
+                w.server.inject("commit_then_hang,ms=5000".parse().unwrap());
+                d.signal(libc::SIGUSR1);
+                crate::harness::wait_until("the request", Duration::from_secs(20), || {
+                    w.stats().faults_injected > injected
+                })
+                .await;
+            } else {
+                let delay = (i as u64).wrapping_mul(2_654_435_761) % 300;
+                tokio::time::sleep(Duration::from_millis(delay)).await; // the kill instant is the experiment
+            }
+            d.signal(libc::SIGKILL);
+            d.wait_exit(Duration::from_secs(20)).await;
+        }
+        let stats = w.stats();
+        assert_eq!(stats.family_revocations, 0, "{provider}: {stats:?}");
+        if safe {
+            let d = w.daemon();
+            d.wait_ready().await;
+            let before = w.generation("main");
+            w.wait_generation("main", before + 2, Duration::from_secs(30)).await;
+            let token = w.sink("main").unwrap().access_token;
+            let api = format!("{}/restapi/v1.0/account/~/extension/~", w.server.url());
+            let status = reqwest::Client::new().get(&api).bearer_auth(&token).send().await;
+            // A refresh may replace it between the read and the call: then the next one is live.
+            let live = status.unwrap().status() == 200 || w.generation("main") > before + 2;
+            assert!(live, "{provider}: the published token is dead after {KILLS} kills");
+            drop(d);
+            assert_clean(&w, provider);
+        } else {
+            assert_eq!(stats.reuses, 0, "{provider}: a spent refresh token was sent: {stats:?}");
+        }
+        eprintln!("{provider}: {KILLS} kills: {:?}", w.stats());
+    }
+}
