@@ -226,3 +226,32 @@ async fn sigkill_crash_loop_per_provider() {
         eprintln!("{provider}: {KILLS} kills: {:?}", w.stats());
     }
 }
+
+/// The two reports through the binary, with a `generic` token so that any grant goes:
+/// against Google's rules (no refresh_token on refresh), a JWT token used to log in again
+/// every other refresh (4 logins in 7 refreshes); against Salesforce's (no expires_in) with no
+/// known lifetime, every reply was "unusable" and retried: 10 logins in 70 s.
+#[tokio::test]
+async fn the_reported_cases_one_login_and_a_clear_refusal() {
+    let w = world("google").await;
+    let url = format!("token_url = \"{}/restapi/oauth/token\"", w.server.url());
+    let generic = |spec: TokenSpec| spec.extra("provider = \"generic\"").extra(&url);
+    w.write_config(&[generic(TokenSpec::new("main")).extra("access_token_ttl = 2")]);
+    let d = w.daemon();
+    d.wait_ready().await;
+    w.wait_generation("main", 8, Duration::from_secs(60)).await;
+    drop(d);
+    let stats = w.stats();
+    assert_eq!((stats.logins, stats.sessions_created), (1, 1), "{stats:?}");
+    assert!(w.state("main").refresh_token.is_some(), "the refresh token was dropped");
+
+    let w = world("salesforce").await;
+    let url = format!("token_url = \"{}/restapi/oauth/token\"", w.server.url());
+    w.write_config(&[TokenSpec::new("main").extra("provider = \"generic\"").extra(&url)]);
+    let mut d = w.daemon();
+    d.wait_log("needs login", 1, Duration::from_secs(20)).await;
+    let line = d.output().lines().find(|l| l.contains("needs login")).unwrap().to_string();
+    assert!(line.contains("no expires_in") && line.contains("access_token_lifetime"), "{line}");
+    assert!(d.stop().await.success());
+    assert_eq!(w.stats().logins, 1, "one login, not a loop: {:?}", w.stats());
+}
