@@ -266,15 +266,17 @@ impl Daemon {
     }
 }
 
-fn write_config(dir: &Path, server: &str, n: usize) -> PathBuf {
+/// `schedule`: a cron line for every token, else the default (every 30 minutes).
+fn write_config(dir: &Path, server: &str, n: usize, schedule: Option<&str>) -> PathBuf {
     std::fs::create_dir_all(dir.join("state")).unwrap();
     std::fs::create_dir_all(dir.join("run")).unwrap();
     let d = dir.display();
+    let schedule = schedule.map(|s| format!("schedule = \"{s}\"\n")).unwrap_or_default();
     let mut text = String::from("[daemon]\nmax_concurrent_requests = 16\n\n");
     for i in 0..n {
         let jwt = if i == 0 { DEFAULT_JWT.to_string() } else { format!("{DEFAULT_JWT}-{i}") };
         text.push_str(&format!(
-            "[[token]]\nname = \"t{i}\"\nserver = \"{server}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\ngrant = \"jwt\"\njwt = \"{jwt}\"\nstate_file = \"{d}/state/t{i}.state.json\"\nrate_limit = 1000\n[[token.sink]]\npath = \"{d}/run/t{i}.json\"\n\n"
+            "[[token]]\nname = \"t{i}\"\nserver = \"{server}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\ngrant = \"jwt\"\njwt = \"{jwt}\"\nstate_file = \"{d}/state/t{i}.state.json\"\nrate_limit = 1000\n{schedule}[[token.sink]]\npath = \"{d}/run/t{i}.json\"\n\n"
         ));
     }
     let path = dir.join("config.toml");
@@ -290,7 +292,8 @@ fn wait_for(mut cond: impl FnMut() -> bool, timeout: Duration) {
     }
 }
 
-fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) {
+/// Returns the notes to print below the table (the spread's histogram).
+fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) -> String {
     let max_users = a.tokens.iter().copied().max().unwrap_or(1).max(1);
     let config = FakeConfig {
         users: (0..max_users).map(|n| User::numbered(DEFAULT_JWT, n)).collect(),
@@ -299,7 +302,7 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) {
     // One token: footprint.
     let server = rt.block_on(FakeServer::start(config.clone())).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &server.url(), 1);
+    let cfg = write_config(dir.path(), &server.url(), 1, None);
     let d = Daemon::start(bin, &cfg, dir.path().join("d.log"));
     d.wait_log("tokend ready", Duration::from_secs(30));
     let rss_start = rss_kb(d.pid());
@@ -335,74 +338,287 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) {
         "< 0.1%",
     );
     rt.block_on(server.shutdown());
+    let largest = a.tokens.iter().copied().max().unwrap_or(0);
+    let mut notes = String::new();
     for &n in &a.tokens {
         let server = rt.block_on(FakeServer::start(config.clone())).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let cfg = write_config(dir.path(), &server.url(), n);
-        let t = Instant::now();
-        let d = Daemon::start(bin, &cfg, dir.path().join("d.log"));
-        d.wait_log("tokend ready", Duration::from_secs(600));
-        let bootstrap = t.elapsed();
-        let rss = rss_kb(d.pid());
-        let t = Instant::now();
-        tokend::signal::send(d.pid(), tokend::signal::Signal::Usr1).unwrap();
-        // The round ends when every sink carries the new generation (the server's count
-        // alone would end it before the last writes, and bill them to the idle figure).
-        let mut pending: Vec<usize> = (0..n).collect();
-        wait_for(
-            || {
-                pending.retain(|i| {
-                    tokend::watch::read_sink(&dir.path().join(format!("run/t{i}.json")))
-                        .map_or(true, |t| t.generation < Some(2))
-                });
-                pending.is_empty()
-            },
-            Duration::from_secs(600),
-        );
-        let round = t.elapsed();
-        let peak = server.stats().max_concurrent_token_requests;
-        let c0 = cpu_secs(d.pid());
-        std::thread::sleep(Duration::from_secs(a.idle_secs.min(20)));
-        let idle = (cpu_secs(d.pid()) - c0) / a.idle_secs.min(20) as f64 * 100.0;
-        d.stop();
-        row(
-            &format!("{n} tokens: bootstrap (logins, all published)"),
-            format!("{:.2} s", bootstrap.as_secs_f64()),
-            "-".into(),
-            "-".into(),
-            "",
-        );
-        row(
-            &format!("{n} tokens: one refresh round (SIGUSR1)"),
-            format!("{:.2} s", round.as_secs_f64()),
-            "-".into(),
-            "-".into(),
-            "",
-        );
-        row(
-            &format!("{n} tokens: peak concurrent token requests"),
-            format!("{peak}"),
-            "16 (config)".into(),
-            "-".into(),
-            "bounded by config",
-        );
-        row(
-            &format!("{n} tokens: RSS"),
-            format!("{:.1} MB", rss as f64 / 1024.0),
-            "-".into(),
-            "-".into(),
-            if n == 1000 { "< 50 MB" } else { "" },
-        );
-        row(
-            &format!("{n} tokens: memory per token"),
-            format!("{:.1} kB", (rss.saturating_sub(rss_1)) as f64 / (n - 1).max(1) as f64),
-            "-".into(),
-            "-".into(),
-            "",
-        );
-        row(&format!("{n} tokens: idle CPU"), format!("{idle:.3}%"), "-".into(), "-".into(), "");
+        scale(bin, &server, dir.path(), n, a, rss_1);
+        if n == largest {
+            notes = spread(bin, &server, dir.path(), n);
+        }
         rt.block_on(server.shutdown());
     }
+    notes
+}
+
+/// Bootstrap, one SIGUSR1 round, RSS and idle CPU of `n` tokens, each beside its floor.
+fn scale(bin: &Path, server: &FakeServer, dir: &Path, n: usize, a: &Args, rss_1: u64) {
+    let cfg = write_config(dir, &server.url(), n, None);
+    let t = Instant::now();
+    let d = Daemon::start(bin, &cfg, dir.join("d.log"));
+    d.wait_log("tokend ready", Duration::from_secs(600));
+    let bootstrap = t.elapsed();
+    let rss = rss_kb(d.pid());
+    let (t, wall) = (Instant::now(), std::time::SystemTime::now());
+    tokend::signal::send(d.pid(), tokend::signal::Signal::Usr1).unwrap();
+    // The round ends when every sink carries the new generation and every status file was
+    // written after it, the last of a refresh's writes (the server's count alone would end
+    // it before the last writes, and bill them to the idle figure).
+    let mut pending: Vec<usize> = (0..n).collect();
+    wait_for(
+        || {
+            pending.retain(|i| {
+                tokend::watch::read_sink(&dir.join(format!("run/t{i}.json")))
+                    .map_or(true, |t| t.generation < Some(2))
+            });
+            pending.is_empty()
+        },
+        Duration::from_secs(600),
+    );
+    let mut pending: Vec<usize> = (0..n).collect();
+    wait_for(
+        || {
+            pending.retain(|i| {
+                let status = dir.join(format!("state/t{i}.state.json.status"));
+                std::fs::metadata(status).and_then(|m| m.modified()).map_or(true, |m| m < wall)
+            });
+            pending.is_empty()
+        },
+        Duration::from_secs(600),
+    );
+    let round = t.elapsed();
+    let peak = server.stats().max_concurrent_token_requests;
+    let c0 = cpu_secs(d.pid());
+    std::thread::sleep(Duration::from_secs(a.idle_secs.min(20)));
+    let idle = (cpu_secs(d.pid()) - c0) / a.idle_secs.min(20) as f64 * 100.0;
+    d.stop();
+    // The floor: the same durable writes, of the same sizes, 64 at once, by a minimal program.
+    let files = TokenFiles::of(dir);
+    let floor_dir = tempfile::tempdir_in(dir).unwrap();
+    let boot_floor = floor_writes(floor_dir.path(), n, &files.bootstrap());
+    let round_floor = floor_writes(floor_dir.path(), n, &files.round());
+    let writes = |steps: &[Step]| steps.iter().filter(|s| matches!(s, Step::Write(..))).count() * n;
+    scale_rows(
+        n,
+        (bootstrap, boot_floor, writes(&files.bootstrap())),
+        (round, round_floor, writes(&files.round())),
+    );
+    row(
+        &format!("{n} tokens: peak concurrent token requests"),
+        format!("{peak}"),
+        "16 (config)".into(),
+        "-".into(),
+        "bounded by config",
+    );
+    row(
+        &format!("{n} tokens: RSS"),
+        format!("{:.1} MB", rss as f64 / 1024.0),
+        "-".into(),
+        "-".into(),
+        if n >= 10_000 { "< 64 MB" } else { "< 50 MB" },
+    );
+    row(
+        &format!("{n} tokens: memory per token"),
+        format!("{:.1} kB", (rss.saturating_sub(rss_1)) as f64 / (n - 1).max(1) as f64),
+        "-".into(),
+        "-".into(),
+        "",
+    );
+    row(&format!("{n} tokens: idle CPU"), format!("{idle:.3}%"), "-".into(), "-".into(), "");
+}
+
+fn scale_rows(n: usize, boot: (Duration, Duration, usize), round: (Duration, Duration, usize)) {
+    for (what, (ours, floor, writes)) in
+        [("bootstrap (logins, all published)", boot), ("one refresh round (SIGUSR1)", round)]
+    {
+        row(
+            &format!("{n} tokens: {what}"),
+            format!("{:.2} s", ours.as_secs_f64()),
+            format!("{:.2} s ({writes} writes)", floor.as_secs_f64()),
+            format!("{:.2}x", ours.as_secs_f64() / floor.as_secs_f64()),
+            "< 1.5x, < 10 s",
+        );
+    }
+}
+
+/// One step of a token's writes, as tokend makes them (`strace -f -e fsync,rename,unlink`):
+/// a durable write-and-rename of a file (its suffix after `t{i}`), or a removal.
+enum Step {
+    Write(&'static str, Vec<u8>),
+    Remove(&'static str),
+}
+
+/// The contents of token 0's files after a run: the sizes the floor writes.
+struct TokenFiles {
+    state: Vec<u8>,
+    status: Vec<u8>,
+    sink: Vec<u8>,
+}
+
+impl TokenFiles {
+    fn of(dir: &Path) -> Self {
+        let read = |p: &str| std::fs::read(dir.join(p)).unwrap();
+        Self {
+            state: read("state/t0.state.json"),
+            status: read("state/t0.state.json.status"),
+            sink: read("run/t0.json"),
+        }
+    }
+
+    /// A first start: the status (no state yet), then after the login the state, the sink
+    /// and the status again.
+    fn bootstrap(&self) -> Vec<Step> {
+        vec![
+            Step::Write(".state.json.status", self.status.clone()),
+            Step::Write(".state.json", self.state.clone()),
+            Step::Write(".json", self.sink.clone()),
+            Step::Write(".state.json.status", self.status.clone()),
+        ]
+    }
+
+    /// A refresh: the intent marker, the state, the marker removed, the sink, the status.
+    fn round(&self) -> Vec<Step> {
+        let intent = format!("refresh in flight since {}\n", chrono::Utc::now().to_rfc3339());
+        vec![
+            Step::Write(".state.json.intent", intent.into_bytes()),
+            Step::Write(".state.json", self.state.clone()),
+            Step::Remove(".state.json.intent"),
+            Step::Write(".json", self.sink.clone()),
+            Step::Write(".state.json.status", self.status.clone()),
+        ]
+    }
+}
+
+/// `n` tokens' `steps`, `MAX_WRITES` tokens at once (tokend's bound), each token's steps in
+/// order; state files under `state/`, sinks under `run/`, as in the daemon's directories.
+fn floor_writes(dir: &Path, n: usize, steps: &[Step]) -> Duration {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    std::fs::create_dir_all(dir.join("run")).unwrap();
+    let next = AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..tokend::store::MAX_WRITES {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    for step in steps {
+                        let path = |suffix: &str| {
+                            let sub = if suffix == ".json" { "run" } else { "state" };
+                            dir.join(format!("{sub}/t{i}{suffix}"))
+                        };
+                        match step {
+                            Step::Write(suffix, bytes) => durable_floor(&path(suffix), bytes),
+                            Step::Remove(suffix) => std::fs::remove_file(path(suffix)).unwrap(),
+                        }
+                    }
+                }
+            });
+        }
+    });
+    t.elapsed()
+}
+
+/// The requests after one cron tick: with the default jitter (2 minutes), `n` tokens'
+/// requests should spread evenly over it, never burst at the tick. The tokens get a daily
+/// schedule whose one tick falls during the run: its jitter is the default schedule's
+/// (the default 2 minutes is below a tenth of both intervals).
+fn spread(bin: &Path, server: &FakeServer, dir: &Path, n: usize) -> String {
+    let jitter = 120.0;
+    let mut margin = Duration::from_secs(60);
+    let samples = loop {
+        let tick = chrono::Utc::now() + margin;
+        let tick = tick - Duration::from_nanos(u64::from(chrono::Timelike::nanosecond(&tick)));
+        let cron = tick.format("%-S %-M %-H * * *").to_string();
+        let cfg = write_config(dir, &server.url(), n, Some(&cron));
+        let d = Daemon::start(bin, &cfg, dir.join("spread.log"));
+        d.wait_log("tokend ready", Duration::from_secs(600));
+        if chrono::Utc::now() + Duration::from_secs(2) >= tick {
+            d.stop(); // started too late for this tick: try again with more time
+            margin *= 2;
+            continue;
+        }
+        let samples = sample_requests(server, tick, n, Duration::from_secs_f64(jitter + 60.0));
+        d.stop();
+        break samples;
+    };
+    let per_second = per_second(&samples);
+    let total: u64 = per_second.iter().sum();
+    let peak = per_second.iter().copied().max().unwrap_or(0);
+    let first = per_second.first().copied().unwrap_or(0);
+    let even = n as f64 / jitter;
+    row(
+        &format!("{n} tokens: token requests after a tick, peak"),
+        format!("{peak}/s ({total} in all)"),
+        format!("{even:.0}/s (even)"),
+        format!("{:.2}x", peak as f64 / even),
+        "< 2x even",
+    );
+    row(
+        &format!("{n} tokens: token requests in the tick's second"),
+        format!("{first}"),
+        format!("{even:.0}"),
+        format!("{:.2}x", first as f64 / even),
+        "no burst at the tick",
+    );
+    histogram(&per_second)
+}
+
+/// (seconds since the tick, the server's token requests so far), every 100 ms from just
+/// before the tick until `n` requests came or `within` passed.
+fn sample_requests(
+    server: &FakeServer,
+    tick: chrono::DateTime<chrono::Utc>,
+    n: usize,
+    within: Duration,
+) -> Vec<(f64, u64)> {
+    let base = server.stats().token_requests;
+    let mut samples = Vec::new();
+    loop {
+        let since = (chrono::Utc::now() - tick).as_seconds_f64();
+        let count = server.stats().token_requests - base;
+        samples.push((since, count));
+        if count >= n as u64 || since > within.as_secs_f64() {
+            return samples;
+        }
+        std::thread::sleep(Duration::from_millis(100)); // a sampling period, not a wait
+    }
+}
+
+/// Requests in each whole second after the tick (those before it in second 0).
+fn per_second(samples: &[(f64, u64)]) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut last = 0;
+    for &(since, count) in samples {
+        let s = since.max(0.0) as usize;
+        if out.len() <= s {
+            out.resize(s + 1, 0);
+        }
+        out[s] += count - last;
+        last = count;
+    }
+    out
+}
+
+/// Requests per 10 s after the tick, one bar each, below the table.
+fn histogram(per_second: &[u64]) -> String {
+    let mut out =
+        String::from("token requests after a tick, per 10 s (the busiest second in brackets):\n");
+    for (i, chunk) in per_second.chunks(10).enumerate() {
+        let sum: u64 = chunk.iter().sum();
+        let peak = chunk.iter().max().unwrap_or(&0);
+        let bar = "#".repeat((sum / 20) as usize);
+        out.push_str(&format!(
+            "  {:>4}-{:<4} s {sum:>6} [{peak:>4}/s] {bar}\n",
+            i * 10,
+            i * 10 + 10
+        ));
+    }
+    out
 }
 
 fn main() {
@@ -485,5 +701,6 @@ fn main() {
         "-".into(),
         "no file read per call",
     );
-    footprint_and_scale(&bin, &rt, &a);
+    let notes = footprint_and_scale(&bin, &rt, &a);
+    println!("\n{notes}");
 }

@@ -112,11 +112,16 @@ impl ClockWatch {
 /// How often `STATUS=` is refreshed for `systemctl status`.
 const STATUS_EVERY: Duration = Duration::from_secs(30);
 
+/// How often memory freed by refreshes is handed back (`malloc::trim`): a refresh round's
+/// buffers would otherwise stay in the resident set until the next round reuses them.
+const TRIM_EVERY: Duration = Duration::from_secs(60);
+
 /// How long a stopping refresher may take to finish an in-flight refresh.
 const STOP_GRACE: Duration = Duration::from_secs(90);
 
 struct TokenHandle {
-    cfg: TokenConfig,
+    /// Shared with the token's task: one copy of each token's config in the daemon.
+    cfg: Arc<TokenConfig>,
     tx: mpsc::Sender<Command>,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -181,6 +186,8 @@ pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result
     let mut status_every = tokio::time::interval(STATUS_EVERY);
     status_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut clock = ClockWatch::new();
+    let mut trim = tokio::time::interval_at(tokio::time::Instant::now() + TRIM_EVERY, TRIM_EVERY);
+    trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             c = control.recv() => match c {
@@ -191,6 +198,7 @@ pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result
             () = watchdog.tick() => {}
             _ = status_every.tick(), if crate::systemd::enabled() => crate::systemd::status(&daemon.summary()),
             () = clock.tick() => daemon.broadcast(Command::Recheck),
+            _ = trim.tick() => crate::malloc::trim(),
 
         }
     }
@@ -248,6 +256,8 @@ impl Daemon {
         for ready in readies {
             let _ = ready.await;
         }
+        // What start-up freed (the parsed config, the logins' buffers) goes back before idling.
+        crate::malloc::trim();
         info!(tokens = daemon.tokens.len(), config = %daemon.config.path.display(), "tokend ready");
         crate::systemd::ready(&daemon.summary());
         Ok(daemon)
@@ -282,6 +292,7 @@ impl Daemon {
         let stop = CancellationToken::new();
         let (gate, proxies) = self.start_proxies(&cfg, &tx, &stop).await?;
         self.join_schedule(&cfg, tx.clone()).await?;
+        let cfg = Arc::new(cfg);
         let task = self.spawn_task(cfg.clone(), gate, rx, stop.clone(), ready_tx);
         info!(token = %cfg.name, schedule = %cfg.schedule.expr, sinks = cfg.sinks.len(), proxies = cfg.proxies.len(), "token started");
         let handle = TokenHandle { cfg, tx, stop, task, proxies, lock };
@@ -313,7 +324,7 @@ impl Daemon {
     /// else a refresher.
     fn spawn_task(
         &self,
-        cfg: TokenConfig,
+        cfg: Arc<TokenConfig>,
         gate: Option<Arc<crate::proxy::Gate>>,
         rx: mpsc::Receiver<Command>,
         stop: CancellationToken,
@@ -325,7 +336,7 @@ impl Daemon {
             () if let Some((cluster, _)) = &self.cluster => Mode::Cluster(cluster.clone()),
             () => Mode::Single,
         };
-        tokio::spawn(crate::supervise::run(Arc::new(cfg), shared, mode, rx, stop, ready))
+        tokio::spawn(crate::supervise::run(cfg, shared, mode, rx, stop, ready))
     }
 
     async fn join_schedule(
@@ -401,7 +412,7 @@ impl Daemon {
         };
         let old: Vec<String> = self.tokens.keys().cloned().collect();
         for name in old {
-            let same = new.token(&name).is_some_and(|c| *c == self.tokens[&name].cfg);
+            let same = new.token(&name).is_some_and(|c| *c == *self.tokens[&name].cfg);
             if !same && let Some((path, lock)) = self.stop_token(&name).await {
                 // A changed token on the same state file takes its own lock over.
                 locks.entry(path).or_insert(lock);
@@ -443,7 +454,7 @@ impl Daemon {
             self.tokens.values().map(|t| &t.cfg.state_file).collect();
         let mut locks = BTreeMap::new();
         for cfg in &new.tokens {
-            let unchanged = self.tokens.get(&cfg.name).is_some_and(|h| h.cfg == *cfg);
+            let unchanged = self.tokens.get(&cfg.name).is_some_and(|h| *h.cfg == *cfg);
             if !unchanged && !held.contains(&cfg.state_file) {
                 locks.insert(cfg.state_file.clone(), lock(&cfg.state_file)?);
             }
@@ -466,7 +477,7 @@ impl Daemon {
         }
         self.shared.metrics.remove(name);
         info!(token = %name, "token stopped");
-        Some((handle.cfg.state_file, handle.lock))
+        Some((handle.cfg.state_file.clone(), handle.lock))
     }
 
     /// Stops every refresher; each finishes and persists an in-flight refresh first.

@@ -24,7 +24,8 @@
 //! - `store`: durable, atomic files (state, sinks, locks), written in a bounded blocking pool.
 //! - `proxy`: the local API proxy that holds requests across a rotation and replays a 401.
 //! - Readers and operators: `watch` and `reader_cli` (`tokend token` / `watch`), `status`,
-//!   `login`, `systemd` (sd_notify), `logging`, `limits` (open files), `signal`, `shutdown`.
+//!   `login`, `systemd` (sd_notify), `logging`, `limits` (open files), `malloc` (glibc arenas
+//!   and trim), `signal`, `shutdown`.
 //! - Safety everywhere: `secret` (redacted newtypes), `text` (control characters from outside
 //!   made safe), `time` (RFC 3339 on disk).
 //! - `fake`: a lifecycle-faithful fake RingCentral server (or another provider's rules, with
@@ -43,6 +44,7 @@ pub(crate) mod hook;
 pub(crate) mod limits;
 pub mod logging;
 pub mod login;
+pub mod malloc;
 pub(crate) mod metrics;
 pub mod oauth;
 pub mod policy;

@@ -245,7 +245,10 @@ fn main() -> ExitCode {
     // Built only by the commands that need one: `tokend token` stays a plain, fast process.
     let runtime = || tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = match cli.command {
-        Command::Run(args) => runtime().block_on(run(&args.config)),
+        Command::Run(args) => {
+            tokend::malloc::limit_arenas();
+            runtime().block_on(run(&args.config))
+        }
         Command::Check(args) => check(&args.config),
         Command::Login { config, token, no_browser, timeout } => {
             let opts =

@@ -16,7 +16,8 @@ use tracing::{error, info, warn};
 
 /// One token's refresher. Owns its state; nothing else writes this token's files.
 pub struct Refresher {
-    /// Shared with the supervisor that starts it again if it dies (`supervise.rs`).
+    /// Shared with the supervisor that starts it again if it dies (`supervise.rs`) and the
+    /// daemon's handle of the token: one copy per token.
     cfg: Arc<TokenConfig>,
     /// Bounds token requests in flight across all tokens.
     requests: Arc<tokio::sync::Semaphore>,
@@ -51,24 +52,31 @@ impl Refresher {
 
     /// Runs until `stop` (or the channel closes); an in-flight refresh finishes first. `ready` fires once the sinks are published
     /// from the state, or the first login has succeeded or failed.
-    pub async fn run(
+    ///
+    /// Not an `async fn`: one of those keeps its by-value arguments twice in its future
+    /// (rust-lang/rust#62958), and this future, with the 1 kB refresher in it, is an idle
+    /// token's whole task (measured with heaptrack: 2.3 kB per token, now 1.3 kB). The block
+    /// moves `self` in once and works on it in place.
+    #[allow(clippy::manual_async_fn)] // the point: see above
+    pub fn run(
         mut self,
         commands: &mut mpsc::Receiver<Command>,
         stop: CancellationToken,
         ready: oneshot::Sender<()>,
+    ) -> impl Future<Output = ()> + Send {
+        async move { self.serve(commands, stop, ready).await }
+    }
+
+    async fn serve(
+        &mut self,
+        commands: &mut mpsc::Receiver<Command>,
+        stop: CancellationToken,
+        ready: oneshot::Sender<()>,
     ) {
-        self.import_sessions();
-        self.start().await;
-        // A login handed over just before a crash or restart is newer than the state file.
-        self.adopt_handoff().await;
-        if self.policy.wanted(Instant::now()) {
-            Box::pin(self.attempt_refresh()).await;
-            // If that failed, publish what the state holds: better than empty sinks after a reboot.
-            let unexpired = self.state().is_some_and(|s| s.access_expires_at > Utc::now());
-            if unexpired && self.files.unwritten() {
-                self.flush().await;
-            }
-        }
+        // Each step is boxed, so that this future holds the wait, and a step's larger future
+        // exists only while it runs (measured with heaptrack: 6.3 kB per task with the steps
+        // inline).
+        Box::pin(self.start_up()).await;
         let _ = ready.send(());
         loop {
             let wake = self.next_wake(Instant::now());
@@ -76,24 +84,52 @@ impl Refresher {
                 () = stop.cancelled() => break,
                 cmd = commands.recv() => match cmd {
                     None => break,
-                    Some(Command::Tick) => if !self.adopt_handoff().await { self.on_tick().await },
-                    Some(Command::Recheck) => {}
-                    Some(Command::RefreshNow) => if !self.adopt_handoff().await {
-                        self.policy.refresh_now(Instant::now());
-                    },
+                    Some(cmd) => Box::pin(self.on_command(cmd)).await,
                 },
                 () = tokio::time::sleep_until(wake.into()) => {
                     if crate::task::test_fault(self.name()).is_some() {
                         return;
                     }
-                    self.on_wake().await;
+                    Box::pin(self.on_wake()).await;
                 }
             }
         }
         if self.files.unwritten() {
-            self.flush().await;
+            Box::pin(self.flush()).await;
         }
         info!(token = %self.cfg.name, "refresher stopped");
+    }
+
+    /// Load the state, adopt a login hand-off, and refresh at once where the policy wants it.
+    async fn start_up(&mut self) {
+        self.import_sessions();
+        self.start().await;
+        // A login handed over just before a crash or restart is newer than the state file.
+        self.adopt_handoff().await;
+        if self.policy.wanted(Instant::now()) {
+            self.attempt_refresh().await;
+            // If that failed, publish what the state holds: better than empty sinks after a reboot.
+            let unexpired = self.state().is_some_and(|s| s.access_expires_at > Utc::now());
+            if unexpired && self.files.unwritten() {
+                self.flush().await;
+            }
+        }
+    }
+
+    async fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Tick => {
+                if !self.adopt_handoff().await {
+                    self.on_tick().await;
+                }
+            }
+            Command::Recheck => {}
+            Command::RefreshNow => {
+                if !self.adopt_handoff().await {
+                    self.policy.refresh_now(Instant::now());
+                }
+            }
+        }
     }
 
     fn name(&self) -> &str {
@@ -243,8 +279,8 @@ impl Refresher {
         let now = Instant::now();
         self.files.flush_if_due(&self.cfg, self.report.metrics(), now).await;
         if self.policy.should_attempt(now, Utc::now(), self.files.state_file_behind()) {
-            // Boxed: the HTTP request's future is large, and held inline it would be part of
-            // every idle token's task (10,000 tasks) rather than only of the ones refreshing.
+            // Boxed apart from the write retry that shares this wake-up: the HTTP request's
+            // future is the largest, allocated only for a request.
             Box::pin(self.attempt_refresh()).await;
         }
     }
@@ -335,5 +371,36 @@ impl Refresher {
             };
         });
         self.report.save_blocking().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each idle token's task is this future: 10,000 of them must fit in the 64 MB the daemon
+    /// is allowed. It holds the refresher and its wait, not a copy of the refresher (an
+    /// `async fn` holds its by-value `self` twice) nor the steps' futures (boxed while they run).
+    #[test]
+    fn an_idle_tokens_task_holds_little_beyond_its_refresher() {
+        let text = "[[token]]\nname = \"t\"\nserver = \"https://platform.ringcentral.com\"\n\
+                    client_id = \"id\"\nclient_secret = \"s\"\ngrant = \"jwt\"\njwt = \"j\"\n\
+                    state_file = \"/var/lib/tokend/t.state.json\"\n";
+        let mut config =
+            crate::config::Config::parse(std::path::Path::new("/etc/tokend/c.toml"), text).unwrap();
+        let shared = Shared {
+            metrics: Arc::default(),
+            requests: Arc::new(tokio::sync::Semaphore::new(1)),
+            client: OAuthClient::new(Duration::from_secs(1)).unwrap(),
+            gate: None,
+        };
+        let refresher = Refresher::new(Arc::new(config.tokens.remove(0)), shared);
+        let (_tx, mut rx) = mpsc::channel(1);
+        let task = refresher.run(&mut rx, CancellationToken::new(), oneshot::channel().0);
+        let (future, itself) = (std::mem::size_of_val(&task), std::mem::size_of::<Refresher>());
+        assert!(
+            future < itself + 512,
+            "the task's future is {future} bytes, its refresher {itself}"
+        );
     }
 }

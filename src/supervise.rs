@@ -59,7 +59,8 @@ pub async fn run(
         failures += 1;
         let delay =
             crate::policy::backoff(failures, RESTART_INITIAL, RESTART_MAX, None, rand::random());
-        died(&cfg, &shared, &reason(outcome.err()), delay).await;
+        // Boxed: inline, its status write would sit in every token's idle task (500 bytes).
+        Box::pin(died(&cfg, &shared, &reason(outcome.err()), delay)).await;
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
