@@ -124,8 +124,9 @@ fn write_handoff(cfg: &TokenConfig, state: &State) -> anyhow::Result<()> {
 
 fn authorize_url(cfg: &TokenConfig, redirect: &str, state: &str, verifier: &str) -> reqwest::Url {
     let challenge = b64(&Sha256::digest(verifier.as_bytes()));
-    let mut url = cfg.server.join("/restapi/oauth/authorize").expect("static path joins");
+    let (mut url, extra) = cfg.provider.authorize_url(&cfg.server, &cfg.token_url);
     url.query_pairs_mut()
+        .extend_pairs(extra.iter().copied())
         .append_pair("response_type", "code")
         .append_pair("client_id", &cfg.client_id)
         .append_pair("redirect_uri", redirect)

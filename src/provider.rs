@@ -66,6 +66,11 @@ pub struct Profile {
     /// The refresh token dies after this long unused: the schedule must stay well inside it.
     pub idle_expiry: Option<Duration>,
     pub grants: &'static [&'static str],
+    /// Where `tokend login` sends the browser, and the extra query pairs the provider needs
+    /// to hand out a refresh token. A path is on `server` (RingCentral); None: the token
+    /// URL with its last segment `token` replaced by `authorize` (Microsoft, Salesforce,
+    /// Zoom, Okta, Auth0, generic).
+    pub authorize: Option<(&'static str, &'static [(&'static str, &'static str)])>,
 }
 
 const fn days(n: u64) -> Duration {
@@ -87,6 +92,7 @@ pub const PROFILES: &[Profile] = &[
         lifetime: None,
         idle_expiry: Some(days(7)),
         grants: &["jwt", "authorization_code", "refresh_token", "password"],
+        authorize: Some(("/restapi/oauth/authorize", &[])),
     },
     Profile {
         name: "google",
@@ -97,6 +103,10 @@ pub const PROFILES: &[Profile] = &[
         lifetime: None,
         idle_expiry: Some(days(180)),
         grants: CODE_REFRESH,
+        authorize: Some((
+            "https://accounts.google.com/o/oauth2/v2/auth",
+            &[("access_type", "offline"), ("prompt", "consent")],
+        )),
     },
     Profile {
         name: "microsoft",
@@ -108,6 +118,8 @@ pub const PROFILES: &[Profile] = &[
         lifetime: None,
         idle_expiry: Some(days(90)),
         grants: &["authorization_code", "refresh_token", "client_credentials"],
+        // The token URL with `authorize` for `token`: follows a tenant or My Domain.
+        authorize: None,
     },
     Profile {
         name: "salesforce",
@@ -119,6 +131,8 @@ pub const PROFILES: &[Profile] = &[
         lifetime: Some(Duration::from_secs(7200)),
         idle_expiry: Some(days(30)),
         grants: &["authorization_code", "refresh_token", "password", "client_credentials"],
+        // The token URL with `authorize` for `token`: follows a tenant or My Domain.
+        authorize: None,
     },
     Profile {
         name: "zoom",
@@ -129,6 +143,8 @@ pub const PROFILES: &[Profile] = &[
         lifetime: None,
         idle_expiry: Some(days(90)),
         grants: CODE_REFRESH,
+        // The token URL with `authorize` for `token`: follows a tenant or My Domain.
+        authorize: None,
     },
     Profile {
         name: "okta",
@@ -139,6 +155,7 @@ pub const PROFILES: &[Profile] = &[
         lifetime: None,
         idle_expiry: None,
         grants: &["authorization_code", "refresh_token", "password", "client_credentials"],
+        authorize: None,
     },
     Profile {
         name: "auth0",
@@ -150,6 +167,7 @@ pub const PROFILES: &[Profile] = &[
         lifetime: None,
         idle_expiry: None,
         grants: &["authorization_code", "refresh_token", "password", "client_credentials"],
+        authorize: None,
     },
     Profile {
         name: "dropbox",
@@ -160,6 +178,10 @@ pub const PROFILES: &[Profile] = &[
         lifetime: None,
         idle_expiry: None,
         grants: CODE_REFRESH,
+        authorize: Some((
+            "https://www.dropbox.com/oauth2/authorize",
+            &[("token_access_type", "offline")],
+        )),
     },
     Profile {
         name: "xero",
@@ -170,6 +192,7 @@ pub const PROFILES: &[Profile] = &[
         lifetime: None,
         idle_expiry: Some(days(60)),
         grants: &["authorization_code", "refresh_token", "client_credentials"],
+        authorize: Some(("https://login.xero.com/identity/connect/authorize", &[])),
     },
     Profile {
         name: "quickbooks",
@@ -181,6 +204,7 @@ pub const PROFILES: &[Profile] = &[
         lifetime: None,
         idle_expiry: Some(days(100)),
         grants: CODE_REFRESH,
+        authorize: Some(("https://appcenter.intuit.com/connect/oauth2", &[])),
     },
     Profile {
         name: "generic",
@@ -192,6 +216,7 @@ pub const PROFILES: &[Profile] = &[
         lifetime: None,
         idle_expiry: None,
         grants: ALL_GRANTS,
+        authorize: None,
     },
 ];
 
@@ -209,6 +234,28 @@ impl Profile {
     /// The names of every profile, for error messages.
     pub fn names() -> String {
         PROFILES.iter().map(|p| format!("{:?}", p.name)).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The authorize endpoint of `tokend login` for a token whose server and token URL are
+    /// these, with the provider's extra query pairs.
+    pub fn authorize_url(
+        &self,
+        server: &reqwest::Url,
+        token_url: &reqwest::Url,
+    ) -> (reqwest::Url, &'static [(&'static str, &'static str)]) {
+        match self.authorize {
+            Some((path, extra)) if path.starts_with('/') => {
+                (server.join(path).expect("static path joins"), extra)
+            }
+            Some((url, extra)) => (reqwest::Url::parse(url).expect("profile URLs parse"), extra),
+            None => {
+                let mut url = token_url.clone();
+                let path = url.path().to_string();
+                let base = path.strip_suffix("token").unwrap_or(&path);
+                url.set_path(&format!("{base}authorize"));
+                (url, &[])
+            }
+        }
     }
 
     pub fn has_grant(&self, grant: &str) -> bool {
@@ -231,6 +278,25 @@ mod tests {
         }
         assert_eq!(Profile::default_profile().name, "ringcentral");
         assert!(Profile::named("hubspot").is_none());
+    }
+
+    #[test]
+    fn authorize_urls() {
+        let u = |s: &str| reqwest::Url::parse(s).unwrap();
+        let rc = Profile::named("ringcentral").unwrap();
+        let (url, _) = rc.authorize_url(&u("https://platform.ringcentral.com"), &u("https://x/t"));
+        assert_eq!(url.as_str(), "https://platform.ringcentral.com/restapi/oauth/authorize");
+        let okta = Profile::named("okta").unwrap();
+        let token = u("https://example.okta.com/oauth2/default/v1/token");
+        let (url, _) = okta.authorize_url(&token, &token);
+        assert_eq!(url.as_str(), "https://example.okta.com/oauth2/default/v1/authorize");
+        let auth0 = Profile::named("auth0").unwrap();
+        let token = u("https://example.eu.auth0.com/oauth/token");
+        assert_eq!(auth0.authorize_url(&token, &token).0.path(), "/oauth/authorize");
+        let google = Profile::named("google").unwrap();
+        let (url, extra) = google.authorize_url(&token, &token);
+        assert_eq!(url.host_str(), Some("accounts.google.com"));
+        assert!(extra.contains(&("access_type", "offline")), "else no refresh token");
     }
 
     #[test]
