@@ -223,6 +223,15 @@ impl Refresher {
     }
 
     fn bootstrap(&mut self, why: &str) {
+        // The bootstrap from a configured refresh token was in flight when tokend stopped:
+        // sent again only where the provider allows a replay.
+        let configured_rt = matches!(self.cfg.grant, crate::config::Grant::RefreshToken { .. });
+        if let Some(age) = intent_age(&self.cfg).filter(|_| configured_rt) {
+            self.resume_lost(age);
+            if self.policy.needs_login() {
+                return;
+            }
+        }
         if !self.policy.bootstrap(Instant::now()) {
             self.report.needs_login(true);
             error!(token = %self.name(), reason = why, "needs login: run `tokend login --token {}`", self.name());
@@ -301,7 +310,11 @@ impl Refresher {
             Request::Refresh => self.state().and_then(|s| s.refresh_token.clone()),
             Request::Login => None,
         };
-        if refresh_token.is_some() {
+        // A bootstrap from a configured refresh token sends one too: its lost reply must not
+        // be replayed where the provider punishes reuse either.
+        let bootstrap_rt = request == Request::Login
+            && matches!(self.cfg.grant, crate::config::Grant::RefreshToken { .. });
+        if refresh_token.is_some() || bootstrap_rt {
             self.write_intent().await;
         }
         let permit = self.requests.clone().acquire_owned().await.expect("never closed");

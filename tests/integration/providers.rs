@@ -255,3 +255,28 @@ async fn the_reported_cases_one_login_and_a_clear_refusal() {
     assert!(d.stop().await.success());
     assert_eq!(w.stats().logins, 1, "one login, not a loop: {:?}", w.stats());
 }
+
+/// The bootstrap from a configured refresh token is a refresh too: killed while the server
+/// holds its committed reply, a restart must not send that token again where reuse revokes
+/// the family (found by the crash loop above: a kill during the first request).
+#[tokio::test]
+async fn a_lost_bootstrap_reply_is_not_replayed_where_reuse_revokes_the_family() {
+    for provider in ["salesforce", "auth0"] {
+        let w = world(provider).await;
+        let rt = w.refresh_token_from_elsewhere().await;
+        w.write_config(&[spec(&w, provider, &rt, 3600)]);
+        w.server.inject("commit_then_hang,ms=5000".parse().unwrap());
+        let mut d = w.daemon();
+        crate::harness::wait_until("the bootstrap request", Duration::from_secs(20), || {
+            w.stats().faults_injected > 0
+        })
+        .await;
+        d.signal(libc::SIGKILL);
+        d.wait_exit(Duration::from_secs(20)).await;
+        let mut d = w.daemon();
+        d.wait_log("does not allow replaying it", 1, Duration::from_secs(20)).await;
+        assert!(d.stop().await.success(), "{provider}");
+        let stats = w.stats();
+        assert_eq!((stats.reuses, stats.family_revocations), (0, 0), "{provider}: {stats:?}");
+    }
+}
