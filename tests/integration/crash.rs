@@ -85,8 +85,21 @@ async fn two_hundred_kills_lose_nothing_and_start_no_new_session() {
     // The last restart: recovered, published, and the published token is the live one.
     let mut d = w.daemon();
     d.wait_ready().await;
-    let token = w.sink("main").unwrap().access_token;
-    let status = http.get(&api).bearer_auth(&token).send().await.unwrap().status();
+    // A tick every second may rotate the token between reading the sink and the call: a
+    // refused token counts only if the daemon publishes no newer one within a few seconds.
+    let mut status = reqwest::StatusCode::UNAUTHORIZED;
+    for _ in 0..5 {
+        let sink = w.sink("main").unwrap();
+        status = http.get(&api).bearer_auth(&sink.access_token).send().await.unwrap().status();
+        if status == 200 {
+            break;
+        }
+        let newer = || w.sink("main").is_some_and(|s| s.generation > sink.generation);
+        let start = std::time::Instant::now();
+        while !newer() && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     assert_eq!(status, 200, "the published token is live after {KILLS} kills");
     assert!(d.stop().await.success());
     let stats = w.stats();

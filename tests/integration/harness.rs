@@ -206,9 +206,11 @@ impl World {
         let mut child = child;
         // The test copies the output: the daemon's own file limits (a disk-full test sets
         // RLIMIT_FSIZE on it) must not silence its log.
-        copy_to(child.stdout.take().unwrap(), out.try_clone().unwrap());
-        copy_to(child.stderr.take().unwrap(), out);
-        Daemon { child: Some(child), log }
+        let copiers = vec![
+            copy_to(child.stdout.take().unwrap(), out.try_clone().unwrap()),
+            copy_to(child.stderr.take().unwrap(), out),
+        ];
+        Daemon { child: Some(child), log, copiers }
     }
 
     /// Ends the session of this token at the fake server (`POST /restapi/oauth/revoke`).
@@ -251,7 +253,10 @@ impl World {
     }
 }
 
-fn copy_to(mut from: impl std::io::Read + Send + 'static, mut to: std::fs::File) {
+fn copy_to(
+    mut from: impl std::io::Read + Send + 'static,
+    mut to: std::fs::File,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 8192];
         while let Ok(n) = from.read(&mut buf) {
@@ -259,7 +264,7 @@ fn copy_to(mut from: impl std::io::Read + Send + 'static, mut to: std::fs::File)
                 break;
             }
         }
-    });
+    })
 }
 
 fn rand_suffix() -> u32 {
@@ -272,6 +277,9 @@ fn rand_suffix() -> u32 {
 pub struct Daemon {
     child: Option<Child>,
     pub log: PathBuf,
+    /// The threads copying stdout and stderr to `log`: an exited daemon's last lines are in
+    /// the log only once they finish.
+    copiers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -311,6 +319,14 @@ impl Daemon {
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
                 self.child = None;
+                // The pipes close at exit, unless a child of the daemon (a hook) still holds
+                // them: bounded, so such a child cannot hang the test.
+                let copied = Instant::now();
+                while !self.copiers.iter().all(std::thread::JoinHandle::is_finished)
+                    && copied.elapsed() < Duration::from_secs(5)
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 return status;
             }
             if start.elapsed() > timeout {
