@@ -73,6 +73,13 @@ mod tests {
         let err = StateLock::acquire(&state).unwrap_err().to_string();
         assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
         drop(held);
-        assert!(StateLock::acquire(&state).is_ok());
+        // flock belongs to the open file description: a test of this process that forks a
+        // child at this moment holds a copy of it until the child's exec closes it
+        // (O_CLOEXEC), so the release is waited for, not raced (failed once in CI).
+        let start = std::time::Instant::now();
+        while StateLock::acquire(&state).is_err() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10), "never released");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
