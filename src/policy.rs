@@ -594,6 +594,11 @@ impl RequestBudget {
     }
 
     pub fn record(&mut self, now: Instant) {
+        // What left the window no longer counts: with a large limit, keeping it would hold up
+        // to `limit` instants per token for nothing.
+        while self.sent.front().is_some_and(|t| now.saturating_duration_since(*t) >= self.window) {
+            self.sent.pop_front();
+        }
         self.sent.push_back(now);
         while self.sent.len() > self.limit {
             self.sent.pop_front();

@@ -56,6 +56,17 @@ fn budget_spaces_requests() {
     assert_eq!(b.earliest(t0 + Duration::from_secs(61)), t0 + Duration::from_secs(61));
 }
 
+#[test]
+fn budget_forgets_what_left_the_window() {
+    let t0 = Instant::now();
+    let mut b = RequestBudget::new(1000, Duration::from_secs(60));
+    for i in 0..100 {
+        b.record(t0 + Duration::from_secs(i));
+    }
+    assert_eq!(b.sent().count(), 60, "only the last 60 s are kept, not up to the limit");
+    assert_eq!(b.sent().next(), Some(t0 + Duration::from_secs(40)));
+}
+
 // ---- The state machine, driven by a made-up clock, the same table for both modes. ----
 
 const S: u64 = 1000; // milliseconds in a second, for readable times below
