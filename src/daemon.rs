@@ -8,7 +8,7 @@ use crate::store::{LockError, StateLock, check_dir_writable};
 use crate::supervise::Mode;
 use crate::task::{CancellationToken, Command, Shared};
 use futures_util::StreamExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -410,14 +410,10 @@ impl Daemon {
                 return;
             }
         };
-        let old: Vec<String> = self.tokens.keys().cloned().collect();
-        for name in old {
-            let same = new.token(&name).is_some_and(|c| *c == *self.tokens[&name].cfg);
-            if !same && let Some((path, lock)) = self.stop_token(&name).await {
-                // A changed token on the same state file takes its own lock over.
-                locks.entry(path).or_insert(lock);
-            }
-        }
+        self.stop_changed(&new, &mut locks).await;
+        // Started together and awaited together, as at start: one slow bootstrap does not
+        // hold the others back.
+        let mut readies = Vec::new();
         for cfg in std::mem::take(&mut new.tokens) {
             if self.tokens.contains_key(&cfg.name) {
                 continue;
@@ -429,11 +425,12 @@ impl Daemon {
             };
             clean_temps(std::slice::from_ref(&cfg));
             match self.spawn(cfg, lock).await {
-                Ok(ready) => {
-                    let _ = ready.await;
-                }
+                Ok(ready) => readies.push(ready),
                 Err(e) => error!(token = %name, error = %e, "cannot start token after reload"),
             }
+        }
+        for ready in readies {
+            let _ = ready.await;
         }
         if new.log_format != self.config.log_format
             || new.metrics != self.config.metrics
@@ -444,6 +441,29 @@ impl Daemon {
         self.config = new;
         info!(tokens = self.tokens.len(), "config reloaded");
         crate::systemd::status(&self.summary());
+    }
+
+    /// Stops the running tokens that the new config changes or drops. A changed token on the
+    /// same state file hands its own lock to its successor.
+    async fn stop_changed(&mut self, new: &Config, locks: &mut BTreeMap<PathBuf, StateLock>) {
+        // Indexed once: a linear lookup per token made a reload of 10,000 tokens quadratic.
+        let by_name: HashMap<&str, &TokenConfig> =
+            new.tokens.iter().map(|c| (c.name.as_str(), c)).collect();
+        let changed: Vec<String> = self
+            .tokens
+            .iter()
+            .filter(|(name, h)| by_name.get(name.as_str()).is_none_or(|c| **c != *h.cfg))
+            .map(|(name, _)| name.clone())
+            .collect();
+        // Cancelled together first, so that each one's drain runs beside the others'.
+        for name in &changed {
+            self.tokens[name].stop.cancel();
+        }
+        for name in changed {
+            if let Some((path, lock)) = self.stop_token(&name).await {
+                locks.entry(path).or_insert(lock);
+            }
+        }
     }
 
     /// Checks the new config's files and takes the locks of the tokens that will start on
