@@ -328,6 +328,24 @@ pub fn report_failure(
     }
 }
 
+/// A refresh was in flight when `whose` process stopped, its reply lost with it: logs and
+/// records what the provider's replay rule decided (`Policy::lost_on_restart`), in both modes.
+pub fn report_lost_in_flight(report: &Report, cfg: &TokenConfig, next: Next, whose: &str) {
+    let (name, provider) = (&cfg.name, cfg.provider.name);
+    match next {
+        Next::Retry(_) => {
+            info!(token = %name, provider, "a refresh was in flight when {whose} stopped; replaying it with the same refresh token before publishing");
+        }
+        Next::Relogin => {
+            warn!(token = %name, provider, "a refresh was in flight when {whose} stopped, and this provider does not allow replaying it now; logging in again (new session)");
+        }
+        Next::NeedsLogin => {
+            report.needs_login(true);
+            error!(token = %name, provider, "a refresh was in flight when {whose} stopped, and this provider does not allow replaying it now: needs login (`tokend login --token {name}`)");
+        }
+    }
+}
+
 /// The INFO line of a new token, in both modes (`revision`: the pair's in etcd).
 pub fn log_refreshed(
     name: &str,

@@ -202,24 +202,12 @@ impl Refresher {
         }
     }
 
-    /// The refresh in flight when tokend stopped, `age` ago, lost its reply.
+    /// The refresh in flight when tokend stopped, `age` ago, lost its reply. After a new
+    /// login or "needs login" the intent file stays until a login is persisted: a crash or
+    /// restart before that must not send the abandoned refresh token either.
     fn resume_lost(&mut self, age: Duration) {
-        let provider = self.cfg.provider.name;
-        match self.policy.lost_on_restart(Instant::now(), age) {
-            Next::Retry(_) => {
-                info!(token = %self.name(), provider, "a refresh was in flight when tokend stopped; replaying it before publishing");
-            }
-            Next::Relogin => {
-                // The intent stays until the login is persisted: a crash before that must
-                // not refresh with the abandoned token either.
-                warn!(token = %self.name(), provider, "a refresh was in flight when tokend stopped, and this provider does not allow replaying it now; logging in again (new session)");
-            }
-            Next::NeedsLogin => {
-                // The intent stays: every restart must know the held token is spent.
-                self.report.needs_login(true);
-                error!(token = %self.name(), provider, "a refresh was in flight when tokend stopped, and this provider does not allow replaying it now: needs login (`tokend login --token {}`)", self.name());
-            }
-        }
+        let next = self.policy.lost_on_restart(Instant::now(), age);
+        crate::publish::report_lost_in_flight(&self.report, &self.cfg, next, "tokend");
     }
 
     fn bootstrap(&mut self, why: &str) {

@@ -8,7 +8,7 @@ use super::token::{Ctx, PairRev, Snapshot, Stored};
 use super::{Intent, Lease};
 use crate::oauth::{OAuthError, TokenSet};
 use crate::policy::{Failure, Next, Policy, Request, store_backoff};
-use crate::publish::{log_refreshed, report_failure, report_sessions};
+use crate::publish::{log_refreshed, report_failure, report_lost_in_flight, report_sessions};
 use crate::store::{State, next_generation, next_state};
 use crate::task::Command;
 use chrono::Utc;
@@ -208,13 +208,23 @@ impl<'a> Leader<'a> {
         if cur.state.is_none() && !self.bootstrap(&mut cur).await {
             return None;
         }
-        if let Some(intent) = snap.intent
-            && PairRev::At(intent.pair_revision) == cur.rev
-        {
-            info!(token = %self.name(), started_by = %intent.node, since = %intent.at.to_rfc3339(), "a refresh was in flight when the last leader stopped; replaying it with the same refresh token");
-            self.policy.replay(Instant::now());
+        if let Some(intent) = snap.intent.filter(|i| PairRev::At(i.pair_revision) == cur.rev) {
+            self.resume_intent(&intent);
         }
         Some(cur)
+    }
+
+    /// The refresh `intent` names was in flight when its leader stopped, its reply lost: the
+    /// provider's replay rule decides by the intent's age, through the same policy as one
+    /// host after a restart (replay, a new login, or needs login; never a replay where reuse
+    /// revokes the family). The intent stays until a new pair is published.
+    fn resume_intent(&mut self, intent: &Intent) {
+        // Another host's wall clock: an intent from the future counts as just written.
+        let age = (Utc::now() - intent.at).to_std().unwrap_or_default();
+        info!(token = %self.name(), started_by = %intent.node, since = %intent.at.to_rfc3339(), "found the intent of a refresh in flight");
+        let next = self.policy.lost_on_restart(Instant::now(), age);
+        report_lost_in_flight(&self.ctx.report, &self.ctx.cfg, next, "the last leader");
+        self.ctx.report.save();
     }
 
     /// No pair in etcd: import a local state, else log in, else wait for `tokend login`.
@@ -447,11 +457,16 @@ impl<'a> Leader<'a> {
     /// rotated the pair. Only a pair that is still the one we used is really dead. Some(true):
     /// rotated, retry with the newer pair; None: etcd did not answer.
     async fn rotated_elsewhere(&mut self, cur: &mut Current, e: &OAuthError) -> Option<bool> {
-        match self.ctx.read().await.ok()?.pair {
+        let snap = self.ctx.read().await.ok()?;
+        match snap.pair {
             Some(Stored::Pair(state, revision)) if PairRev::At(revision) != cur.rev => {
                 info!(token = %self.name(), generation = state.generation, code = %e.code(), "refresh token was rotated by another host; using the newer pair from etcd");
                 self.set_current(cur, *state, revision);
-                self.policy.replay(Instant::now());
+                // Its refresh token may itself have been in flight: then the replay rule holds.
+                match snap.intent.filter(|i| PairRev::At(i.pair_revision) == cur.rev) {
+                    Some(intent) => self.resume_intent(&intent),
+                    None => self.policy.replay(Instant::now()),
+                }
                 Some(true)
             }
             _ => Some(false),

@@ -6,6 +6,7 @@ use crate::harness::{Daemon, TokenSpec, World, wait_for, wait_until};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokend::cluster::{LocalEtcd as Etcd, TestTls};
+use tokend::fake::{FakeConfig, GrantKind};
 use tokend::store::{State, Status};
 
 const KEY_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -340,6 +341,50 @@ async fn a_paused_leaders_late_write_is_rejected_by_the_fence() {
     }
     f.assert_clean();
     f.hosts[old].daemon = None;
+}
+
+/// Issue 14: the leader follows the provider's replay rule as one host does. Auth0 revokes
+/// the whole family when a rotated-away refresh token is presented again; the leader dies
+/// while the server holds a refresh it has already committed, so the intent's refresh token
+/// is spent. The next leader must not send it: it logs in again (password grant, a new
+/// session). It used to replay it regardless of provider: the family revoked, a refused token.
+#[tokio::test]
+async fn a_crashed_leaders_refresh_is_not_replayed_where_reuse_revokes_the_family() {
+    let mut fake = FakeConfig::for_tests().with_provider("auth0").expect("auth0");
+    fake.apps[0].grants.push(GrantKind::Password);
+    let w = World::with(fake).await;
+    let etcd = Etcd::start_cluster(w.dir.path(), 1).await;
+    let spec = TokenSpec::new("main")
+        .grant("grant = \"password\"\nusername = \"user0\"\npassword = \"password0\"")
+        .extra("provider = \"auth0\"")
+        .extra(&format!("token_url = \"{}/restapi/oauth/token\"", w.server.url()));
+    let ttl = 2;
+    let mut f = Fleet::on(w, etcd, 2, ttl, spec, "").await;
+    let old = f.leader(Duration::from_secs(10)).await;
+    let g = f.converged(1, Duration::from_secs(10)).await;
+    f.w.server.inject("commit_then_hang,ms=8000".parse().unwrap());
+    f.hosts[old].daemon().signal(libc::SIGUSR1);
+    wait_until("the refresh to reach the server", Duration::from_secs(10), || {
+        f.w.stats().faults_injected == 1
+    })
+    .await;
+    assert!(f.etcd[0].get("/t/main/intent").await.is_some(), "no intent:\n{}", f.dump());
+    f.hosts[old].daemon().signal(libc::SIGKILL);
+    f.hosts[old].daemon = None;
+    let new = f.leader(Duration::from_secs(ttl + 5)).await;
+    f.converged(g + 1, Duration::from_secs(15)).await;
+    let stats = f.w.stats();
+    assert_eq!(
+        stats.family_revocations,
+        0,
+        "the spent token was replayed: {stats:?}\n{}",
+        f.dump()
+    );
+    assert_eq!(stats.reuses, 0, "{stats:?}");
+    assert!(stats.rejected.is_empty(), "a token was refused: {stats:?}");
+    assert_eq!(stats.sessions_created, 2, "the first login and the new leader's: {stats:?}");
+    assert_eq!(f.hosts[new].daemon().count("does not allow replaying it now; logging in"), 1);
+    assert!(f.api_accepts(&f.hosts[new]).await, "{}", f.dump());
 }
 
 #[tokio::test]
