@@ -44,9 +44,14 @@ fn provider_plan(out: &mut String, t: &TokenConfig) {
         }
         crate::provider::Replay::Never => "never (log in again instead)".into(),
     };
+    // The refresh deadline keeps the refresh token used inside it (`policy::idle_deadline`).
+    let idle = p.idle_expiry.map_or_else(String::new, |i| {
+        // In days, as providers state them (humantime says "5months 27days 19h 12m").
+        format!(", refresh token idle expiry {} days", i.as_secs() / 86_400)
+    });
     let _ = writeln!(
         out,
-        "  provider        {} (client auth {}, rotation {}, replay of a lost refresh {replay})",
+        "  provider        {} (client auth {}, rotation {}, replay of a lost refresh {replay}{idle})",
         p.name,
         t.client_auth.name(),
         if p.rotates { "on" } else { "off" },

@@ -166,8 +166,15 @@ fn rules(home: ChainHome, grant: G) -> Rules {
         can_log_in: !matches!(grant, G::Code),
         home,
         replay: crate::provider::Replay::Within(Duration::from_secs(3600)),
+        idle_expiry: Some(Duration::from_secs(IDLE)),
     }
 }
+
+/// The refresh token's idle expiry in the table: RingCentral's 7 days, in seconds. Only a
+/// token living longer than most of it (rows below) meets it; hour-long ones never do.
+const IDLE: u64 = 7 * 86_400;
+/// A tenth early: 6.3 days after the last refresh.
+const IDLE_DEADLINE: u64 = IDLE * 9 / 10 * S;
 
 /// client_credentials gets every token by a "login" that starts no session: the session
 /// budget and the login backoff in minutes do not apply to it.
@@ -234,6 +241,27 @@ fn a_lost_reply_is_replayed_only_where_the_provider_allows() {
     let mut p = Policy::new(rules(ChainHome::StateFile, G::Code));
     assert_eq!(p.lost_on_restart(c.now(0), s(5)), Next::Retry(Duration::ZERO));
     assert!(p.wanted(c.now(0)));
+}
+
+/// The idle expiry comes from the provider's profile; a client_credentials token holds no
+/// refresh token, so it has none.
+#[test]
+fn the_rules_take_the_providers_idle_expiry() {
+    let token = |provider: &str, grant: &str| {
+        let text = format!(
+            "[[token]]\nname = \"t\"\nprovider = \"{provider}\"\ntoken_url = \"https://idp.example/token\"\n\
+             client_id = \"id\"\nclient_secret = \"s\"\n{grant}\nstate_file = \"/var/lib/tokend/t.json\"\n"
+        );
+        let path = std::path::Path::new("/etc/tokend/c.toml");
+        let mut config = crate::config::Config::parse(path, &text).expect("valid");
+        Rules::new(&config.tokens.remove(0), ChainHome::StateFile).idle_expiry
+    };
+    let days = |n: u64| Some(Duration::from_secs(n * 86_400));
+    let rt = "grant = \"refresh_token\"\nrefresh_token = \"r\"";
+    assert_eq!(token("google", rt), days(180));
+    assert_eq!(token("xero", rt), days(60));
+    assert_eq!(token("auth0", rt), None, "not documented");
+    assert_eq!(token("xero", "grant = \"client_credentials\""), None);
 }
 
 #[test]
@@ -500,6 +528,35 @@ const TABLE: &[(&str, G, &[Step])] = &[
         "a refresh in flight at a stop is replayed at once, before the deadline",
         G::Jwt,
         &[Token { at: 0, ttl: 3600, draw: 0.0 }, Replay { at: S }, attempt(S, true)],
+    ),
+    (
+        // Issue 14: Google's refresh token dies after 180 days unused, Xero's after 60. The
+        // access deadline refreshes an hour-long token long before; a month-long one (a long
+        // `access_token_lifetime`) would be refreshed too late, whatever the schedule.
+        "an access token that outlives the refresh token's idle expiry is refreshed before it",
+        G::Jwt,
+        &[
+            Token { at: 0, ttl: 30 * 86_400, draw: 0.0 },
+            Deadline(Some(IDLE_DEADLINE)),
+            Wake { at: 0, expect: 900 * S },
+            attempt(IDLE_DEADLINE - 1, false),
+            attempt(IDLE_DEADLINE, true),
+            Begin { at: IDLE_DEADLINE, has_rt: true, sends: Some(Request::Refresh) },
+            // Each refresh uses the refresh token: its idle clock starts again.
+            Succeed { at: IDLE_DEADLINE, ttl: 30 * 86_400, draw: 0.0 },
+            Deadline(Some(2 * IDLE_DEADLINE)),
+            attempt(2 * IDLE_DEADLINE - 1, false),
+        ],
+    ),
+    (
+        "the idle deadline is not kept while the token needs login",
+        G::Rt,
+        &[
+            Token { at: 0, ttl: 30 * 86_400, draw: 0.0 },
+            Fail { at: 0, failure: Failure::DeadChain, draw: 0.0, next: Next::NeedsLogin },
+            Deadline(None),
+            attempt(IDLE_DEADLINE, false),
+        ],
     ),
     (
         "a store failure (etcd) retries on its own short backoff",
