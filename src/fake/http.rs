@@ -35,6 +35,10 @@ pub(super) fn router(shared: Arc<Shared>, latency: Duration) -> Router {
         .route("/restapi/oauth/token", post(token))
         .route("/restapi/oauth/revoke", post(revoke))
         .route("/restapi/oauth/authorize", get(authorize))
+        // Okta's tenant paths (`https://{org}.okta.com/oauth2/{server}/v1/token`), so that a
+        // token URL shaped like a tenant's, and the authorize URL tokend derives from it, work.
+        .route("/oauth2/{server}/v1/token", post(token))
+        .route("/oauth2/{server}/v1/authorize", get(authorize))
         .route("/restapi/v1.0/account/~", get(account))
         .route("/restapi/v1.0/account/~/extension/~", get(extension))
         .route("/restapi/v1.0/account/~/extension/~/sms", post(sms))

@@ -161,6 +161,48 @@ async fn a_running_daemon_adopts_the_login_without_a_restart() {
     assert!(d.stop().await.success());
 }
 
+/// Issue 14: `tokend login` for providers other than RingCentral, the test as the browser.
+/// Google's authorize endpoint is its own, with the parameters without which Google issues no
+/// refresh token; the browser is sent on to the fake's with the query tokend built. Okta's is
+/// derived from the tenant's token URL. Then the daemon refreshes from the login's state.
+#[tokio::test]
+async fn login_for_google_and_okta_gets_a_refresh_token_the_daemon_uses() {
+    let cases = [
+        ("google", "/restapi/oauth", "https://accounts.google.com/o/oauth2/v2/auth"),
+        ("okta", "/oauth2/default/v1", "{fake}/oauth2/default/v1/authorize"),
+    ];
+    for (provider, base, authorize) in cases {
+        let fake = tokend::fake::FakeConfig::for_tests().with_provider(provider).unwrap();
+        let w = World::with(fake).await;
+        let fake = w.server.url();
+        let spec = code_token()
+            .extra(&format!("provider = \"{provider}\""))
+            .extra(&format!("token_url = \"{fake}{base}/token\""));
+        w.write_config(&[spec]);
+        let (child, url) = start_login(&w, &[]).await;
+        let (endpoint, query) = url.split_once('?').unwrap();
+        assert_eq!(endpoint, authorize.replace("{fake}", &fake), "{provider}");
+        if provider == "google" {
+            assert!(query.contains("access_type=offline&prompt=consent"), "{url}");
+        }
+        let page = reqwest::get(format!("{fake}{base}/authorize?{query}")).await.unwrap();
+        assert!(page.text().await.unwrap().contains("authorized"), "{provider}");
+        assert!(finish(child).await.contains("state written"), "{provider}");
+        let login = w.state("code").refresh_token.expect("a refresh token").expose().to_string();
+        let mut d = w.daemon();
+        d.wait_ready().await;
+        d.signal(libc::SIGUSR1);
+        w.wait_generation("code", 2, T).await;
+        assert!(d.stop().await.success(), "{provider}");
+        let stats = w.stats();
+        assert_eq!((stats.logins_by_grant["authorization_code"], stats.refreshes), (1, 1));
+        assert!(stats.rejected.is_empty(), "{provider}: {stats:?}");
+        let held = w.state("code").refresh_token.unwrap().expose().to_string();
+        assert_eq!(held == login, provider == "google", "{provider}: rotation as the provider's");
+        eprintln!("{provider}: tokend login, then a refresh: {stats:?}");
+    }
+}
+
 #[tokio::test]
 async fn login_refuses_tokens_that_log_in_by_themselves() {
     let w = World::new().await;
