@@ -31,6 +31,16 @@ fn spec(w: &World, provider: &str, rt: &str, ttl: u64) -> TokenSpec {
     spec
 }
 
+/// What a test measured, one line per provider for the closing note: the server's counts.
+fn figures(w: &World) -> String {
+    let s = w.stats();
+    let refused: u64 = s.rejected.values().sum();
+    format!(
+        "refreshes {}, old refresh token sent again {} (answered from the cache {}), logins {} (sessions {}), families revoked {}, refused {refused}",
+        s.refreshes, s.reuses, s.grace_replays, s.logins, s.sessions_created, s.family_revocations
+    )
+}
+
 /// Nothing a provider punishes happened: one session, no family revoked, no token refused.
 fn assert_clean(w: &World, provider: &str) {
     let stats = w.stats();
@@ -64,7 +74,7 @@ async fn every_provider_refreshes_many_times_and_across_a_restart() {
         if !rules.rotate {
             assert_eq!(held.as_deref(), Some(rt.as_str()), "{provider}: the same token kept");
         }
-        eprintln!("{provider}: generation {}, {:?}", state.generation, w.stats());
+        eprintln!("refreshes+restart {provider}: generation {}, {}", state.generation, figures(&w));
     }
 }
 
@@ -93,6 +103,7 @@ async fn a_lost_reply_is_replayed_only_where_the_provider_allows() {
         w.wait_generation("main", start + 1, Duration::from_secs(30)).await;
         assert_clean(&w, provider);
         assert!(w.stats().reuses <= 1, "{provider}: one replay at most: {:?}", w.stats());
+        eprintln!("lost reply {provider}: {}", figures(&w));
     }
     for provider in NO_REPLAY {
         let w = world(provider).await;
@@ -115,6 +126,7 @@ async fn a_lost_reply_is_replayed_only_where_the_provider_allows() {
         assert_eq!(stats.reuses, reuses, "{provider}: the spent token was sent: {stats:?}");
         assert_eq!(stats.family_revocations, 0, "{provider}: {stats:?}");
         assert!(w.sink("main").is_some(), "{provider}: the last token is still served");
+        eprintln!("lost reply {provider}: needs login; {}", figures(&w));
     }
 }
 
@@ -143,6 +155,7 @@ async fn client_credentials_gets_a_new_token_each_time_and_a_restart_publishes_a
         assert!(w.sink("main").is_some(), "{provider}: published at start");
         assert!(d.stop().await.success(), "{provider}");
         assert_eq!(w.stats().token_requests, requests, "{provider}: a request at start");
+        eprintln!("client_credentials {provider}: {}", figures(&w));
     }
 }
 
@@ -223,7 +236,7 @@ async fn sigkill_crash_loop_per_provider() {
         } else {
             assert_eq!(stats.reuses, 0, "{provider}: a spent refresh token was sent: {stats:?}");
         }
-        eprintln!("{provider}: {KILLS} kills: {:?}", w.stats());
+        eprintln!("crash loop {provider}: {KILLS} kills, {}", figures(&w));
     }
 }
 
@@ -278,5 +291,6 @@ async fn a_lost_bootstrap_reply_is_not_replayed_where_reuse_revokes_the_family()
         assert!(d.stop().await.success(), "{provider}");
         let stats = w.stats();
         assert_eq!((stats.reuses, stats.family_revocations), (0, 0), "{provider}: {stats:?}");
+        eprintln!("lost bootstrap {provider}: {}", figures(&w));
     }
 }
