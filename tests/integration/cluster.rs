@@ -383,7 +383,7 @@ async fn a_crashed_leaders_refresh_is_not_replayed_where_reuse_revokes_the_famil
     assert_eq!(stats.reuses, 0, "{stats:?}");
     assert!(stats.rejected.is_empty(), "a token was refused: {stats:?}");
     assert_eq!(stats.sessions_created, 2, "the first login and the new leader's: {stats:?}");
-    assert_eq!(f.hosts[new].daemon().count("does not allow replaying it now; logging in"), 1);
+    assert!(f.hosts[new].daemon().count("does not allow replaying it now; logging in") > 0);
     assert!(f.api_accepts(&f.hosts[new]).await, "{}", f.dump());
 }
 
