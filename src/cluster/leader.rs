@@ -482,40 +482,59 @@ impl<'a> Leader<'a> {
     ) -> bool {
         let now = Utc::now();
         let state = next_state(self.name(), tokens, cur.state.as_ref(), new_session, now);
-        // Keep trying to publish while we still lead: the pair exists nowhere else.
+        let Some(revision) = self.publish_new(&state, cur.rev).await else { return false };
+        log_refreshed(self.name(), &state, new_session, elapsed, Some(revision));
+        self.policy.on_success(state.refreshed_at, state.access_expires_at, rand::random());
+        self.set_current(cur, state, revision);
+        self.ctx.report.success(now);
+        self.ctx.report.save();
+        true
+    }
+
+    /// Publishes a new pair (deleting the intent) until etcd holds it: its revision, or None
+    /// when leadership is lost. Keeps trying while we still lead: the pair exists nowhere else.
+    async fn publish_new(&mut self, state: &State, rev: PairRev) -> Option<i64> {
         let mut tries = 0;
         loop {
-            match self.publish(&state, cur.rev, &[self.ctx.intent_key.as_bytes()]).await {
-                Publish::Done(revision) => {
-                    log_refreshed(self.name(), &state, new_session, elapsed, Some(revision));
-                    self.policy.on_success(
-                        state.refreshed_at,
-                        state.access_expires_at,
-                        rand::random(),
-                    );
-                    self.set_current(cur, state, revision);
-                    self.ctx.report.success(now);
-                    self.ctx.report.save();
-                    return true;
-                }
+            match self.publish(state, rev, &[self.ctx.intent_key.as_bytes()]).await {
+                Publish::Done(revision) => return Some(revision),
                 Publish::Rejected(Rejection::Fence) => {
                     warn!(token = %self.name(), generation = state.generation, "the fence rejected publishing the new pair: this host no longer leads; the leader replays this refresh");
-                    return false;
+                    return None;
+                }
+                // A failed try may have been applied with its reply lost: then the pair
+                // "changed" by our own write, and giving up would drop a published refresh.
+                Publish::Rejected(Rejection::PairChanged) if tries > 0 => {
+                    return self.stored_as(state).await;
                 }
                 Publish::Rejected(Rejection::PairChanged) => {
                     warn!(token = %self.name(), generation = state.generation, "the pair in etcd changed under this leader; not publishing over it, re-reading");
-                    return false;
+                    return None;
                 }
                 Publish::Failed => {
                     tries += 1;
                     if !self.lease_ok() {
                         warn!(token = %self.name(), "cannot publish the new pair and the lease is gone; the next leader replays this refresh");
-                        return false;
+                        return None;
                     }
                     tokio::time::sleep(store_backoff(tries, rand::random())).await;
                 }
             }
         }
+    }
+
+    /// After a publish whose reply was lost, the pair etcd holds: its revision if it is
+    /// `state` (a revision alone cannot tell our write from another's), else None.
+    async fn stored_as(&mut self, state: &State) -> Option<i64> {
+        let snap = self.snapshot().await?;
+        if let Some(Stored::Pair(stored, revision)) = snap.pair
+            && same_pair(&stored, state)
+        {
+            info!(token = %self.name(), generation = state.generation, revision, "the reply to publishing the new pair was lost, but etcd holds it: published");
+            return Some(revision);
+        }
+        warn!(token = %self.name(), generation = state.generation, "the pair in etcd changed under this leader, and not by its own write; not publishing over it, re-reading");
+        None
     }
 
     /// Fenced write of a pair, deleting the keys in `delete` in the same transaction.
@@ -563,4 +582,12 @@ impl<'a> Leader<'a> {
             }
         }
     }
+}
+
+/// The same pair: access and refresh tokens are new with every token request, so with the
+/// generation they name one write.
+fn same_pair(a: &State, b: &State) -> bool {
+    a.generation == b.generation
+        && a.access_token == b.access_token
+        && a.refresh_token == b.refresh_token
 }

@@ -2,6 +2,7 @@
 //! the fake server.
 //! Each host has its own directory (state file, sinks, status), as separate machines would.
 
+use crate::etcd_relay::{Relay, Trigger};
 use crate::harness::{Daemon, TokenSpec, World, wait_for, wait_until};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -83,6 +84,8 @@ struct Fleet {
     w: World,
     /// The etcd members; `etcd[0]` is the only one unless started with several.
     etcd: Vec<Etcd>,
+    /// Host `i` reaches etcd through `relays[i]`, when the fleet was started `relayed`.
+    relays: Vec<Relay>,
     hosts: Vec<Host>,
 }
 
@@ -117,6 +120,30 @@ impl Fleet {
         spec: TokenSpec,
         cluster_extra: &str,
     ) -> Self {
+        Self::build(w, etcd, Vec::new(), n, ttl_secs, spec, cluster_extra).await
+    }
+
+    /// `n` hosts on a one-member etcd, each through its own relay (which can lose a reply).
+    async fn relayed(n: usize, ttl_secs: u64, schedule: &str) -> Self {
+        let w = World::new().await;
+        let etcd = Etcd::start_cluster(w.dir.path(), 1).await;
+        let mut relays = Vec::new();
+        for _ in 0..n {
+            relays.push(Relay::start(&etcd[0].url()).await);
+        }
+        let spec = TokenSpec::new("main").schedule(schedule);
+        Self::build(w, etcd, relays, n, ttl_secs, spec, "").await
+    }
+
+    async fn build(
+        w: World,
+        etcd: Vec<Etcd>,
+        relays: Vec<Relay>,
+        n: usize,
+        ttl_secs: u64,
+        spec: TokenSpec,
+        cluster_extra: &str,
+    ) -> Self {
         let members = etcd.len();
         let mut hosts = Vec::new();
         for i in 0..n {
@@ -124,8 +151,12 @@ impl Fleet {
             let dir = w.path(&name);
             std::fs::create_dir_all(&dir).unwrap();
             let spec = spec.clone().extra("jitter = \"0s\"");
-            let endpoints: Vec<String> =
-                (0..members).map(|m| format!("\"{}\"", etcd[(i + m) % members].url())).collect();
+            let endpoints: Vec<String> = match relays.get(i) {
+                Some(relay) => vec![format!("\"{}\"", relay.url())],
+                None => {
+                    (0..members).map(|m| format!("\"{}\"", etcd[(i + m) % members].url())).collect()
+                }
+            };
             let cluster = format!(
                 "[cluster]\nendpoints = [{}]\nprefix = \"/t\"\nlease_ttl = \"{ttl_secs}s\"\nnode = \"{name}\"\n{cluster_extra}\n",
                 endpoints.join(", ")
@@ -137,7 +168,7 @@ impl Fleet {
                 .unwrap();
             hosts.push(Host { name, dir, config, daemon: None, metrics });
         }
-        let mut fleet = Self { w, etcd, hosts };
+        let mut fleet = Self { w, etcd, relays, hosts };
         for i in 0..n {
             fleet.start_host(i).await;
         }
@@ -341,6 +372,46 @@ async fn a_paused_leaders_late_write_is_rejected_by_the_fence() {
     }
     f.assert_clean();
     f.hosts[old].daemon = None;
+}
+
+/// etcd applies the leader's publishing transaction but its reply is lost (the leader's relay
+/// swallows it and resets the connection). The retry's comparison then fails on the leader's
+/// own write: the leader used to take that for another writer, give up leading and campaign
+/// again, its policy and status never told of the refresh. It reads the pair back, finds the
+/// one it wrote, and goes on leading. Only the publishing transaction carries the pair and the
+/// intent keys without the budget's (the intent's own write and every read carry it too).
+#[tokio::test]
+async fn a_lost_reply_to_the_leaders_publish_is_not_taken_for_another_writer() {
+    let f = Fleet::relayed(3, 2, "0 0 0 1 1 *").await;
+    let leader = f.leader(Duration::from_secs(10)).await;
+    let g = f.converged(1, Duration::from_secs(10)).await;
+    let d = f.hosts[leader].daemon();
+    let success_before = f.hosts[leader].status().and_then(|s| s.last_success_at);
+    f.relays[leader].arm(Trigger::new(&["/t/main/pair", "/t/main/intent"], &["/t/main/budget"]));
+    d.signal(libc::SIGUSR1);
+    wait_until("etcd's reply to the publish to be lost", Duration::from_secs(15), || {
+        f.relays[leader].lost() == 1
+    })
+    .await;
+    wait_until("the leader to settle the publish", Duration::from_secs(15), || {
+        d.count("refreshed and published to etcd") == 2 || d.count("changed under this leader") > 0
+    })
+    .await;
+    assert_eq!(d.count("changed under this leader"), 0, "its own write:\n{}", f.dump());
+    assert!(d.count("cannot write to etcd") > 0, "no reply was lost:\n{}", f.dump());
+    assert_eq!(d.count("but etcd holds it"), 1, "{}", f.dump());
+    assert_eq!(f.converged(g + 1, Duration::from_secs(10)).await, g + 1, "{}", f.dump());
+    assert_eq!(f.leader(Duration::from_secs(5)).await, leader);
+    assert_eq!(d.count("no longer the leader"), 0, "{}", f.dump());
+    assert!(f.etcd[0].get("/t/main/intent").await.is_none(), "the intent outlived its publish");
+    let success = f.hosts[leader].status().and_then(|s| s.last_success_at);
+    assert!(success > success_before, "the status does not show the refresh: {success:?}");
+    let stats = f.w.stats();
+    assert_eq!((stats.refreshes, stats.grace_replays), (1, 0), "{stats:?}\n{}", f.dump());
+    for h in &f.hosts {
+        assert!(f.api_accepts(h).await, "{}'s token is refused\n{}", h.name, f.dump());
+    }
+    f.assert_clean();
 }
 
 /// Issue 14: the leader follows the provider's replay rule as one host does. Auth0 revokes

@@ -5,6 +5,8 @@ mod check;
 mod cluster;
 mod crash;
 mod daemon;
+#[cfg(feature = "etcd")]
+mod etcd_relay;
 mod examples;
 mod fake_server;
 mod harness;
