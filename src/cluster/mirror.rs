@@ -148,12 +148,15 @@ async fn wait_or_stop(
     }
 }
 
-/// Watches the pair from `start`; returns to re-read after an error, a compaction or the
-/// backstop interval. True when told to stop.
+/// Watches the pair from `start`; returns to re-read after an error, a compaction, the
+/// node's reconnecting (the watch may hang on a frozen member) or the backstop interval.
+/// True when told to stop.
 async fn follow(ctx: &Ctx, mirror: &mut Mirror, stop: &CancellationToken, start: i64) -> bool {
+    let mut reconnects = ctx.cluster.reconnects();
     let Ok(mut clients) = ctx.cluster.clients().await else { return false };
     let opts = WatchOptions::new().with_start_revision(start);
-    let mut stream = match Box::pin(clients.long.watch(ctx.pair_key.as_bytes(), Some(opts))).await {
+    let opening = Box::pin(clients.long.watch(ctx.pair_key.as_bytes(), Some(opts)));
+    let mut stream = match ctx.cluster.open("watch", opening).await {
         Ok(s) => s,
         Err(e) => {
             ctx.cluster.failed(&e).await;
@@ -186,6 +189,7 @@ async fn follow(ctx: &Ctx, mirror: &mut Mirror, stop: &CancellationToken, start:
                     return false;
                 }
             }
+            _ = reconnects.changed() => return false,
             () = stop.cancelled() => return true,
         }
     }

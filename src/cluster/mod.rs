@@ -70,6 +70,9 @@ fn refused(e: &etcd_client::Error) -> bool {
 /// Failures in a row before moving to the next endpoint.
 const ROTATE_AFTER: u32 = 3;
 
+/// HTTP/2 pings on an open request or stream: twice etcd's default minimum between pings.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// One node's connection to etcd and its election lease, shared by every token.
 #[derive(Clone)]
 pub struct Cluster {
@@ -83,6 +86,8 @@ struct Inner {
     lease: watch::Sender<Lease>,
     /// etcd reachable as far as this node knows (for status and logs).
     up: watch::Sender<bool>,
+    /// Counts the times this node dropped its clients to connect again (`failed`).
+    reconnects: watch::Sender<u64>,
     stop: tokio_util::sync::CancellationToken,
 }
 
@@ -97,6 +102,7 @@ impl Cluster {
             conn: Mutex::new(Conn { clients: None, endpoint: 0, failures: 0 }),
             lease: watch::Sender::new(Lease::None),
             up: watch::Sender::new(true),
+            reconnects: watch::Sender::new(0),
             stop: tokio_util::sync::CancellationToken::new(),
         };
         Ok(Self { inner: Arc::new(inner) })
@@ -124,6 +130,12 @@ impl Cluster {
 
     pub fn up(&self) -> watch::Receiver<bool> {
         self.inner.up.subscribe()
+    }
+
+    /// Changes when the clients are dropped to connect again: a stream opened on the old ones
+    /// (a watch) may hang on a frozen member, which no ping on it reveals for a while.
+    pub fn reconnects(&self) -> watch::Receiver<u64> {
+        self.inner.reconnects.subscribe()
     }
 
     /// A key under the prefix for one token: `<prefix>/<token>/<what>`.
@@ -166,10 +178,15 @@ impl Cluster {
 
     fn options(&self, timeout: Option<Duration>) -> ConnectOptions {
         let cfg = &self.inner.cfg;
+        // etcd closes a connection (GOAWAY "too_many_pings") after three pings sent sooner
+        // than its --grpc-keepalive-min-time (5 s by default) or with no request open: then a
+        // request in flight fails, perhaps applied with its reply lost. So pings go out only
+        // while a request or stream is open, and no more often than that; an idle connection
+        // found dead is re-made by the next request, which the request timeout bounds.
         let mut o = ConnectOptions::new()
             .with_connect_timeout(self.request_timeout())
-            .with_keep_alive(Duration::from_secs(2), self.request_timeout())
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive(KEEP_ALIVE_INTERVAL, self.request_timeout())
+            .with_keep_alive_while_idle(false);
         if let Some(t) = timeout {
             o = o.with_timeout(t);
         }
@@ -195,6 +212,19 @@ impl Cluster {
         o
     }
 
+    /// Opens a stream on the `long` client, which has no request timeout, within the request
+    /// timeout: a frozen member takes the request and never answers, and no ping on an idle
+    /// connection (see `options`) would end the wait soon.
+    pub async fn open<T>(
+        &self,
+        what: &str,
+        opening: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, etcd_client::Error> {
+        tokio::time::timeout(self.request_timeout(), opening).await.unwrap_or_else(|_| {
+            Err(etcd_client::Error::WatchError(format!("opening the {what} timed out")))
+        })
+    }
+
     /// Reports a request that worked: etcd is up.
     pub async fn succeeded(&self) {
         self.inner.conn.lock().await.failures = 0;
@@ -209,6 +239,7 @@ impl Cluster {
         if conn.failures >= ROTATE_AFTER {
             conn.failures = 0;
             conn.clients = None;
+            self.inner.reconnects.send_modify(|n| *n += 1);
             let n = self.inner.cfg.endpoints.len();
             if n > 1 {
                 conn.endpoint = (conn.endpoint + 1) % n;
@@ -295,7 +326,12 @@ impl Cluster {
                         }
                         // The stream may be dead; open a new one on the same lease.
                         if let Ok(c) = self.clients().await
-                            && let Ok((k, s)) = Box::pin(c.long.clone().lease_keep_alive(id)).await
+                            && let Ok((k, s)) = self
+                                .open(
+                                    "lease keep-alive",
+                                    Box::pin(c.long.clone().lease_keep_alive(id)),
+                                )
+                                .await
                         {
                             (keeper, stream) = (k, s);
                         }
@@ -322,7 +358,9 @@ impl Cluster {
         };
         let id = grant.id();
         let valid_until = sent + Duration::from_secs(grant.ttl().unsigned_abs());
-        let (keeper, stream) = match Box::pin(clients.long.clone().lease_keep_alive(id)).await {
+        let mut long = clients.long.clone();
+        let keep_alive = Box::pin(long.lease_keep_alive(id));
+        let (keeper, stream) = match self.open("lease keep-alive", keep_alive).await {
             Ok(ks) => ks,
             Err(e) => {
                 self.failed(&e).await;

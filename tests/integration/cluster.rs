@@ -414,6 +414,24 @@ async fn a_lost_reply_to_the_leaders_publish_is_not_taken_for_another_writer() {
     f.assert_clean();
 }
 
+/// etcd closes a connection (GOAWAY "too_many_pings", at the third offence) on which the
+/// client pings more often than `--grpc-keepalive-min-time` (5 s by default) or pings with no
+/// request open. tokend pinged every 2 s, idle or not: etcd closed its request connection about
+/// 8 s after each use (a request sent just then failed, perhaps applied with its reply lost,
+/// as above) and, with a lease TTL of 20 s or more, the keep-alive and watch connection too
+/// ("etcd is unreachable" every 8 s). An idle host now gets no GOAWAY. The window is an
+/// observation, twice the 8 s after which it came; no ping at all goes out on an idle request
+/// connection now, so the pass does not depend on the machine's speed.
+#[tokio::test]
+async fn etcd_does_not_close_an_idle_hosts_connections_for_its_pings() {
+    let f = Fleet::relayed(1, 60, "0 0 0 1 1 *").await;
+    f.leader(Duration::from_secs(10)).await;
+    f.converged(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert_eq!(f.relays[0].goaways(), 0, "etcd closed a connection:\n{}", f.dump());
+    assert_eq!(f.logs("etcd is unreachable"), 0, "{}", f.dump());
+}
+
 /// Issue 14: the leader follows the provider's replay rule as one host does. Auth0 revokes
 /// the whole family when a rotated-away refresh token is presented again; the leader dies
 /// while the server holds a refresh it has already committed, so the intent's refresh token

@@ -36,6 +36,8 @@ struct Shared {
     armed: Option<Trigger>,
     /// Replies swallowed (their connection reset).
     lost: usize,
+    /// GOAWAY frames etcd sent: it is closing the connection (e.g. "too_many_pings").
+    goaways: usize,
 }
 
 /// One relay, listening on its own loopback port; stops when dropped.
@@ -69,6 +71,11 @@ impl Relay {
     /// Replies lost so far.
     pub fn lost(&self) -> usize {
         self.shared.lock().unwrap().lost
+    }
+
+    /// GOAWAY frames etcd sent so far, on any connection.
+    pub fn goaways(&self) -> usize {
+        self.shared.lock().unwrap().goaways
     }
 }
 
@@ -111,6 +118,7 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Mutex<Sh
             n = server.read(&mut sbuf) => {
                 let Ok(n @ 1..) = n else { return };
                 let frames = down.feed(&sbuf[..n]);
+                shared.lock().unwrap().goaways += frames.iter().filter(|f| f.kind == GOAWAY).count();
                 let Some(stream) = losing else {
                     if client.write_all(&sbuf[..n]).await.is_err() { return }
                     continue;
@@ -139,6 +147,7 @@ fn take_if_armed(shared: &Mutex<Shared>, message: &[u8]) -> bool {
 
 const DATA: u8 = 0;
 const HEADERS: u8 = 1;
+const GOAWAY: u8 = 7;
 
 struct Frame {
     kind: u8,
