@@ -62,17 +62,20 @@ async fn run() {
         children.push(child);
     }
     // First, on fresh processes: the heap left by the load rows would absorb part of it.
-    let mut n_mem = 0;
-    for t in targets.iter().filter(|t| !t.pids.is_empty()) {
-        let mem = idle_memory(t.port, &t.pids).await;
-        if t.name == "nginx" {
-            n_mem = mem;
+    // Unused first: it leaves little behind to absorb the other.
+    for (used, what) in [(false, "opened, no request yet"), (true, "idle after one request")] {
+        let mut n_mem = 0;
+        for t in targets.iter().filter(|t| !t.pids.is_empty()) {
+            let mem = idle_memory(t.port, &t.pids, used).await;
+            if t.name == "nginx" {
+                n_mem = mem;
+            }
+            println!(
+                "memory per {IDLE} client connections {what}: {} {mem} KiB ({:.2}x nginx)",
+                t.name,
+                mem as f64 / n_mem.max(1) as f64
+            );
         }
-        println!(
-            "memory per {IDLE} idle client connections: {} {mem} KiB ({:.2}x nginx)",
-            t.name,
-            mem as f64 / n_mem.max(1) as f64
-        );
     }
     println!(
         "proxy benchmark: GET with a small reply, {secs:?} per row, {rounds} rounds, loopback, this machine (load {})",
@@ -218,14 +221,17 @@ fn reply_len(reply: &[u8]) -> Option<usize> {
     Some(end + len)
 }
 
-/// Resident memory of `pids` before and after opening `IDLE` connections that each made one
-/// request and then stay open, idle.
-async fn idle_memory(port: u16, pids: &[u32]) -> i64 {
+/// Resident memory of `pids` before and after opening `IDLE` connections that stay open,
+/// idle: after one request each (`used`, a keep-alive client between calls), or before any
+/// (a client's pool opened ahead of use).
+async fn idle_memory(port: u16, pids: &[u32], used: bool) -> i64 {
     let before: i64 = pids.iter().map(|p| rss_kib(*p)).sum();
     let mut conns = Vec::new();
     for _ in 0..IDLE {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        exchange(&mut s, &mut Vec::new()).await;
+        if used {
+            exchange(&mut s, &mut Vec::new()).await;
+        }
         conns.push(s);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;

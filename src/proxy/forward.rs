@@ -5,6 +5,7 @@ use super::Upstream;
 use super::body::{RequestBody, whole};
 use super::gate::{Current, FORCED_REFRESH_EVERY, Gate};
 use super::headers::strip_hop_by_hop;
+use super::plain::{self, PlainBody};
 use crate::config::ProxyConfig;
 use http_body_util::{Either, Full};
 use hyper::body::{Bytes, Incoming};
@@ -18,8 +19,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The upstream's answer body: from hyper's pooled client (HTTPS) or a plain-HTTP connection.
+pub type UpstreamBody = Either<Incoming, PlainBody>;
 /// What the proxy answers: the upstream's body as it streams in, or an answer of its own.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
 /// What the proxy sends upstream: a body held whole (replayable), or one too large to hold
 /// that streams through.
 pub type UpBody = Either<Full<Bytes>, http_body_util::combinators::BoxBody<Bytes, BoxError>>;
@@ -36,13 +39,22 @@ const NO_TOKEN_WAIT: Duration = Duration::from_secs(5);
 pub struct Proxy {
     pub cfg: ProxyConfig,
     pub gate: Arc<Gate>,
-    client: Upstream,
+    route: Route,
     /// The upstream URL taken apart once, so that a request's URI is put together from
     /// shared parts without parsing a string each time.
     scheme: Scheme,
     authority: Authority,
     /// The upstream's path without its trailing `/` (usually empty), put before each target.
     prefix: String,
+}
+
+/// How requests reach the upstream.
+enum Route {
+    /// HTTPS: the daemon's pooled client (HTTP/2 where the upstream offers it).
+    Pooled(Box<Upstream>),
+    /// Plain HTTP: HTTP/1.1 connections driven by the requests themselves; `host` is the
+    /// `Host` header they carry.
+    Plain { pool: Arc<plain::Pool>, host: HeaderValue },
 }
 
 /// What happened to a request besides its status, for the access log and metrics.
@@ -76,10 +88,19 @@ impl Proxy {
             Some(port) => format!("{host}:{port}"),
             None => host.to_string(),
         };
+        let route = if url.scheme() == "http" {
+            let port = url.port_or_known_default().unwrap_or(80);
+            Route::Plain {
+                pool: plain::Pool::new(format!("{host}:{port}")),
+                host: HeaderValue::try_from(&authority).expect("a parsed URL's host and port"),
+            }
+        } else {
+            Route::Pooled(Box::new(client.clone()))
+        };
         Self {
             cfg: cfg.clone(),
             gate: gate.clone(),
-            client: client.clone(),
+            route,
             scheme: Scheme::try_from(url.scheme()).unwrap_or(Scheme::HTTPS),
             authority: Authority::try_from(authority).expect("a parsed URL's host and port"),
             prefix: url.path().trim_end_matches('/').to_string(),
@@ -136,7 +157,7 @@ impl Proxy {
         parts: &Parts,
         body: UpBody,
         outcome: &mut Outcome,
-    ) -> Result<(Response<Incoming>, u64), Box<Response<ProxyBody>>> {
+    ) -> Result<(Response<UpstreamBody>, u64), Box<Response<ProxyBody>>> {
         let admitted = self.gate.admit().await;
         if let Some(h) = admitted.held {
             outcome.held = Some(outcome.held.unwrap_or_default() + h);
@@ -148,7 +169,14 @@ impl Proxy {
             )));
         };
         let request = self.request(parts, body, &current)?;
-        let result = self.client.request(request).await;
+        let result = match &self.route {
+            Route::Pooled(client) => {
+                client.request(request).await.map(|r| r.map(Either::Left)).map_err(|e| {
+                    if e.is_connect() { plain::Error::Connect } else { plain::Error::Request }
+                })
+            }
+            Route::Plain { pool, .. } => pool.send(request).await.map(|r| r.map(Either::Right)),
+        };
         // The upstream has judged the token once the response head is here: a refresh may go.
         drop(admitted);
         match result {
@@ -178,8 +206,11 @@ impl Proxy {
         // Kept for a replay, so cloned: a handful of shared `Bytes`, no copy of their text.
         let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers);
-        // The client sets the upstream's own `Host`.
-        headers.remove(header::HOST);
+        match &self.route {
+            // hyper's client sets the upstream's own `Host`.
+            Route::Pooled(_) => drop(headers.remove(header::HOST)),
+            Route::Plain { host, .. } => drop(headers.insert(header::HOST, host.clone())),
+        }
         headers.insert(header::AUTHORIZATION, auth);
         let mut request = Request::new(body);
         *request.method_mut() = parts.method.clone();
@@ -189,7 +220,8 @@ impl Proxy {
     }
 
     /// The upstream URI for a client's request target (origin form; an absolute form is
-    /// reduced to its path and query: the proxy only ever talks to its upstream).
+    /// reduced to its path and query: the proxy only ever talks to its upstream). Absolute for
+    /// the pooled client, which picks its connection by it; origin form on a plain connection.
     fn uri(&self, target: &Uri) -> Option<Uri> {
         let pq = target.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         let pq = if self.prefix.is_empty() {
@@ -197,6 +229,9 @@ impl Proxy {
         } else {
             PathAndQuery::try_from(format!("{}{pq}", self.prefix)).ok()?
         };
+        if let Route::Plain { .. } = self.route {
+            return Some(Uri::from(pq));
+        }
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -229,7 +264,7 @@ impl Proxy {
 }
 
 /// The upstream's response as it came, minus its hop-by-hop headers; the body streams.
-fn pass(resp: Response<Incoming>) -> Response<ProxyBody> {
+fn pass(resp: Response<UpstreamBody>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.version = hyper::Version::HTTP_11;
@@ -250,8 +285,8 @@ fn local_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
 }
 
 /// Why the upstream gave no response, without the URL (its query may be private).
-fn upstream_error(e: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
-    let why = if e.is_connect() {
+fn upstream_error(e: &plain::Error) -> Response<ProxyBody> {
+    let why = if let plain::Error::Connect = e {
         "cannot connect to the upstream"
     } else {
         "the request failed (the upstream closed or reset the connection, or the client's body broke off)"

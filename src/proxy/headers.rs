@@ -17,24 +17,28 @@ const HOP_BY_HOP: &[&str] = &[
 /// Removes the hop-by-hop headers: the fixed list, every `Proxy-*` header and whatever the
 /// `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    // The usual request has none: one pass over the names, no hashing, no removal. (A header
+    // that `Connection` names only counts when `Connection` itself is there.)
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    // Only the names present are removed (each removal hashes its name).
+    let mut gone: Vec<HeaderName> = headers.keys().filter(|k| is_hop_by_hop(k)).cloned().collect();
+    let named = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok());
+    gone.extend(named);
+    for name in gone {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
-    let proxy: Vec<HeaderName> =
-        headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
-    for name in proxy {
-        headers.remove(name);
-    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    HOP_BY_HOP.contains(&name) || name.starts_with("proxy-")
 }
 
 #[cfg(test)]

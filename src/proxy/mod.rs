@@ -10,6 +10,7 @@ mod body;
 mod forward;
 pub mod gate;
 mod headers;
+mod plain;
 mod server;
 
 pub use gate::Gate;

@@ -7,6 +7,7 @@ use crate::config::Listen;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -67,7 +68,10 @@ pub async fn serve(listener: Listener, proxy: Arc<Proxy>, shutdown: Cancellation
         tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = accept(&listener) => match accepted {
-                Ok(io) => {
+                Ok(Stream::Tcp(io)) => {
+                    conns.spawn(connection(io, proxy.clone(), shutdown.clone()));
+                }
+                Ok(Stream::Unix(io)) => {
                     conns.spawn(connection(io, proxy.clone(), shutdown.clone()));
                 }
                 Err(e) => {
@@ -99,22 +103,103 @@ async fn drain(conns: &mut JoinSet<()>, token: &str) {
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+/// An accepted client connection.
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
 
-async fn accept(listener: &Listener) -> std::io::Result<Box<dyn Io>> {
+/// What hyper serves: a client connection's socket, whichever kind.
+trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// A client connection's socket: readable and writable, and able to say when data arrived
+/// without reading it.
+trait Io: Duplex + std::os::fd::AsFd + 'static {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+    /// Runs `op` if the socket may be readable; a `WouldBlock` from it clears the readiness.
+    fn try_read_io(&self, op: impl FnOnce() -> std::io::Result<usize>) -> std::io::Result<usize>;
+}
+
+impl Io for tokio::net::TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Self::poll_read_ready(self, cx)
+    }
+    fn try_read_io(&self, op: impl FnOnce() -> std::io::Result<usize>) -> std::io::Result<usize> {
+        self.try_io(tokio::io::Interest::READABLE, op)
+    }
+}
+
+impl Io for tokio::net::UnixStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Self::poll_read_ready(self, cx)
+    }
+    fn try_read_io(&self, op: impl FnOnce() -> std::io::Result<usize>) -> std::io::Result<usize> {
+        self.try_io(tokio::io::Interest::READABLE, op)
+    }
+}
+
+/// Ready, handing the socket back, once it has data (or the client closed it, or it failed).
+/// tokio's readiness alone is a hint (a fresh socket starts out "readable"), so a one-byte peek
+/// confirms it, leaving the bytes for hyper.
+struct Readable<I>(Option<I>);
+
+impl<I: Io> std::future::Future for Readable<I> {
+    type Output = (I, std::io::Result<()>);
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let io = self.0.as_ref().expect("polled after ready");
+        let ready = loop {
+            if let Err(e) = std::task::ready!(io.poll_read_ready(cx)) {
+                break Err(e);
+            }
+            let mut byte = [std::mem::MaybeUninit::uninit()];
+            match io.try_read_io(|| socket2::SockRef::from(io).peek(&mut byte)) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Data, or end of file (the close is hyper's to see), or an error.
+                other => break other.map(|_| ()),
+            }
+        };
+        Poll::Ready((self.0.take().expect("polled after ready"), ready))
+    }
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<Stream> {
     match listener {
         Listener::Tcp(l) => {
             let (stream, _) = l.accept().await?;
             // Small requests and answers: no Nagle delay on top of the upstream's latency.
             let _ = stream.set_nodelay(true);
-            Ok(Box::new(stream))
+            Ok(Stream::Tcp(stream))
         }
-        Listener::Unix { listener, .. } => Ok(Box::new(listener.accept().await?.0)),
+        Listener::Unix { listener, .. } => Ok(Stream::Unix(listener.accept().await?.0)),
     }
 }
 
-async fn connection(io: Box<dyn Io>, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+/// Waits for the client's first bytes before hyper takes the connection: hyper gives every
+/// connection a read and a write buffer (8 KiB each) and its state at once, so a connection
+/// opened ahead of use (a client's pool warming up) holds only its socket until it is used.
+async fn connection<I: Io>(io: I, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let first = tokio::select! {
+        (io, ready) = Readable(Some(io)) => ready.ok().map(|()| io),
+        () = shutdown.cancelled() => None,
+    };
+    if let Some(io) = first {
+        serve_connection(Box::new(io), proxy, shutdown).await;
+    }
+}
+
+/// Boxed: the task of a connection still waiting for its first bytes stays small (and the
+/// future's type is named, which the compiler needs to see that it is `Send`).
+fn serve_connection(
+    io: Box<dyn Duplex>,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(http1(io, proxy, shutdown))
+}
+
+async fn http1(io: Box<dyn Duplex>, proxy: Arc<Proxy>, shutdown: CancellationToken) {
     // Boxed: hyper keeps a slot the size of the service's future for each connection, idle or
     // not; a box makes that slot a pointer, and the future's memory lives only per request.
     let service = hyper::service::service_fn(move |req| Box::pin(handle(proxy.clone(), req)));
@@ -132,4 +217,28 @@ async fn connection(io: Box<dyn Io>, proxy: Arc<Proxy>, shutdown: CancellationTo
     // when idle.
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    /// A connection with nothing sent yet is not handed on; its first byte hands it on unread.
+    #[tokio::test]
+    async fn readable_waits_for_the_first_byte_and_leaves_it() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let mut waiting = Readable(Some(s));
+        let early = tokio::time::timeout(Duration::from_millis(200), &mut waiting).await;
+        assert!(early.is_err(), "ready before any byte");
+        c.write_all(b"G").await.unwrap();
+        let (s, ready) = tokio::time::timeout(Duration::from_secs(30), waiting).await.unwrap();
+        ready.unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(s.try_read(&mut buf).unwrap(), 1, "the byte was consumed");
+        assert_eq!(&buf, b"G");
+    }
 }

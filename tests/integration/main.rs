@@ -16,6 +16,7 @@ mod login;
 mod metrics;
 mod providers;
 mod proxy;
+mod proxy_connections;
 mod proxy_lifecycle;
 mod proxy_upstream;
 mod rotation;
