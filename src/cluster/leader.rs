@@ -265,7 +265,8 @@ impl<'a> Leader<'a> {
         if let Some(prev) = &cur.state {
             state.generation = state.generation.max(next_generation(self.name(), prev.generation));
         }
-        match self.publish(&state, cur.rev, &[]).await {
+        let published = self.publish(&state, cur.rev, &[]).await;
+        match self.settle(published, &state).await {
             Publish::Done(revision) => {
                 info!(token = %self.name(), path = %source.display(), generation = state.generation, "imported the local state into etcd");
                 if source == handoff {
@@ -313,7 +314,8 @@ impl<'a> Leader<'a> {
         if let Some(prev) = &cur.state {
             state.generation = state.generation.max(next_generation(self.name(), prev.generation));
         }
-        match self.publish(&state, cur.rev, &[key.as_bytes()]).await {
+        let published = self.publish(&state, cur.rev, &[key.as_bytes()]).await;
+        match self.settle(published, &state).await {
             Publish::Done(revision) => {
                 info!(token = %self.name(), generation = state.generation, fingerprint = %state.access_token.fingerprint(), "adopted a new login from `tokend login` on another host (new session)");
                 self.adopted(cur, state, revision);
@@ -321,6 +323,22 @@ impl<'a> Leader<'a> {
             }
             Publish::Rejected(_) => false,
             Publish::Failed => true,
+        }
+    }
+
+    /// An adopted login is published once: a failed write may have been applied with its
+    /// reply lost, having deleted the hand-off it came from, so none would come again and this
+    /// leader would wait for a login that is already in etcd. Done if etcd holds `state`.
+    async fn settle(&mut self, published: Publish, state: &State) -> Publish {
+        let Publish::Failed = published else { return published };
+        // Read until etcd answers: the first request after a reset may fail too.
+        let Some(snap) = self.snapshot().await else { return Publish::Failed };
+        match snap.pair {
+            Some(Stored::Pair(stored, revision)) if same_pair(&stored, state) => {
+                info!(token = %self.name(), generation = state.generation, revision, "the reply to publishing the login was lost, but etcd holds it");
+                Publish::Done(revision)
+            }
+            _ => Publish::Failed,
         }
     }
 

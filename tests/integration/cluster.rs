@@ -125,13 +125,17 @@ impl Fleet {
 
     /// `n` hosts on a one-member etcd, each through its own relay (which can lose a reply).
     async fn relayed(n: usize, ttl_secs: u64, schedule: &str) -> Self {
+        Self::relayed_with(n, ttl_secs, TokenSpec::new("main").schedule(schedule)).await
+    }
+
+    /// The same, sharing the token `spec` (named "main").
+    async fn relayed_with(n: usize, ttl_secs: u64, spec: TokenSpec) -> Self {
         let w = World::new().await;
         let etcd = Etcd::start_cluster(w.dir.path(), 1).await;
         let mut relays = Vec::new();
         for _ in 0..n {
             relays.push(Relay::start(&etcd[0].url()).await);
         }
-        let spec = TokenSpec::new("main").schedule(schedule);
         Self::build(w, etcd, relays, n, ttl_secs, spec, "").await
     }
 
@@ -404,13 +408,55 @@ async fn a_lost_reply_to_the_leaders_publish_is_not_taken_for_another_writer() {
     assert_eq!(f.leader(Duration::from_secs(5)).await, leader);
     assert_eq!(d.count("no longer the leader"), 0, "{}", f.dump());
     assert!(f.etcd[0].get("/t/main/intent").await.is_none(), "the intent outlived its publish");
-    let success = f.hosts[leader].status().and_then(|s| s.last_success_at);
-    assert!(success > success_before, "the status does not show the refresh: {success:?}");
+    // The status file is written (durably) just after the log line.
+    wait_until("the leader's status to show the refresh", Duration::from_secs(10), || {
+        f.hosts[leader].status().and_then(|s| s.last_success_at) > success_before
+    })
+    .await;
     let stats = f.w.stats();
     assert_eq!((stats.refreshes, stats.grace_replays), (1, 0), "{stats:?}\n{}", f.dump());
     for h in &f.hosts {
         assert!(f.api_accepts(h).await, "{}'s token is refused\n{}", h.name, f.dump());
     }
+    f.assert_clean();
+}
+
+/// The leader adopts a `tokend login` forwarded through etcd, and etcd applies the write (the
+/// pair, and the hand-off key deleted) but its reply is lost. The leader used to count it as not
+/// written: no hand-off came again, so it went on needing a login that was in etcd, and never
+/// refreshed it (an access token lives an hour). It reads the pair back and finds its write.
+/// Only that write carries the pair and hand-off keys without the budget's.
+#[tokio::test]
+async fn a_lost_reply_to_adopting_a_forwarded_login_does_not_leave_the_leader_waiting() {
+    let spec =
+        TokenSpec::new("main").schedule("0 0 0 1 1 *").grant("grant = \"authorization_code\"");
+    let f = Fleet::relayed_with(2, 2, spec).await;
+    let leader = f.leader(Duration::from_secs(10)).await;
+    let follower = 1 - leader;
+    let d = f.hosts[leader].daemon();
+    d.wait_log("needs login", 1, Duration::from_secs(10)).await;
+    f.relays[leader].arm(Trigger::new(&["/t/main/pair", "/t/main/handoff"], &["/t/main/budget"]));
+    let (child, url) = crate::login::start_login_on(&f.hosts[follower].config, "main", &[]).await;
+    reqwest::get(&url).await.unwrap();
+    crate::login::finish(child).await;
+    let wait = Duration::from_secs(15);
+    wait_until("the adopting write's reply to be lost", wait, || f.relays[leader].lost() == 1)
+        .await;
+    let g = f.converged(1, wait).await;
+    let series = "tokend_needs_login{token=\"main\"}";
+    let cleared = tokio::time::timeout(wait, async {
+        while f.hosts[leader].metric(series).await != Some(0.0) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(cleared.await.is_ok(), "the leader waits for a stored login:\n{}", f.dump());
+    assert_eq!(d.count("etcd holds it"), 1, "{}", f.dump());
+    d.signal(libc::SIGUSR1);
+    f.converged(g + 1, wait).await;
+    for h in &f.hosts {
+        assert!(f.api_accepts(h).await, "{}'s token is refused\n{}", h.name, f.dump());
+    }
+    assert_eq!(f.leader(Duration::from_secs(5)).await, leader, "{}", f.dump());
     f.assert_clean();
 }
 
