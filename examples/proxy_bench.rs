@@ -1,5 +1,6 @@
 //! The local API proxy beside nginx (a reverse proxy adding a fixed header to the same upstream):
-//! added latency p50/p99 at 1 and 64 connections, throughput, memory per 1,000 idle connections.
+//! added latency p50/p99 at 1 and 64 connections, throughput, memory per 1,000 idle connections
+//! (opened and not used yet, and idle after one request).
 //!
 //!   scripts/bench-proxy            # installs nginx (Debian package) when missing, then runs this
 //!
