@@ -217,16 +217,31 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time the process has used, in seconds: the sum of its threads' run time from
-/// schedstat (nanoseconds), since `utime + stime` counts 10 ms ticks, too coarse for an idle
-/// daemon (one tick in 20 s is already 0.05%).
-fn cpu_secs(pid: u32) -> f64 {
-    let mut ns = 0u64;
+/// Run time of each of the process's threads, in nanoseconds by thread id, from schedstat,
+/// since `utime + stime` counts 10 ms ticks, too coarse for an idle daemon (one tick in 20 s
+/// is already 0.05%).
+fn thread_times(pid: u32) -> std::collections::HashMap<String, u64> {
+    let mut times = std::collections::HashMap::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
         let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-        ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let ns = s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        times.insert(t.file_name().to_string_lossy().into_owned(), ns);
     }
-    ns as f64 / 1e9
+    times
+}
+
+/// CPU the process used over `secs` of idling, in percent of one core: what each thread
+/// alive at the end ran since the start. A sum over the threads alive at each end would go
+/// negative when the blocking pool's threads (idle, they exit after 10 s) are gone at the
+/// end, taking their whole past with them.
+fn idle_cpu_pct(pid: u32, secs: u64) -> f64 {
+    let before = thread_times(pid);
+    std::thread::sleep(Duration::from_secs(secs)); // measuring idle is the point
+    let ns: u64 = thread_times(pid)
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum();
+    ns as f64 / 1e9 / secs as f64 * 100.0
 }
 
 struct Daemon {
@@ -311,9 +326,7 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) -> St
         wait_for(|| server.stats().refreshes >= g - 1, Duration::from_secs(30));
     }
     let rss_after = rss_kb(d.pid());
-    let c0 = cpu_secs(d.pid());
-    std::thread::sleep(Duration::from_secs(a.idle_secs)); // measuring idle is the point
-    let idle_pct = (cpu_secs(d.pid()) - c0) / a.idle_secs as f64 * 100.0;
+    let idle_pct = idle_cpu_pct(d.pid(), a.idle_secs);
     let rss_1 = rss_kb(d.pid());
     d.stop();
     row(
@@ -389,9 +402,7 @@ fn scale(bin: &Path, server: &FakeServer, dir: &Path, n: usize, a: &Args, rss_1:
     );
     let round = t.elapsed();
     let peak = server.stats().max_concurrent_token_requests;
-    let c0 = cpu_secs(d.pid());
-    std::thread::sleep(Duration::from_secs(a.idle_secs.min(20)));
-    let idle = (cpu_secs(d.pid()) - c0) / a.idle_secs.min(20) as f64 * 100.0;
+    let idle = idle_cpu_pct(d.pid(), a.idle_secs.min(20));
     d.stop();
     // The floor: the same durable writes, of the same sizes, 64 at once, by a minimal program.
     let files = TokenFiles::of(dir);
