@@ -20,6 +20,11 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1
 /// client before waiting for it (hyper's default is 400 KiB; API calls are small).
 const MAX_BUF: usize = 64 * 1024;
 
+/// A connection that sends nothing is closed after this long, as hyper closes one whose
+/// request head does not arrive in time (its header read timeout, 30 s by default): waiting
+/// for the first byte outside hyper must not keep a silent connection open for ever.
+const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A bound listener.
 pub enum Listener {
     Tcp(tokio::net::TcpListener),
@@ -180,12 +185,24 @@ async fn accept(listener: &Listener) -> std::io::Result<Stream> {
 /// connection a read and a write buffer (8 KiB each) and its state at once, so a connection
 /// opened ahead of use (a client's pool warming up) holds only its socket until it is used.
 async fn connection<I: Io>(io: I, proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    let first = tokio::select! {
-        (io, ready) = Readable(Some(io)) => ready.ok().map(|()| io),
-        () = shutdown.cancelled() => None,
-    };
-    if let Some(io) = first {
+    if let Some(io) = first_bytes(io, &shutdown, FIRST_BYTE_TIMEOUT).await {
         serve_connection(Box::new(io), proxy, shutdown).await;
+    }
+}
+
+/// The socket once its first bytes are in; None (closing it) when the client sends nothing
+/// within `timeout`, the socket fails, or the proxy stops.
+async fn first_bytes<I: Io>(
+    io: I,
+    shutdown: &CancellationToken,
+    timeout: std::time::Duration,
+) -> Option<I> {
+    tokio::select! {
+        r = tokio::time::timeout(timeout, Readable(Some(io))) => match r {
+            Ok((io, Ok(()))) => Some(io),
+            _ => None,
+        },
+        () = shutdown.cancelled() => None,
     }
 }
 
@@ -224,6 +241,26 @@ mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
+
+    /// A silent connection is closed after the first-byte timeout, as hyper closed it before
+    /// the first-byte wait existed; one that sends in time is handed on.
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_after_the_first_byte_timeout() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stop = CancellationToken::new();
+        let short = Duration::from_millis(300);
+        let _silent = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let started = std::time::Instant::now();
+        let kept = tokio::time::timeout(Duration::from_secs(60), first_bytes(s, &stop, short));
+        assert!(kept.await.expect("still waiting after 60 s").is_none(), "a silent one is kept");
+        assert!(started.elapsed() >= short);
+        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        c.write_all(b"G").await.unwrap();
+        let long = Duration::from_secs(60);
+        assert!(first_bytes(s, &stop, long).await.is_some(), "one that sent is closed");
+    }
 
     /// A connection with nothing sent yet is not handed on; its first byte hands it on unread.
     #[tokio::test]
