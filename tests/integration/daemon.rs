@@ -241,6 +241,34 @@ async fn sighup_adds_a_token_and_a_broken_config_keeps_the_old_one() {
     assert!(d.stop().await.success());
 }
 
+/// The tokens a reload adds start together, as at start: each new token's login hangs for a
+/// while at the server, and the server sees them in flight at once. Awaited one by one, one
+/// slow bootstrap held back every token after it (and the server saw one at a time).
+#[tokio::test]
+async fn sighup_starts_the_added_tokens_together() {
+    let (w, mut d) = started(TokenSpec::new("main")).await;
+    let added = ["second", "third", "fourth"];
+    for _ in added {
+        w.server.inject("hang,ms=1500".parse().unwrap());
+    }
+    let mut specs = vec![TokenSpec::new("main")];
+    specs.extend(added.iter().map(|n| TokenSpec::new(n)));
+    w.write_config(&specs);
+    d.signal(libc::SIGHUP);
+    for name in added {
+        w.wait_generation(name, 1, T).await;
+    }
+    d.wait_log("config reloaded", 1, T).await;
+    let stats = w.stats();
+    assert_eq!(stats.faults_injected, 3, "each added token's login hung once");
+    assert!(
+        stats.max_concurrent_token_requests >= 2,
+        "the added tokens' logins overlapped: at most {} in flight",
+        stats.max_concurrent_token_requests
+    );
+    assert!(d.stop().await.success());
+}
+
 #[tokio::test]
 async fn sigterm_during_a_slow_refresh_finishes_and_persists_it() {
     let (w, mut d) = started(TokenSpec::new("main").extra("request_timeout = \"10s\"")).await;
