@@ -33,6 +33,9 @@ pub(super) struct Leader<'a> {
     lease: i64,
     lease_rx: &'a mut watch::Receiver<Lease>,
     policy: &'a mut Policy,
+    /// What etcd says of the token needing login, as this term last wrote it (None: not yet
+    /// written this term; a previous leader's key may be there).
+    shown_needs_login: Option<bool>,
 }
 
 /// The pair as the leader last read or wrote it.
@@ -65,7 +68,7 @@ impl<'a> Leader<'a> {
         lease_rx: &'a mut watch::Receiver<Lease>,
         policy: &'a mut Policy,
     ) -> Self {
-        Self { ctx, key, lease, lease_rx, policy }
+        Self { ctx, key, lease, lease_rx, policy, shown_needs_login: None }
     }
 
     pub fn into_key(self) -> LeaderKey {
@@ -111,6 +114,7 @@ impl<'a> Leader<'a> {
         // An absolute time: the lease's keep-alive wakes this loop more often than that.
         let mut handoff_at = Instant::now() + HANDOFF_POLL;
         loop {
+            self.show_needs_login().await;
             let mut wake = self.policy.next_wake(Instant::now(), Utc::now(), false);
             if self.policy.needs_login() {
                 wake = wake.min(handoff_at);
@@ -135,6 +139,26 @@ impl<'a> Leader<'a> {
             if !kept {
                 return Outcome::Lost;
             }
+        }
+    }
+
+    /// Tells every host whether the token needs login (`Ctx::needs_login_key`), when that
+    /// changed. Fenced, so a deposed leader cannot contradict its successor; a failed write is
+    /// tried again on the next turn of the loop (while the token needs login, every second).
+    async fn show_needs_login(&mut self) {
+        let yes = self.policy.needs_login();
+        if self.shown_needs_login == Some(yes) {
+            return;
+        }
+        let key = self.ctx.needs_login_key.as_bytes();
+        let op = if yes {
+            let lease = etcd_client::PutOptions::new().with_lease(self.lease);
+            TxnOp::put(key, self.ctx.cluster.node(), Some(lease))
+        } else {
+            TxnOp::delete(key, None)
+        };
+        if self.txn(Txn::new().when([self.fence()]).and_then([op])).await == Some(true) {
+            self.shown_needs_login = Some(yes);
         }
     }
 

@@ -22,6 +22,10 @@ const BACKSTOP: Duration = Duration::from_secs(60);
 /// This host's files, written from the pairs etcd holds.
 struct Mirror {
     files: Publisher,
+    /// Whether `Ctx::needs_login_key` was there when last seen. Only its changes are passed
+    /// to this host's status: on the leader's host the leader sets it first, and a read that
+    /// raced with the leader's write must not clear it.
+    leader_needs_login: bool,
 }
 
 impl Mirror {
@@ -38,7 +42,19 @@ impl Mirror {
                 warn!(token = %ctx.name(), error = %e, "cannot use the local state file; waiting for etcd");
             }
         }
-        Self { files }
+        Self { files, leader_needs_login: false }
+    }
+
+    /// The leader's word on the token needing login, into this host's status and metrics.
+    async fn leader_needs_login(&mut self, ctx: &Ctx, yes: bool) {
+        if self.leader_needs_login != yes {
+            self.leader_needs_login = yes;
+            ctx.report.needs_login(yes);
+            ctx.report.save_blocking().await;
+            if yes {
+                warn!(token = %ctx.name(), "the leader says this token needs login: run `tokend login --token {}` on any host of the cluster", ctx.name());
+            }
+        }
     }
 
     /// A pair from etcd: written if it is not what the files already hold. The hook runs for
@@ -95,6 +111,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, stop: CancellationToken, ready: oneshot::
             }
         };
         failures = 0;
+        mirror.leader_needs_login(&ctx, snap.needs_login).await;
         match snap.pair {
             Some(Stored::Pair(state, rev)) => mirror.update(&ctx, *state, rev).await,
             Some(Stored::Unreadable(why)) => {
@@ -154,8 +171,9 @@ async fn wait_or_stop(
 async fn follow(ctx: &Ctx, mirror: &mut Mirror, stop: &CancellationToken, start: i64) -> bool {
     let mut reconnects = ctx.cluster.reconnects();
     let Ok(mut clients) = ctx.cluster.clients().await else { return false };
-    let opts = WatchOptions::new().with_start_revision(start);
-    let opening = Box::pin(clients.long.watch(ctx.pair_key.as_bytes(), Some(opts)));
+    let (from, to) = watched(&ctx.needs_login_key, &ctx.pair_key);
+    let opts = WatchOptions::new().with_start_revision(start).with_range(to);
+    let opening = Box::pin(clients.long.watch(from, Some(opts)));
     let mut stream = match ctx.cluster.open("watch", opening).await {
         Ok(s) => s,
         Err(e) => {
@@ -195,8 +213,20 @@ async fn follow(ctx: &Ctx, mirror: &mut Mirror, stop: &CancellationToken, start:
     }
 }
 
+/// The keys the mirror watches, one range: from `needs_login` to `pair`, both included. No
+/// other key of the token sorts between them (`the_watched_range_holds_two_keys`).
+fn watched(needs_login_key: &str, pair_key: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut end = pair_key.as_bytes().to_vec();
+    end.push(0);
+    (needs_login_key.as_bytes().to_vec(), end)
+}
+
 async fn on_event(ctx: &Ctx, mirror: &mut Mirror, ev: &etcd_client::Event) {
     let Some(kv) = ev.kv() else { return };
+    if kv.key() == ctx.needs_login_key.as_bytes() {
+        mirror.leader_needs_login(ctx, ev.event_type() == EventType::Put).await;
+        return;
+    }
     if ev.event_type() != EventType::Put {
         warn!(token = %ctx.name(), "the pair was deleted from etcd; keeping the local files");
         return;
@@ -206,5 +236,19 @@ async fn on_event(ctx: &Ctx, mirror: &mut Mirror, ev: &etcd_client::Event) {
         Err(why) => {
             error!(token = %ctx.name(), reason = %why, "a new pair in etcd is unreadable; keeping the local files");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_watched_range_holds_two_keys() {
+        // Every key of a token (`token.rs`), and the election's keys below `election/`.
+        let kinds = ["pair", "intent", "budget", "handoff", "needs_login", "election/7a3f"];
+        let key = |k: &str| format!("/tokend/main/{k}").into_bytes();
+        let (from, to) = super::watched("/tokend/main/needs_login", "/tokend/main/pair");
+        let inside: Vec<&str> =
+            kinds.into_iter().filter(|k| (from.clone()..to.clone()).contains(&key(k))).collect();
+        assert_eq!(inside, ["pair", "needs_login"]);
     }
 }

@@ -36,6 +36,10 @@ pub(super) struct Ctx {
     pub intent_key: String,
     pub budget_key: String,
     pub handoff_key: String,
+    /// Present while the leader's token needs login (its value: the leader's node name), so
+    /// that every host's status and `/healthz` say so, not only the leader's. Put on the
+    /// leader's lease: it goes with a dead leader, whose successor decides again.
+    pub needs_login_key: String,
     pub election: String,
     /// Status file and metrics, written by both tasks.
     pub report: Report,
@@ -70,13 +74,15 @@ impl Ctx {
         });
     }
 
-    /// The pair and its mod revision, the intent, the rate budget, and the store revision.
+    /// The pair and its mod revision, the intent, the rate budget, whether the leader needs
+    /// a login, and the store revision.
     pub async fn read(&self) -> Result<Snapshot, etcd_client::Error> {
         let mut kv = self.cluster.clients().await?.short;
         let txn = Txn::new().and_then([
             TxnOp::get(self.pair_key.as_bytes(), None),
             TxnOp::get(self.intent_key.as_bytes(), None),
             TxnOp::get(self.budget_key.as_bytes(), None),
+            TxnOp::get(self.needs_login_key.as_bytes(), None),
         ]);
         let resp = match Box::pin(kv.txn(txn)).await {
             Ok(r) => r,
@@ -87,7 +93,8 @@ impl Ctx {
         };
         self.cluster.succeeded().await;
         let revision = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
-        let mut snap = Snapshot { revision, pair: None, intent: None, budget: None };
+        let mut snap =
+            Snapshot { revision, pair: None, intent: None, budget: None, needs_login: false };
         for (i, op) in resp.op_responses().into_iter().enumerate() {
             let etcd_client::TxnOpResponse::Get(get) = op else { continue };
             let Some(kv) = get.kvs().first() else { continue };
@@ -95,6 +102,7 @@ impl Ctx {
             match i {
                 0 => snap.pair = Some(self.decode_pair(kv.value(), kv.mod_revision())),
                 1 => snap.intent = codec.decode(kv.value(), self.intent_key.as_bytes()).ok(),
+                3 => snap.needs_login = true,
                 _ => snap.budget = codec.decode(kv.value(), self.budget_key.as_bytes()).ok(),
             }
         }
@@ -114,6 +122,8 @@ pub(super) struct Snapshot {
     pub pair: Option<Stored>,
     pub intent: Option<Intent>,
     pub budget: Option<Budget>,
+    /// The leader said the token needs login (`Ctx::needs_login_key`).
+    pub needs_login: bool,
 }
 
 pub(super) enum Stored {
@@ -143,10 +153,12 @@ pub async fn run(
         ..Status::default()
     };
     let ctx = Arc::new(Ctx {
+        // The mirror watches `needs_login` to `pair` as one range: no key may sort between.
         pair_key: cluster.key(&cfg.name, "pair"),
         intent_key: cluster.key(&cfg.name, "intent"),
         budget_key: cluster.key(&cfg.name, "budget"),
         handoff_key: cluster.key(&cfg.name, "handoff"),
+        needs_login_key: cluster.key(&cfg.name, "needs_login"),
         election: cluster.key(&cfg.name, "election"),
         report: Report::new(&cfg, shared.metrics.clone(), status),
         cfg,

@@ -880,6 +880,26 @@ async fn needs_login_is_cleared_in_the_metrics_once_a_new_login_succeeds() {
 }
 
 #[tokio::test]
+async fn a_follower_says_the_token_needs_login_while_the_leader_does() {
+    // An operator reading any host's `/healthz` or `tokend status` learns that the token
+    // needs login, not only on the leader (a follower said "ok" until the token expired).
+    let f = Fleet::start(2, 2, "0 0 0 1 1 *", "").await;
+    let leader = refused_for_good(&f).await;
+    let follower = f.hosts.iter().find(|h| h.name != leader.name).unwrap();
+    follower.wait_needs_login(true).await;
+    let (code, body) = follower.health().await;
+    assert_eq!(code, 503);
+    assert!(body.contains("main: needs login"), "{body}");
+    assert_eq!(follower.status().map(|s| s.needs_login), Some(true));
+    // The next attempt logs in again (jwt): every host clears it.
+    leader.daemon().signal(libc::SIGUSR1);
+    f.converged(2, Duration::from_secs(10)).await;
+    follower.wait_needs_login(false).await;
+    assert_eq!(follower.health().await.0, 200);
+    assert!(f.etcd[0].get("/t/main/needs_login").await.is_none(), "the key is left over");
+}
+
+#[tokio::test]
 async fn healthz_warns_before_the_token_expires_when_the_leader_cannot_refresh() {
     // A 20 s token is refreshed 10 s before expiry; with every request failing, `/healthz`
     // must complain while the token still has seconds left (half the margin), not only once
