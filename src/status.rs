@@ -47,12 +47,31 @@ fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-/// The pid in the token's lock file, if that process is alive.
+/// The pid in the token's lock file, if that process holds the lock. A process that merely
+/// has that pid (the daemon died and the number was reused) does not count.
 fn daemon_pid(cfg: &TokenConfig) -> Option<u32> {
+    let path = StateLock::path_for(&cfg.state_file);
     // A regular file only: a FIFO in its place must not block the daemon's status summary.
-    let bytes = crate::store::read_regular(&StateLock::path_for(&cfg.state_file), 64).ok()?;
+    let bytes = crate::store::read_regular(&path, 64).ok()?;
     let pid: u32 = std::str::from_utf8(&bytes).ok()?.trim().parse().ok()?;
-    std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).ok()?);
+    match std::fs::read_to_string("/proc/locks") {
+        Ok(locks) => holds_flock(&locks, pid, inode).then_some(pid),
+        // No /proc/locks (unusual): whether the process is alive is the best left.
+        Err(_) => std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid),
+    }
+}
+
+/// Whether `/proc/locks` lists a `flock` by `pid` on inode `inode` (lines like
+/// `1: FLOCK  ADVISORY  WRITE 1234 fe:00:5933071 0 EOF`; the device is left out, as overlay
+/// file systems report another device to `stat` than to the lock table).
+fn holds_flock(locks: &str, pid: u32, inode: u64) -> bool {
+    locks.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.get(1) == Some(&"FLOCK")
+            && f.get(4).and_then(|p| p.parse::<u32>().ok()) == Some(pid)
+            && f.get(5).and_then(|d| d.rsplit(':').next()?.parse::<u64>().ok()) == Some(inode)
+    })
 }
 
 /// Builds the report of one token.
@@ -244,4 +263,19 @@ pub fn render(reports: &[TokenReport]) -> String {
 
 fn rel(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
     if t >= now { format!("in {}", left(t, now)) } else { format!("{} ago", left(now, t)) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_a_flock_held_by_that_pid_on_that_inode_counts() {
+        let locks = "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5933071 0 EOF\n\
+                     1: -> FLOCK  ADVISORY  WRITE 99 fe:00:77 0 EOF\n\
+                     2: POSIX  ADVISORY  WRITE 42 08:01:77 0 EOF\n";
+        assert!(super::holds_flock(locks, 1234, 5_933_071));
+        assert!(!super::holds_flock(locks, 1235, 5_933_071), "another pid");
+        assert!(!super::holds_flock(locks, 1234, 5_933_072), "another file");
+        assert!(!super::holds_flock(locks, 99, 77), "waiting for the lock is not holding it");
+        assert!(!super::holds_flock(locks, 42, 77), "a POSIX lock is not the daemon's");
+    }
 }

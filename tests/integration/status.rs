@@ -67,4 +67,9 @@ async fn status_in_each_state() {
     for secret in w.server.issued_tokens() {
         assert!(!text.contains(&secret) && !v.to_string().contains(&secret));
     }
+    // The daemon's pid taken by another live process (here this test) is not a daemon.
+    let lock = tokend::store::StateLock::path_for(&w.path("main.state.json"));
+    std::fs::write(&lock, std::process::id().to_string()).unwrap();
+    let (code, text, v) = status(&w);
+    assert_eq!((code, v[0]["health"].as_str()), (1, Some("not_running")), "{text}");
 }
