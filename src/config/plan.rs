@@ -139,16 +139,27 @@ fn token_plan(out: &mut String, t: &TokenConfig) {
     for p in &t.proxies {
         let _ = writeln!(
             out,
-            "  proxy           {} -> {} (drain {}, replays bodies up to {} bytes{})",
+            "  proxy           {} -> {} (drain {}, replays bodies up to {} bytes{}{})",
             p.listen,
             p.upstream,
             d(p.drain_timeout),
             p.replay_body_limit,
+            upstream_cap(p),
             if p.access_log { ", access log" } else { "" }
         );
     }
     if let Some(h) = &t.on_refresh {
         let _ = writeln!(out, "  on_refresh      {:?} (timeout {})", h.argv, d(h.timeout));
+    }
+}
+
+/// The connection cap, which applies to plain-HTTP upstreams (HTTPS goes through the
+/// daemon's shared client, HTTP/2 where the upstream offers it).
+fn upstream_cap(p: &crate::config::ProxyConfig) -> String {
+    if p.upstream.scheme() == "http" {
+        format!(", at most {} upstream connections", p.max_upstream_connections)
+    } else {
+        String::new()
     }
 }
 

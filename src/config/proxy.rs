@@ -13,6 +13,8 @@ use toml::Spanned;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default largest request body kept for a replay.
 pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1 << 20;
+/// Default bound on a proxy's open connections to a plain-HTTP upstream (idle and busy).
+pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 256;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +24,7 @@ pub(super) struct RawProxy {
     upstream: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
     replay_body_limit: Option<Spanned<u64>>,
+    max_upstream_connections: Option<Spanned<u64>>,
     #[serde(default)]
     access_log: bool,
 }
@@ -54,6 +57,9 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Request bodies up to this size are kept so that a 401 can be replayed.
     pub replay_body_limit: usize,
+    /// At most this many connections to a plain-HTTP upstream are open at once; a request
+    /// that finds them all busy waits for one (bounded), then gets a 503.
+    pub max_upstream_connections: usize,
     /// One INFO line per request (method, path without query, status, duration, held, replayed).
     pub access_log: bool,
 }
@@ -90,8 +96,27 @@ fn validate(
         upstream,
         drain_timeout,
         replay_body_limit,
+        max_upstream_connections: max_upstream_connections(ctx, p, key)?,
         access_log: p.access_log,
     })
+}
+
+fn max_upstream_connections(
+    ctx: &Ctx<'_>,
+    p: &RawProxy,
+    key: &dyn Fn(&str) -> String,
+) -> Result<usize, ConfigError> {
+    let Some(max) = &p.max_upstream_connections else {
+        return Ok(DEFAULT_MAX_UPSTREAM_CONNECTIONS);
+    };
+    match usize::try_from(*max.get_ref()) {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(ctx.err(
+            max,
+            key("proxy.max_upstream_connections"),
+            format!("must be at least 1 (the default is {DEFAULT_MAX_UPSTREAM_CONNECTIONS})"),
+        )),
+    }
 }
 
 fn listen(

@@ -91,7 +91,11 @@ impl Proxy {
         let route = if url.scheme() == "http" {
             let port = url.port_or_known_default().unwrap_or(80);
             Route::Plain {
-                pool: plain::Pool::new(format!("{host}:{port}")),
+                pool: plain::Pool::new(
+                    format!("{host}:{port}"),
+                    cfg.max_upstream_connections,
+                    plain::CONNECTION_WAIT,
+                ),
                 host: HeaderValue::try_from(&authority).expect("a parsed URL's host and port"),
             }
         } else {
@@ -286,11 +290,22 @@ fn local_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
 
 /// Why the upstream gave no response, without the URL (its query may be private).
 fn upstream_error(e: &plain::Error) -> Response<ProxyBody> {
-    let why = if let plain::Error::Connect = e {
-        "cannot connect to the upstream"
-    } else {
-        "the request failed (the upstream closed or reset the connection, or the client's body broke off)"
+    let (status, why) = match e {
+        plain::Error::Connect => {
+            (StatusCode::BAD_GATEWAY, "cannot connect to the upstream".to_string())
+        }
+        plain::Error::Request => (
+            StatusCode::BAD_GATEWAY,
+            "the request failed (the upstream closed or reset the connection, or the client's body broke off)".to_string(),
+        ),
+        plain::Error::Busy { max, waited } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "all {max} connections to the upstream stayed busy for {} ms (max_upstream_connections)",
+                waited.as_millis()
+            ),
+        ),
     };
     tracing::warn!(error = %why, "proxied request failed");
-    local_error(StatusCode::BAD_GATEWAY, why)
+    local_error(status, &why)
 }

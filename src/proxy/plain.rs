@@ -4,7 +4,8 @@
 //! idle list when its body is done. hyper's pooled client (kept for HTTPS, where HTTP/2 shares
 //! one connection) hands each request to the connection's task and back and spawns a task to
 //! return the connection to its pool: per request that cost about as much CPU as the rest of
-//! the proxy together (issue 13's benchmark).
+//! the proxy together (issue 13's benchmark). At most `max` connections are open at once; a
+//! request that finds them all busy waits for one (at most `CONNECTION_WAIT`).
 
 use super::forward::UpBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -13,11 +14,17 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::Notify;
 
 /// Idle connections kept beyond this many are closed (a burst's extra connections).
 const MAX_IDLE: usize = 256;
+
+/// How long a request waits for a connection when all `max` are busy, before a 503.
+pub const CONNECTION_WAIT: Duration = Duration::from_secs(5);
 
 type Conn = http1::Connection<TokioIo<tokio::net::TcpStream>, UpBody>;
 
@@ -25,6 +32,37 @@ type Conn = http1::Connection<TokioIo<tokio::net::TcpStream>, UpBody>;
 struct Upstream {
     send: http1::SendRequest<UpBody>,
     conn: Conn,
+    /// Its place under the cap, given back when the connection closes (is dropped).
+    _slot: Slot,
+}
+
+/// The count of open connections and the wake-up of a request waiting for one. Separate from
+/// `Pool`: idle connections hold a slot, and the pool holds them.
+struct Slots {
+    open: AtomicUsize,
+    max: usize,
+    /// A connection went idle or closed: a waiting request looks again.
+    freed: Notify,
+}
+
+/// One open (or opening) connection's place under the cap.
+struct Slot(Arc<Slots>);
+
+impl Slots {
+    fn take(self: &Arc<Self>) -> Option<Slot> {
+        let max = self.max;
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
 }
 
 /// A proxy's connections to its plain-HTTP upstream.
@@ -35,17 +73,27 @@ pub struct Pool {
     /// times (out of this list, into the answer's body, which hyper moves again).
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<Upstream>>>,
+    slots: Arc<Slots>,
+    /// How long a request waits when all connections are busy.
+    wait: Duration,
 }
 
 /// Why the upstream gave no answer.
 pub enum Error {
     Connect,
     Request,
+    /// All `max` connections stayed busy for the whole wait.
+    Busy {
+        max: usize,
+        waited: Duration,
+    },
 }
 
 impl Pool {
-    pub fn new(addr: String) -> Arc<Self> {
-        Arc::new(Self { addr, idle: Mutex::new(Vec::new()) })
+    /// At most `max` open connections to `addr`; a request waits up to `wait` for one.
+    pub fn new(addr: String, max: usize, wait: Duration) -> Arc<Self> {
+        let slots = Arc::new(Slots { open: AtomicUsize::new(0), max, freed: Notify::new() });
+        Arc::new(Self { addr, idle: Mutex::new(Vec::new()), slots, wait })
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one when none
@@ -56,10 +104,7 @@ impl Pool {
     ) -> Result<Response<PlainBody>, Error> {
         let mut req = req;
         loop {
-            let (mut up, reused) = match self.checkout().await {
-                Some(up) => (up, true),
-                None => (self.connect().await?, false),
-            };
+            let (mut up, reused) = self.acquire().await?;
             let sent = std::pin::pin!(up.send.try_send_request(req));
             match (Drive { conn: &mut up.conn, sent, closed: false }).await {
                 Ok(resp) => {
@@ -91,19 +136,50 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<Box<Upstream>, Error> {
+    /// An idle connection (true), or a new one (false) while fewer than `max` are open;
+    /// otherwise waits for one to go idle or close, at most `wait`.
+    async fn acquire(&self) -> Result<(Box<Upstream>, bool), Error> {
+        let deadline = tokio::time::Instant::now() + self.wait;
+        loop {
+            // Registered before looking: a connection freed after the look wakes it.
+            let freed = self.slots.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(up) = self.checkout().await {
+                return Ok((up, true));
+            }
+            if let Some(slot) = self.slots.take() {
+                return Ok((self.connect(slot).await?, false));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                // The wake-up this request may have taken goes to the next one in line.
+                self.slots.freed.notify_one();
+                return Err(Error::Busy { max: self.slots.max, waited: self.wait });
+            }
+        }
+    }
+
+    async fn connect(&self, slot: Slot) -> Result<Box<Upstream>, Error> {
         let tcp = tokio::net::TcpStream::connect(&self.addr).await.map_err(|_| Error::Connect)?;
         // Small requests and answers: no Nagle delay on top of the upstream's latency.
         let _ = tcp.set_nodelay(true);
         let (send, conn) =
             http1::Builder::new().handshake(TokioIo::new(tcp)).await.map_err(|_| Error::Connect)?;
-        Ok(Box::new(Upstream { send, conn }))
+        Ok(Box::new(Upstream { send, conn, _slot: slot }))
     }
 
     fn put(&self, up: Box<Upstream>) {
-        let mut idle = self.idle.lock().expect("upstream pool lock");
-        if idle.len() < MAX_IDLE {
-            idle.push(up);
+        let kept = {
+            let mut idle = self.idle.lock().expect("upstream pool lock");
+            let keep = idle.len() < MAX_IDLE;
+            if keep {
+                idle.push(up);
+            }
+            keep
+        };
+        // Dropped instead, the connection's slot wakes a waiting request.
+        if kept {
+            self.slots.freed.notify_one();
         }
     }
 }

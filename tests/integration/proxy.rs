@@ -46,7 +46,7 @@ async fn refresh_elsewhere(w: &World) {
     assert_eq!(resp.status(), 200);
 }
 
-fn assert_no_token_in(w: &World, text: &str) {
+pub fn assert_no_token_in(w: &World, text: &str) {
     for t in w.server.issued_tokens() {
         assert!(!text.contains(&t), "a token appears in the output");
     }
@@ -184,6 +184,11 @@ async fn non_loopback_listen_and_a_socket_without_mode_are_config_errors() {
         ("listen = \"127.0.0.1:8081\"\nmode = \"0660\"", "proxy.mode", "unix sockets only"),
         ("listen = \"unix:/tmp/x.sock\"\nmode = \"rw\"", "proxy.mode", "octal"),
         ("listen = \"127.0.0.1:8081\"\nbogus = 1", "bogus", "unknown field"),
+        (
+            "listen = \"127.0.0.1:8081\"\nmax_upstream_connections = 0",
+            "proxy.max_upstream_connections",
+            "at least 1",
+        ),
     ] {
         write_proxy_config(&w, &TokenSpec::new("main"), "", proxy);
         let out = tokend(&["check", "--config", w.config_path().to_str().unwrap()]);

@@ -2,8 +2,8 @@
 //! status codes, error bodies and rate-limit headers passed back as they came, hop-by-hop
 //! headers dropped both ways, hangs and resets, and callers that hang up mid-request.
 
-use crate::harness::{Daemon, TokenSpec, World};
-use crate::proxy::{client, unix_proxy, write_proxy_config};
+use crate::harness::{Daemon, TokenSpec, World, wait_until};
+use crate::proxy::{assert_no_token_in, client, unix_proxy, write_proxy_config};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use std::time::{Duration, Instant};
@@ -195,4 +195,97 @@ async fn callers_hanging_up_mid_request_leave_nothing_in_flight() {
     assert_eq!(d.count("still in flight"), 0);
     let resp = client(&w.path("main.sock")).get("http://proxy/echo").send().await.unwrap();
     assert_eq!(resp.status(), 200, "the proxy still serves");
+}
+
+/// Connections an upstream of the test's own has open now, and the most it ever had.
+#[derive(Default)]
+struct OpenCount {
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+/// A raw HTTP/1.1 upstream that counts its open connections: `GET /hang` is never answered,
+/// anything else gets a small 200 (kept alive).
+async fn counting_upstream() -> (String, std::sync::Arc<OpenCount>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let count = std::sync::Arc::new(OpenCount::default());
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let now = c.now.fetch_add(1, SeqCst) + 1;
+            c.most.fetch_max(now, SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                answer_until_closed(s).await;
+                c.now.fetch_sub(1, SeqCst);
+            });
+        }
+    });
+    (url, count)
+}
+
+async fn answer_until_closed(mut s: tokio::net::TcpStream) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let Ok(n @ 1..) = s.read(&mut buf).await else { return };
+        head.extend_from_slice(&buf[..n]);
+        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            let request: Vec<u8> = head.drain(..end + 4).collect();
+            if request.starts_with(b"GET /hang ") {
+                // Never answered; the connection stays open until the proxy closes it.
+                let _ = s.read(&mut buf).await;
+                return;
+            }
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if s.write_all(ok).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A request whose caller holds the connection (the upstream never answers it).
+async fn hanging_request(w: &World) -> tokio::net::UnixStream {
+    let mut s = tokio::net::UnixStream::connect(w.path("main.sock")).await.unwrap();
+    s.write_all(b"GET /hang HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn upstream_connections_are_capped_and_a_request_waits_for_one_then_gets_a_503() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = World::new().await;
+    let (up, count) = counting_upstream().await;
+    let proxy = format!("{}\nupstream = \"{up}\"\nmax_upstream_connections = 2", unix_proxy(&w));
+    write_proxy_config(&w, &TokenSpec::new("main"), "", &proxy);
+    let d = w.daemon();
+    d.wait_ready().await;
+    let first = hanging_request(&w).await;
+    let _second = hanging_request(&w).await;
+    wait_until("two connections upstream", T, || count.now.load(SeqCst) == 2).await;
+
+    // Both connections busy: the third request waits, then gets the proxy's own 503.
+    let started = Instant::now();
+    let resp = client(&w.path("main.sock")).get("http://proxy/ok").send().await.unwrap();
+    assert_eq!(resp.status(), 503, "a request past the cap");
+    assert!(started.elapsed() >= Duration::from_secs(4), "it waited: {:?}", started.elapsed());
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("TOKEND-PROXY") && body.contains("max_upstream_connections"), "{body}");
+    assert_no_token_in(&w, &body);
+
+    // A request waiting when a connection closes (its caller hung up) takes its place.
+    let waiting = tokio::spawn({
+        let c = client(&w.path("main.sock"));
+        async move { c.get("http://proxy/ok").send().await.map(|r| r.status()) }
+    });
+    // Not a verdict: lets the request start waiting before the place frees up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(first);
+    let status = tokio::time::timeout(T, waiting).await.expect("bounded").unwrap().unwrap();
+    assert_eq!(status, 200, "the freed place went to the waiting request");
+    assert_eq!(count.most.load(SeqCst), 2, "never more than the cap open upstream");
+    assert_no_token_in(&w, &d.output());
 }
