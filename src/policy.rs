@@ -387,6 +387,16 @@ impl Policy {
         Some(request)
     }
 
+    /// The request `begin` returned did not go out (a cluster leader could not store its
+    /// intent first): it spends neither the rate budget nor a session.
+    pub fn not_sent(&mut self) {
+        let Some(request) = self.sent.take() else { return };
+        if self.is_session(request) {
+            self.logins.unrecord();
+        }
+        self.budget.unrecord();
+    }
+
     /// A new token is published: everything starts afresh.
     pub fn on_success(&mut self, issued: DateTime<Utc>, expires: DateTime<Utc>, rand01: f64) {
         (self.lost_at, self.spent) = (None, false);
@@ -616,6 +626,11 @@ impl RequestBudget {
         for t in sent {
             self.record(t);
         }
+    }
+
+    /// Forgets the latest request (it was never sent).
+    pub fn unrecord(&mut self) {
+        self.sent.pop_back();
     }
 
     pub fn record(&mut self, now: Instant) {

@@ -411,31 +411,34 @@ impl<'a> Leader<'a> {
             return true;
         }
         let has_rt = cur.state.as_ref().is_some_and(|s| s.refresh_token.is_some());
-        let request = self.policy.begin(Instant::now(), has_rt);
-        report_sessions(&self.ctx.report, &self.ctx.cfg, self.policy, request);
-        let Some(request) = request else {
+        let Some(request) = self.policy.begin(Instant::now(), has_rt) else {
             // authorization_code: only `tokend login` gives a first token; or the session
             // budget is spent and the login waits.
+            report_sessions(&self.ctx.report, &self.ctx.cfg, self.policy, None);
             self.ctx.report.save();
             return true;
         };
-        self.ctx.report.attempt(Utc::now());
         let refresh_token = match request {
             Request::Refresh => cur.state.as_ref().and_then(|s| s.refresh_token.clone()),
             Request::Login => None,
         };
-        // A leader that lost the fence sends nothing.
+        // A leader that lost the fence sends nothing; one that could not store its intent
+        // sends nothing either, and that spends no session.
         match self.announce(cur, refresh_token.as_ref()).await {
             Some(true) => {}
             Some(false) => {
                 warn!(token = %self.name(), "the fence rejected the write before the token request (intent and rate budget): another host leads now");
+                self.policy.not_sent();
                 return false;
             }
             None => {
+                self.policy.not_sent();
                 self.policy.on_failure(Instant::now(), Failure::Store, rand::random());
                 return true;
             }
         }
+        report_sessions(&self.ctx.report, &self.ctx.cfg, self.policy, Some(request));
+        self.ctx.report.attempt(Utc::now());
         if !self.lease_ok() {
             return false;
         }

@@ -196,6 +196,20 @@ fn client_credentials_requests_are_not_sessions() {
     assert_eq!(p.begin(c.now(1000), false), None, "a session login is budgeted");
 }
 
+#[test]
+fn a_request_that_did_not_go_out_spends_no_session() {
+    let c = Clock::new();
+    let mut p = Policy::new(Rules { sessions: 1, ..rules(ChainHome::Etcd, G::Jwt) });
+    assert_eq!(p.begin(c.now(0), false), Some(Request::Login));
+    p.not_sent();
+    assert_eq!(p.recent_logins(c.now(0)).count(), 0);
+    assert!(matches!(p.on_failure(c.now(0), Failure::Store, 0.0), Next::Retry(_)));
+    p.refresh_now(c.now(1000));
+    assert_eq!(p.begin(c.now(1000), false), Some(Request::Login), "the session is still there");
+    p.refresh_now(c.now(2000));
+    assert_eq!(p.begin(c.now(2000), false), None, "and now it is spent");
+}
+
 /// Issue 14: a refresh whose reply was lost is replayed only inside the provider's window
 /// (RingCentral's grace, Okta's leeway, always where the old token keeps working); past it,
 /// or where a replay revokes the family, a new login if the grant can, else needs login.
