@@ -559,7 +559,9 @@ impl<'a> Leader<'a> {
                 Publish::Failed => {
                     tries += 1;
                     if !self.lease_ok() {
-                        warn!(token = %self.name(), "cannot publish the new pair and the lease is gone; the next leader replays this refresh");
+                        // A failed try may have been applied with its reply lost: the next
+                        // leader then finds the new pair published, else the intent to replay.
+                        warn!(token = %self.name(), "cannot publish the new pair and the lease is gone; the next leader finds it published (if etcd applied a try whose reply was lost) or replays this refresh");
                         return None;
                     }
                     tokio::time::sleep(store_backoff(tries, rand::random())).await;
