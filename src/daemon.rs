@@ -223,6 +223,9 @@ impl Daemon {
         let shared = Shared {
             metrics,
             requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
+            start_ups: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_requests + crate::task::START_UPS_BEYOND_REQUESTS,
+            )),
             client: crate::oauth::OAuthClient::new(std::time::Duration::from_secs(30))?,
             gate: None,
         };

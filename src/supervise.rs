@@ -80,12 +80,9 @@ async fn once(
 ) {
     match mode {
         Mode::Single => {
-            Box::pin(Refresher::new(cfg.clone(), shared.clone()).run(
-                commands,
-                stop.clone(),
-                ready,
-            ))
-            .await;
+            let start_ups = shared.start_ups.clone();
+            let refresher = Refresher::new(cfg.clone(), shared.clone());
+            Box::pin(refresher.run(commands, stop.clone(), ready, start_ups)).await;
         }
         #[cfg(feature = "etcd")]
         Mode::Cluster(cluster) => {
