@@ -20,10 +20,13 @@ const ROTATIONS: usize = 1000;
 struct Args {
     idle_secs: u64,
     tokens: Vec<usize>,
+    /// Only the bootstrap and round rows of each `--tokens` count (`--only rounds`): a quick
+    /// iteration on them, without the propagation, footprint and spread rows.
+    rounds_only: bool,
 }
 
 fn args() -> Args {
-    let mut a = Args { idle_secs: 20, tokens: vec![1000] };
+    let mut a = Args { idle_secs: 20, tokens: vec![1000], rounds_only: false };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
         match (pair[0].as_str(), pair.get(1)) {
@@ -31,7 +34,8 @@ fn args() -> Args {
             ("--tokens", Some(v)) => {
                 a.tokens = v.split(',').map(|n| n.parse().expect("--tokens N,M")).collect();
             }
-            _ => panic!("usage: bench [--idle SECONDS] [--tokens N,M]"),
+            ("--only", Some(v)) if v == "rounds" => a.rounds_only = true,
+            _ => panic!("usage: bench [--idle SECONDS] [--tokens N,M] [--only rounds]"),
         }
     }
     a
@@ -314,7 +318,23 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) -> St
         users: (0..max_users).map(|n| User::numbered(DEFAULT_JWT, n)).collect(),
         ..FakeConfig::for_tests()
     };
-    // One token: footprint.
+    let rss_1 = if a.rounds_only { None } else { Some(footprint(bin, rt, &config, a)) };
+    let largest = a.tokens.iter().copied().max().unwrap_or(0);
+    let mut notes = String::new();
+    for &n in &a.tokens {
+        let server = rt.block_on(FakeServer::start(config.clone())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        scale(bin, &server, dir.path(), n, a, rss_1);
+        if n == largest && !a.rounds_only {
+            notes = spread(bin, &server, dir.path(), n);
+        }
+        rt.block_on(server.shutdown());
+    }
+    notes
+}
+
+/// One token's RSS and idle CPU rows; returns its idle RSS in kB.
+fn footprint(bin: &Path, rt: &tokio::runtime::Runtime, config: &FakeConfig, a: &Args) -> u64 {
     let server = rt.block_on(FakeServer::start(config.clone())).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &server.url(), 1, None);
@@ -351,70 +371,63 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) -> St
         "< 0.1%",
     );
     rt.block_on(server.shutdown());
-    let largest = a.tokens.iter().copied().max().unwrap_or(0);
-    let mut notes = String::new();
-    for &n in &a.tokens {
-        let server = rt.block_on(FakeServer::start(config.clone())).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        scale(bin, &server, dir.path(), n, a, rss_1);
-        if n == largest {
-            notes = spread(bin, &server, dir.path(), n);
-        }
-        rt.block_on(server.shutdown());
-    }
-    notes
+    rss_1
 }
 
 /// Bootstrap, one SIGUSR1 round, RSS and idle CPU of `n` tokens, each beside its floor.
-fn scale(bin: &Path, server: &FakeServer, dir: &Path, n: usize, a: &Args, rss_1: u64) {
+/// `rss_1`: one idle token's RSS, for the memory per token (not measured with `--only rounds`).
+fn scale(bin: &Path, server: &FakeServer, dir: &Path, n: usize, a: &Args, rss_1: Option<u64>) {
     let cfg = write_config(dir, &server.url(), n, None);
-    let t = Instant::now();
+    let (t, fake_cpu) = (Instant::now(), fake_cpu_secs());
     let d = Daemon::start(bin, &cfg, dir.join("d.log"));
     d.wait_log("tokend ready", Duration::from_secs(600));
     let bootstrap = t.elapsed();
+    let boot_cpu = (cpu_secs(d.pid()), fake_cpu_secs() - fake_cpu);
     let rss = rss_kb(d.pid());
+    let (tokend_cpu, fake_cpu) = (cpu_secs(d.pid()), fake_cpu_secs());
     let (t, wall) = (Instant::now(), std::time::SystemTime::now());
     tokend::signal::send(d.pid(), tokend::signal::Signal::Usr1).unwrap();
-    // The round ends when every sink carries the new generation and every status file was
-    // written after it, the last of a refresh's writes (the server's count alone would end
-    // it before the last writes, and bill them to the idle figure).
-    let mut pending: Vec<usize> = (0..n).collect();
-    wait_for(
-        || {
-            pending.retain(|i| {
-                tokend::watch::read_sink(&dir.join(format!("run/t{i}.json")))
-                    .map_or(true, |t| t.generation < Some(2))
-            });
-            pending.is_empty()
-        },
-        Duration::from_secs(600),
-    );
-    let mut pending: Vec<usize> = (0..n).collect();
-    wait_for(
-        || {
-            pending.retain(|i| {
-                let status = dir.join(format!("state/t{i}.state.json.status"));
-                std::fs::metadata(status).and_then(|m| m.modified()).map_or(true, |m| m < wall)
-            });
-            pending.is_empty()
-        },
-        Duration::from_secs(600),
-    );
+    wait_round(dir, n, wall);
     let round = t.elapsed();
+    let round_cpu = (cpu_secs(d.pid()) - tokend_cpu, fake_cpu_secs() - fake_cpu);
+    let pending: Vec<usize> = (0..n)
+        .filter(|i| {
+            tokend::watch::read_sink(&dir.join(format!("run/t{i}.json")))
+                .map_or(true, |t| t.generation < Some(2))
+        })
+        .collect();
+    assert!(pending.is_empty(), "{} sinks not refreshed by the round", pending.len());
     let peak = server.stats().max_concurrent_token_requests;
-    let idle = idle_cpu_pct(d.pid(), a.idle_secs.min(20));
+    let idle = rss_1.map(|_| idle_cpu_pct(d.pid(), a.idle_secs.min(20)));
     d.stop();
     // The floor: the same durable writes, of the same sizes, 64 at once, by a minimal program.
     let files = TokenFiles::of(dir);
     let floor_dir = tempfile::tempdir_in(dir).unwrap();
+    let me = std::process::id();
+    let cpu = cpu_secs(me);
     let boot_floor = floor_writes(floor_dir.path(), n, &files.bootstrap());
+    let (boot_floor_cpu, cpu) = (cpu_secs(me) - cpu, cpu_secs(me));
     let round_floor = floor_writes(floor_dir.path(), n, &files.round());
+    let round_floor_cpu = cpu_secs(me) - cpu;
     let writes = |steps: &[Step]| steps.iter().filter(|s| matches!(s, Step::Write(..))).count() * n;
     scale_rows(
         n,
         (bootstrap, boot_floor, writes(&files.bootstrap())),
         (round, round_floor, writes(&files.round())),
     );
+    // What the daemon's threads ran (user+system), beside the floor program's; the fake
+    // server's own CPU apart (it is not tokend's, though it shares the machine).
+    for (what, (ours, fake), floor) in
+        [("bootstrap", boot_cpu, boot_floor_cpu), ("round", round_cpu, round_floor_cpu)]
+    {
+        row(
+            &format!("{n} tokens: CPU in the {what} (fake server {fake:.2} s)"),
+            format!("{ours}"),
+            format!("{floor}"),
+            format!("{:.2}x", (ours.0 + ours.1) / (floor.0 + floor.1)),
+            "",
+        );
+    }
     row(
         &format!("{n} tokens: peak concurrent token requests"),
         format!("{peak}"),
@@ -429,6 +442,7 @@ fn scale(bin: &Path, server: &FakeServer, dir: &Path, n: usize, a: &Args, rss_1:
         "-".into(),
         if n >= 10_000 { "< 64 MB" } else { "< 50 MB" },
     );
+    let (Some(rss_1), Some(idle)) = (rss_1, idle) else { return };
     row(
         &format!("{n} tokens: memory per token"),
         format!("{:.1} kB", (rss.saturating_sub(rss_1)) as f64 / (n - 1).max(1) as f64),
@@ -437,6 +451,79 @@ fn scale(bin: &Path, server: &FakeServer, dir: &Path, n: usize, a: &Args, rss_1:
         "",
     );
     row(&format!("{n} tokens: idle CPU"), format!("{idle:.3}%"), "-".into(), "-".into(), "");
+}
+
+/// Waits for the round started at `wall` to end: every token's status file written after it,
+/// the last of a refresh's writes (the server's count alone would end it before the last
+/// writes). Told by inotify, not by polling: a scan of 10,000 files every few milliseconds
+/// would take a core of this 2-core machine from the daemon it measures. A scan is the
+/// fallback when the event queue overflows.
+fn wait_round(dir: &Path, n: usize, wall: std::time::SystemTime) {
+    use inotify::{EventMask, Inotify, WatchMask};
+    let fresh = |i: &usize| {
+        let status = dir.join(format!("state/t{i}.state.json.status"));
+        std::fs::metadata(status).and_then(|m| m.modified()).is_ok_and(|m| m >= wall)
+    };
+    let mut ino = Inotify::init().unwrap();
+    ino.watches().add(dir.join("state"), WatchMask::MOVED_TO).unwrap();
+    // Those written before the watch began.
+    let mut pending: std::collections::HashSet<usize> = (0..n).filter(|i| !fresh(i)).collect();
+    let mut buf = vec![0u8; 1 << 16];
+    while !pending.is_empty() {
+        let events = ino.read_events_blocking(&mut buf).unwrap();
+        for e in events {
+            if e.mask.contains(EventMask::Q_OVERFLOW) {
+                wait_for(|| pending.iter().all(&fresh), Duration::from_secs(600));
+                return;
+            }
+            let index = e.name.and_then(|name| {
+                name.to_str()?.strip_prefix('t')?.strip_suffix(".state.json.status")?.parse().ok()
+            });
+            if let Some(i) = index {
+                pending.remove(&i);
+            }
+        }
+    }
+}
+
+/// CPU time (user, system) of process `pid` so far, its ended threads included.
+fn cpu_secs(pid: u32) -> Cpu {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(") ").map_or("", |(_, f)| f).split(' ').collect();
+    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    Cpu(ticks(14) / 100.0, ticks(15) / 100.0) // USER_HZ is 100 on Linux
+}
+
+/// User and system CPU seconds.
+#[derive(Clone, Copy)]
+struct Cpu(f64, f64);
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, o: Cpu) -> Cpu {
+        Cpu(self.0 - o.0, self.1 - o.1)
+    }
+}
+
+impl std::fmt::Display for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2}+{:.2} s", self.0, self.1)
+    }
+}
+
+/// CPU time of this process's tokio workers (`tokio-rt-worker`): the fake server's (the bench's own thread only
+/// waits).
+fn fake_cpu_secs() -> f64 {
+    let mut ns = 0;
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("tokio-r") {
+            let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ns as f64 / 1e9
 }
 
 fn scale_rows(n: usize, boot: (Duration, Duration, usize), round: (Duration, Duration, usize)) {
@@ -654,6 +741,10 @@ fn main() {
         "-".repeat(9),
         "-".repeat(24)
     );
+    if a.rounds_only {
+        footprint_and_scale(&bin, &rt, &a);
+        return;
+    }
     let floor = stats(propagation_floor(dir.path()));
     let lib = stats(propagation_library(dir.path()));
     let cli = stats(propagation_cli(dir.path(), &bin));
