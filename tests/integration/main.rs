@@ -17,6 +17,7 @@ mod metrics;
 mod providers;
 mod proxy;
 mod proxy_connections;
+mod proxy_https;
 mod proxy_lifecycle;
 mod proxy_upstream;
 mod rotation;
