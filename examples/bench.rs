@@ -564,11 +564,9 @@ impl TokenFiles {
         }
     }
 
-    /// A first start: the status (no state yet), then after the login the state, the sink
-    /// and the status again.
+    /// A first start: after the login, the state, the sink and the status.
     fn bootstrap(&self) -> Vec<Step> {
         vec![
-            Step::Write(".state.json.status", self.status.clone()),
             Step::Write(".state.json", self.state.clone()),
             Step::Write(".json", self.sink.clone()),
             Step::Write(".state.json.status", self.status.clone()),

@@ -73,3 +73,40 @@ async fn status_in_each_state() {
     let (code, text, v) = status(&w);
     assert_eq!((code, v[0]["health"].as_str()), (1, Some("not_running")), "{text}");
 }
+
+/// A first start writes each token's status file once: after the login, which writes it
+/// anyway (a write before it was replaced a moment later: one durable write per token for
+/// nothing at a bootstrap of 10,000 tokens), or at once when nothing is sent (needs login).
+#[tokio::test]
+async fn a_first_start_writes_the_status_file_once() {
+    use inotify::{Inotify, WatchMask};
+    let w = World::new().await;
+    w.write_config(&[
+        TokenSpec::new("main"),
+        TokenSpec::new("code").grant("grant = \"authorization_code\""),
+    ]);
+    let mut ino = Inotify::init().unwrap();
+    ino.watches().add(w.dir.path(), WatchMask::MOVED_TO).unwrap();
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    let mut written = std::collections::BTreeMap::<String, usize>::new();
+    let mut buf = [0u8; 4096];
+    // Every rename so far is queued: read until the queue is empty (bounded: the daemon is
+    // idle after ready, so a few reads drain it).
+    for _ in 0..1000 {
+        match ino.read_events(&mut buf) {
+            Ok(events) => {
+                for e in events {
+                    let name = e.name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    *written.entry(name).or_default() += 1;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("inotify: {e}"),
+        }
+    }
+    assert_eq!(written.get("main.state.json.status"), Some(&1), "{written:?}");
+    assert_eq!(written.get("code.state.json.status"), Some(&1), "{written:?}");
+    assert_eq!(status(&w).2[0]["daemon_pid"], d.pid());
+    assert!(d.stop().await.success());
+}
