@@ -81,34 +81,46 @@ pub async fn handle(
 }
 
 impl Proxy {
-    pub fn new(cfg: &ProxyConfig, gate: &Arc<Gate>, client: &Upstream) -> Self {
+    /// One `Proxy` per worker thread; to a plain-HTTP upstream each keeps its own idle
+    /// connections, under one cap.
+    pub fn per_worker(
+        cfg: &ProxyConfig,
+        gate: &Arc<Gate>,
+        client: &Upstream,
+        workers: usize,
+    ) -> Vec<Arc<Self>> {
         let url = &cfg.upstream;
         let host = url.host_str().unwrap_or("localhost");
         let authority = match url.port() {
             Some(port) => format!("{host}:{port}"),
             None => host.to_string(),
         };
-        let route = if url.scheme() == "http" {
+        let plain = (url.scheme() == "http").then(|| {
             let port = url.port_or_known_default().unwrap_or(80);
-            Route::Plain {
-                pool: plain::Pool::new(
-                    format!("{host}:{port}"),
-                    cfg.max_upstream_connections,
-                    plain::CONNECTION_WAIT,
-                ),
-                host: HeaderValue::try_from(&authority).expect("a parsed URL's host and port"),
-            }
-        } else {
-            Route::Pooled(Box::new(client.clone()))
-        };
-        Self {
-            cfg: cfg.clone(),
-            gate: gate.clone(),
-            route,
-            scheme: Scheme::try_from(url.scheme()).unwrap_or(Scheme::HTTPS),
-            authority: Authority::try_from(authority).expect("a parsed URL's host and port"),
-            prefix: url.path().trim_end_matches('/').to_string(),
-        }
+            let addr = format!("{host}:{port}");
+            plain::Shared::new(addr, cfg.max_upstream_connections, plain::CONNECTION_WAIT, workers)
+        });
+        (0..workers)
+            .map(|worker| {
+                let route = match &plain {
+                    Some(shared) => Route::Plain {
+                        pool: plain::Pool::new(shared, worker),
+                        host: HeaderValue::try_from(&authority)
+                            .expect("a parsed URL's host and port"),
+                    },
+                    None => Route::Pooled(Box::new(client.clone())),
+                };
+                Arc::new(Self {
+                    cfg: cfg.clone(),
+                    gate: gate.clone(),
+                    route,
+                    scheme: Scheme::try_from(url.scheme()).unwrap_or(Scheme::HTTPS),
+                    authority: Authority::try_from(authority.as_str())
+                        .expect("a parsed URL's host and port"),
+                    prefix: url.path().trim_end_matches('/').to_string(),
+                })
+            })
+            .collect()
     }
 
     async fn forward(

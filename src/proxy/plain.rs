@@ -34,6 +34,9 @@ struct Upstream {
     conn: Conn,
     /// Its place under the cap, given back when the connection closes (is dropped).
     _slot: Slot,
+    /// The worker whose runtime its socket is registered with: it goes back to that
+    /// worker's idle list.
+    home: usize,
 }
 
 /// The count of open connections and the wake-up of a request waiting for one. Separate from
@@ -65,17 +68,36 @@ impl Drop for Slot {
     }
 }
 
-/// A proxy's connections to its plain-HTTP upstream.
-pub struct Pool {
+/// A proxy's connections to its plain-HTTP upstream, shared by its workers.
+pub struct Shared {
     /// `host:port`, as `TcpStream::connect` takes it.
     addr: String,
-    /// Boxed: hyper's connection state is large, and a request moves its connection several
-    /// times (out of this list, into the answer's body, which hyper moves again).
+    /// Each worker's idle connections. Boxed: hyper's connection state is large, and a
+    /// request moves its connection several times (out of this list, into the answer's body,
+    /// which hyper moves again).
     #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<Upstream>>>,
+    idle: Vec<Mutex<Vec<Box<Upstream>>>>,
     slots: Arc<Slots>,
     /// How long a request waits when all connections are busy.
     wait: Duration,
+}
+
+impl Shared {
+    /// At most `max` open connections to `addr` among `workers` workers; a request waits up
+    /// to `wait` for one.
+    pub fn new(addr: String, max: usize, wait: Duration, workers: usize) -> Arc<Self> {
+        let slots = Arc::new(Slots { open: AtomicUsize::new(0), max, freed: Notify::new() });
+        let idle = (0..workers).map(|_| Mutex::new(Vec::new())).collect();
+        Arc::new(Self { addr, idle, slots, wait })
+    }
+}
+
+/// One worker's view of the connections: it takes its own idle ones and opens new ones on its
+/// own runtime (a connection used on another worker's thread would wake that thread for each
+/// of its reads).
+pub struct Pool {
+    shared: Arc<Shared>,
+    worker: usize,
 }
 
 /// Why the upstream gave no answer.
@@ -90,10 +112,8 @@ pub enum Error {
 }
 
 impl Pool {
-    /// At most `max` open connections to `addr`; a request waits up to `wait` for one.
-    pub fn new(addr: String, max: usize, wait: Duration) -> Arc<Self> {
-        let slots = Arc::new(Slots { open: AtomicUsize::new(0), max, freed: Notify::new() });
-        Arc::new(Self { addr, idle: Mutex::new(Vec::new()), slots, wait })
+    pub fn new(shared: &Arc<Shared>, worker: usize) -> Arc<Self> {
+        Arc::new(Self { shared: shared.clone(), worker })
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one when none
@@ -124,10 +144,10 @@ impl Pool {
         }
     }
 
-    /// An idle connection that is still open and ready for a request.
-    async fn checkout(&self) -> Option<Box<Upstream>> {
+    /// An idle connection of worker `worker`'s that is still open and ready for a request.
+    async fn checkout(&self, worker: usize) -> Option<Box<Upstream>> {
         loop {
-            let mut up = self.idle.lock().expect("upstream pool lock").pop()?;
+            let mut up = self.shared.idle[worker].lock().expect("upstream pool lock").pop()?;
             // One poll finishes the last answer's bookkeeping and notices a close (no system
             // call unless the socket became readable while idle).
             if StillOpen(&mut up.conn).await && up.send.is_ready() {
@@ -136,41 +156,57 @@ impl Pool {
         }
     }
 
-    /// An idle connection (true), or a new one (false) while fewer than `max` are open;
-    /// otherwise waits for one to go idle or close, at most `wait`.
+    /// An idle connection (true), or a new one (false) while fewer than `max` are open, or
+    /// (at the cap) another worker's idle one; otherwise waits for one to go idle or close,
+    /// at most `wait`.
     async fn acquire(&self) -> Result<(Box<Upstream>, bool), Error> {
-        let deadline = tokio::time::Instant::now() + self.wait;
+        let slots = &self.shared.slots;
+        let deadline = tokio::time::Instant::now() + self.shared.wait;
         loop {
             // Registered before looking: a connection freed after the look wakes it.
-            let freed = self.slots.freed.notified();
+            let freed = slots.freed.notified();
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
-            if let Some(up) = self.checkout().await {
+            if let Some(up) = self.checkout(self.worker).await {
                 return Ok((up, true));
             }
-            if let Some(slot) = self.slots.take() {
+            if let Some(slot) = slots.take() {
                 return Ok((self.connect(slot).await?, false));
+            }
+            if let Some(up) = self.borrow().await {
+                return Ok((up, true));
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 // The wake-up this request may have taken goes to the next one in line.
-                self.slots.freed.notify_one();
-                return Err(Error::Busy { max: self.slots.max, waited: self.wait });
+                slots.freed.notify_one();
+                return Err(Error::Busy { max: slots.max, waited: self.shared.wait });
             }
         }
     }
 
+    /// Another worker's idle connection, at the cap only (its reads wake that worker).
+    async fn borrow(&self) -> Option<Box<Upstream>> {
+        for other in (0..self.shared.idle.len()).filter(|w| *w != self.worker) {
+            if let Some(up) = self.checkout(other).await {
+                return Some(up);
+            }
+        }
+        None
+    }
+
     async fn connect(&self, slot: Slot) -> Result<Box<Upstream>, Error> {
-        let tcp = tokio::net::TcpStream::connect(&self.addr).await.map_err(|_| Error::Connect)?;
+        let tcp =
+            tokio::net::TcpStream::connect(&self.shared.addr).await.map_err(|_| Error::Connect)?;
         // Small requests and answers: no Nagle delay on top of the upstream's latency.
         let _ = tcp.set_nodelay(true);
         let (send, conn) =
             http1::Builder::new().handshake(TokioIo::new(tcp)).await.map_err(|_| Error::Connect)?;
-        Ok(Box::new(Upstream { send, conn, _slot: slot }))
+        Ok(Box::new(Upstream { send, conn, _slot: slot, home: self.worker }))
     }
 
     fn put(&self, up: Box<Upstream>) {
         let kept = {
-            let mut idle = self.idle.lock().expect("upstream pool lock");
+            let mut idle = self.shared.idle[up.home].lock().expect("upstream pool lock");
             let keep = idle.len() < MAX_IDLE;
             if keep {
                 idle.push(up);
@@ -179,7 +215,7 @@ impl Pool {
         };
         // Dropped instead, the connection's slot wakes a waiting request.
         if kept {
-            self.slots.freed.notify_one();
+            self.shared.slots.freed.notify_one();
         }
     }
 }

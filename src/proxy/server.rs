@@ -25,10 +25,30 @@ const MAX_BUF: usize = 64 * 1024;
 /// for the first byte outside hyper must not keep a silent connection open for ever.
 const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A bound listener.
+/// A bound listener, registered with one worker's runtime.
 pub enum Listener {
     Tcp(tokio::net::TcpListener),
-    Unix { listener: tokio::net::UnixListener, _file: SocketFile },
+    Unix { listener: tokio::net::UnixListener, _file: Arc<SocketFile> },
+}
+
+/// A bound socket not yet registered with a runtime: each worker registers its own copy (the
+/// same socket, so whichever worker is free accepts the next connection).
+pub enum Bound {
+    Tcp(std::net::TcpListener),
+    Unix { listener: std::os::unix::net::UnixListener, file: Arc<SocketFile> },
+}
+
+impl Bound {
+    /// A copy of the socket (another descriptor), registered with the current runtime.
+    pub fn register(&self) -> std::io::Result<Listener> {
+        match self {
+            Self::Tcp(l) => Ok(Listener::Tcp(tokio::net::TcpListener::from_std(l.try_clone()?)?)),
+            Self::Unix { listener, file } => Ok(Listener::Unix {
+                listener: tokio::net::UnixListener::from_std(listener.try_clone()?)?,
+                _file: file.clone(),
+            }),
+        }
+    }
 }
 
 /// Removes the socket file when the proxy stops.
@@ -42,17 +62,17 @@ impl Drop for SocketFile {
 
 /// Binds `listen`. A unix socket is bound in a private directory, given its mode, and only
 /// then renamed into place: nobody can connect while it has the umask's mode.
-pub async fn bind(listen: &Listen) -> std::io::Result<Listener> {
+pub async fn bind(listen: &Listen) -> std::io::Result<Bound> {
     match listen {
-        Listen::Tcp(addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
+        Listen::Tcp(addr) => Ok(Bound::Tcp(tokio::net::TcpListener::bind(addr).await?.into_std()?)),
         Listen::Unix { path, mode } => {
             let listener = bind_unix(path, *mode)?;
-            Ok(Listener::Unix { listener, _file: SocketFile(path.clone()) })
+            Ok(Bound::Unix { listener, file: Arc::new(SocketFile(path.clone())) })
         }
     }
 }
 
-fn bind_unix(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+fn bind_unix(path: &Path, mode: u32) -> std::io::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let private = tempfile::Builder::new().prefix(".tokend-proxy").tempdir_in(dir)?;
@@ -61,7 +81,7 @@ fn bind_unix(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener
     std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))?;
     std::fs::rename(&temp, path)?;
     listener.set_nonblocking(true)?;
-    tokio::net::UnixListener::from_std(listener)
+    Ok(listener)
 }
 
 /// Accepts until `shutdown`, then drains: the listener closes at once (its socket file goes),

@@ -145,9 +145,9 @@ async fn counting_upstream(close: bool) -> (String, Arc<AtomicUsize>) {
     (url, accepted)
 }
 
-/// Upstream connections are kept and reused: callers one after another need one, 8 callers at
-/// once at most 8; an upstream that closes after each answer gets a new one each time, and no
-/// call fails for it.
+/// Upstream connections are kept and reused: callers one after another need one per proxy
+/// thread (one per core: a thread keeps its own), 8 callers at once at most 8 besides those;
+/// an upstream that closes after each answer gets a new one each time, and no call fails for it.
 #[tokio::test]
 async fn plain_http_upstream_connections_are_reused_unless_the_upstream_closes_them() {
     let w = World::new().await;
@@ -157,11 +157,9 @@ async fn plain_http_upstream_connections_are_reused_unless_the_upstream_closes_t
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         assert_eq!(get(&mut s).await, 200);
     }
-    assert_eq!(
-        accepted.load(Ordering::SeqCst),
-        1,
-        "sequential callers used new upstream connections"
-    );
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let n = accepted.load(Ordering::SeqCst);
+    assert!(n <= threads, "sequential callers used {n} upstream connections ({threads} threads)");
     let callers: Vec<_> = (0..8)
         .map(|_| {
             tokio::spawn(async move {
@@ -176,7 +174,7 @@ async fn plain_http_upstream_connections_are_reused_unless_the_upstream_closes_t
         c.await.unwrap();
     }
     let n = accepted.load(Ordering::SeqCst);
-    assert!(n <= 8, "{n} upstream connections for 8 callers");
+    assert!(n <= 8 + threads, "{n} upstream connections for 8 callers ({threads} threads)");
     assert!(d.stop().await.success(), "{}", d.output());
 
     let w = World::new().await;
