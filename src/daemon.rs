@@ -6,7 +6,7 @@ use crate::config::{Config, ConfigError, TokenConfig};
 use crate::metrics::Metrics;
 use crate::store::{LockError, StateLock, check_dir_writable};
 use crate::supervise::Mode;
-use crate::task::{CancellationToken, Command, Shared};
+use crate::task::{CancellationToken, Command, CommandSender, Commands, Shared};
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -122,7 +122,7 @@ const STOP_GRACE: Duration = Duration::from_secs(90);
 struct TokenHandle {
     /// Shared with the token's task: one copy of each token's config in the daemon.
     cfg: Arc<TokenConfig>,
-    tx: mpsc::Sender<Command>,
+    tx: CommandSender,
     stop: CancellationToken,
     task: JoinHandle<()>,
     /// The token's proxies (listeners and their connections).
@@ -135,7 +135,7 @@ struct TokenHandle {
 /// the number of distinct schedules, not with the number of tokens.
 struct ScheduleGroup {
     job: uuid::Uuid,
-    members: Arc<std::sync::Mutex<BTreeMap<String, mpsc::Sender<Command>>>>,
+    members: Arc<std::sync::Mutex<BTreeMap<String, CommandSender>>>,
 }
 
 pub struct Daemon {
@@ -262,7 +262,11 @@ impl Daemon {
         // What start-up freed (the parsed config, the logins' buffers) goes back before idling.
         crate::malloc::trim();
         info!(tokens = daemon.tokens.len(), config = %daemon.config.path.display(), "tokend ready");
-        crate::systemd::ready(&daemon.summary());
+        // Only for systemd: the summary reads each token's files and /proc/locks (a minute of
+        // a core at 10,000 tokens), which nobody reads outside it.
+        if crate::systemd::enabled() {
+            crate::systemd::ready(&daemon.summary());
+        }
         Ok(daemon)
     }
 
@@ -290,7 +294,7 @@ impl Daemon {
         cfg: TokenConfig,
         lock: StateLock,
     ) -> Result<oneshot::Receiver<()>, DaemonError> {
-        let (tx, rx) = mpsc::channel(8);
+        let (tx, rx) = crate::task::commands();
         let (ready_tx, ready_rx) = oneshot::channel();
         let stop = CancellationToken::new();
         let (gate, proxies) = self.start_proxies(&cfg, &tx, &stop).await?;
@@ -307,7 +311,7 @@ impl Daemon {
     async fn start_proxies(
         &self,
         cfg: &TokenConfig,
-        tx: &mpsc::Sender<Command>,
+        tx: &CommandSender,
         stop: &CancellationToken,
     ) -> Result<(Option<Arc<crate::proxy::Gate>>, Vec<JoinHandle<()>>), DaemonError> {
         if cfg.proxies.is_empty() {
@@ -329,7 +333,7 @@ impl Daemon {
         &self,
         cfg: Arc<TokenConfig>,
         gate: Option<Arc<crate::proxy::Gate>>,
-        rx: mpsc::Receiver<Command>,
+        rx: Commands,
         stop: CancellationToken,
         ready: oneshot::Sender<()>,
     ) -> JoinHandle<()> {
@@ -345,17 +349,16 @@ impl Daemon {
     async fn join_schedule(
         &mut self,
         cfg: &TokenConfig,
-        tx: mpsc::Sender<Command>,
+        tx: CommandSender,
     ) -> Result<(), DaemonError> {
         let expr = &cfg.schedule.expr;
         if !self.schedules.contains_key(expr) {
-            let members: Arc<std::sync::Mutex<BTreeMap<String, mpsc::Sender<Command>>>> =
-                Arc::default();
+            let members: Arc<std::sync::Mutex<BTreeMap<String, CommandSender>>> = Arc::default();
             let fire = members.clone();
             let job = Job::new_async(expr.as_str(), move |_, _| {
                 for tx in fire.lock().expect("schedule lock").values() {
-                    // A full queue means a tick is already waiting: dropping this one is right.
-                    let _ = tx.try_send(Command::Tick);
+                    // A tick already pending is the same tick.
+                    tx.send(Command::Tick);
                 }
                 Box::pin(async {})
             })
@@ -384,14 +387,14 @@ impl Daemon {
 
     fn broadcast(&self, command: Command) {
         for t in self.tokens.values() {
-            let _ = t.tx.try_send(command);
+            t.tx.send(command);
         }
     }
 
     fn refresh_all(&self) {
         info!(tokens = self.tokens.len(), "SIGUSR1: refreshing every token now");
         for t in self.tokens.values() {
-            let _ = t.tx.try_send(Command::RefreshNow);
+            t.tx.send(Command::RefreshNow);
         }
     }
 
@@ -443,7 +446,9 @@ impl Daemon {
         }
         self.config = new;
         info!(tokens = self.tokens.len(), "config reloaded");
-        crate::systemd::status(&self.summary());
+        if crate::systemd::enabled() {
+            crate::systemd::status(&self.summary());
+        }
     }
 
     /// Stops the running tokens that the new config changes or drops. A changed token on the

@@ -186,22 +186,17 @@ pub fn clear_intent(cfg: &TokenConfig) {
 /// The status file and the per-token metrics: what `tokend status`, `/metrics` and `/healthz`
 /// show. Changes are kept in memory until `save`.
 pub struct Report {
-    name: String,
-    state_file: PathBuf,
+    /// The token's config, shared: not copies of its name and state file's path per token.
+    cfg: Arc<TokenConfig>,
     metrics: Arc<Metrics>,
     status: Mutex<Status>,
 }
 
 impl Report {
     /// A task restarted after it died keeps showing that death (`Status::task`).
-    pub fn new(cfg: &TokenConfig, metrics: Arc<Metrics>, mut status: Status) -> Self {
+    pub fn new(cfg: &Arc<TokenConfig>, metrics: Arc<Metrics>, mut status: Status) -> Self {
         metrics.update(&cfg.name, |m| status.task.clone_from(&m.task));
-        Self {
-            name: cfg.name.clone(),
-            state_file: cfg.state_file.clone(),
-            metrics,
-            status: Mutex::new(status),
-        }
+        Self { cfg: cfg.clone(), metrics, status: Mutex::new(status) }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -228,34 +223,34 @@ impl Report {
     #[cfg(feature = "etcd")]
     pub fn save(&self) {
         let status = self.status();
-        if let Err(e) = status.save(&self.state_file) {
-            warn!(token = %self.name, error = %e, "cannot write status file");
+        if let Err(e) = status.save(&self.cfg.state_file) {
+            warn!(token = %self.cfg.name, error = %e, "cannot write status file");
         }
     }
 
     /// `save` in the store's blocking pool (see `Publisher::flush`).
     pub async fn save_blocking(&self) {
-        let (status, path) = (self.status(), self.state_file.clone());
+        let (status, path) = (self.status(), self.cfg.state_file.clone());
         if let Err(e) = blocking(move || status.save(&path)).await {
-            warn!(token = %self.name, error = %e, "cannot write status file");
+            warn!(token = %self.cfg.name, error = %e, "cannot write status file");
         }
     }
 
     /// Needs login or not, in the status and the metrics alike (set *and* cleared here only).
     pub fn needs_login(&self, yes: bool) {
         self.update(|s| s.needs_login = yes);
-        self.metrics.update(&self.name, |m| m.needs_login = yes);
+        self.metrics.update(&self.cfg.name, |m| m.needs_login = yes);
     }
 
     /// A token request goes out.
     pub fn attempt(&self, wall: DateTime<Utc>) {
         self.update(|s| s.last_attempt_at = Some(wall));
-        self.metrics.update(&self.name, |m| m.attempts += 1);
+        self.metrics.update(&self.cfg.name, |m| m.attempts += 1);
     }
 
     /// A failed token request: counted by code, and kept as the last error.
     pub fn failure(&self, code: &str, message: &str, retry: bool, permanent: bool) {
-        self.metrics.update(&self.name, |m| {
+        self.metrics.update(&self.cfg.name, |m| {
             *m.failures.entry(code.to_string()).or_default() += 1;
             m.retries += u64::from(retry);
         });
@@ -269,7 +264,7 @@ impl Report {
     }
 
     pub fn relogin(&self) {
-        self.metrics.update(&self.name, |m| m.relogins += 1);
+        self.metrics.update(&self.cfg.name, |m| m.relogins += 1);
     }
 
     /// A new token is published: no error, no login needed.
@@ -279,7 +274,7 @@ impl Report {
             s.last_success_at = Some(wall);
         });
         self.needs_login(false);
-        self.metrics.update(&self.name, |m| m.last_success = Some(wall.timestamp()));
+        self.metrics.update(&self.cfg.name, |m| m.last_success = Some(wall.timestamp()));
     }
 }
 

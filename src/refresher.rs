@@ -7,11 +7,11 @@ use crate::oauth::{OAuthClient, OAuthError, TokenSet};
 use crate::policy::{ChainHome, Failure, Next, Policy, Request, Rules};
 use crate::publish::{Publisher, Report, log_refreshed, report_failure, report_sessions};
 use crate::store::{State, StateError, Status, blocking, next_generation, next_state};
-use crate::task::{CancellationToken, Command, Shared};
+use crate::task::{CancellationToken, Command, Commands, Shared};
 use chrono::Utc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 /// One token's refresher. Owns its state; nothing else writes this token's files.
@@ -50,7 +50,7 @@ impl Refresher {
         }
     }
 
-    /// Runs until `stop` (or the channel closes); an in-flight refresh finishes first. `ready` fires once the sinks are published
+    /// Runs until `stop`; an in-flight refresh finishes first. `ready` fires once the sinks are published
     /// from the state, or the first login has succeeded or failed.
     ///
     /// Not an `async fn`: one of those keeps its by-value arguments twice in its future
@@ -62,7 +62,7 @@ impl Refresher {
     #[allow(clippy::manual_async_fn)] // the point: see above
     pub fn run(
         mut self,
-        commands: &mut mpsc::Receiver<Command>,
+        commands: &mut Commands,
         stop: CancellationToken,
         ready: oneshot::Sender<()>,
         start_ups: Arc<tokio::sync::Semaphore>,
@@ -72,7 +72,7 @@ impl Refresher {
 
     async fn serve(
         &mut self,
-        commands: &mut mpsc::Receiver<Command>,
+        commands: &mut Commands,
         stop: CancellationToken,
         ready: oneshot::Sender<()>,
         start_ups: Arc<tokio::sync::Semaphore>,
@@ -88,10 +88,7 @@ impl Refresher {
             let wake = self.next_wake(Instant::now());
             tokio::select! {
                 () = stop.cancelled() => break,
-                cmd = commands.recv() => match cmd {
-                    None => break,
-                    Some(cmd) => Box::pin(self.on_command(cmd)).await,
-                },
+                cmd = commands.recv() => Box::pin(self.on_command(cmd)).await,
                 () = tokio::time::sleep_until(wake.into()) => {
                     if crate::task::test_fault(self.name()).is_some() {
                         return;
@@ -413,7 +410,7 @@ mod tests {
             gate: None,
         };
         let refresher = Refresher::new(Arc::new(config.tokens.remove(0)), shared);
-        let (_tx, mut rx) = mpsc::channel(1);
+        let (_tx, mut rx) = crate::task::commands();
         let start_ups = Arc::new(tokio::sync::Semaphore::new(1));
         let task =
             refresher.run(&mut rx, CancellationToken::new(), oneshot::channel().0, start_ups);

@@ -7,14 +7,14 @@
 use crate::config::TokenConfig;
 use crate::refresher::Refresher;
 use crate::store::{Status, TaskFailure, blocking};
-use crate::task::{CancellationToken, Command, Shared};
+use crate::task::{CancellationToken, Commands, Shared};
 use chrono::Utc;
 use futures_util::FutureExt;
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{error, info};
 
 /// The first restart waits this long, doubling up to `RESTART_MAX`: a task that dies at once
@@ -39,7 +39,7 @@ pub async fn run(
     cfg: Arc<TokenConfig>,
     shared: Shared,
     mode: Mode,
-    mut commands: mpsc::Receiver<Command>,
+    mut commands: Commands,
     stop: CancellationToken,
     ready: oneshot::Sender<()>,
 ) {
@@ -74,7 +74,7 @@ async fn once(
     cfg: &Arc<TokenConfig>,
     shared: &Shared,
     mode: &Mode,
-    commands: &mut mpsc::Receiver<Command>,
+    commands: &mut Commands,
     stop: &CancellationToken,
     ready: oneshot::Sender<()>,
 ) {
@@ -153,5 +153,29 @@ mod tests {
         let r = reason(Some(Box::new(long)));
         assert!(r.starts_with(r"panicked: a\nb") && r.len() < 320, "{r}");
         assert_eq!(reason(Some(Box::new(42))), "panicked: a panic without a message");
+    }
+
+    /// Each token's task is this future (its refresher boxed apart): 10,000 of them must fit
+    /// in the 64 MB the daemon is allowed.
+    #[test]
+    fn a_tokens_supervised_task_holds_no_refresher() {
+        let text = "[[token]]\nname = \"t\"\nserver = \"https://platform.ringcentral.com\"\n\
+                    client_id = \"id\"\nclient_secret = \"s\"\ngrant = \"jwt\"\njwt = \"j\"\n\
+                    state_file = \"/var/lib/tokend/t.state.json\"\n";
+        let mut config =
+            crate::config::Config::parse(std::path::Path::new("/etc/tokend/c.toml"), text).unwrap();
+        let shared = Shared {
+            metrics: Arc::default(),
+            requests: Arc::new(tokio::sync::Semaphore::new(1)),
+            start_ups: Arc::new(tokio::sync::Semaphore::new(1)),
+            client: crate::oauth::OAuthClient::new(Duration::from_secs(1)).unwrap(),
+            gate: None,
+        };
+        let cfg = Arc::new(config.tokens.remove(0));
+        let (_tx, rx) = crate::task::commands();
+        let stop = CancellationToken::new();
+        let task = run(cfg, shared, Mode::Single, rx, stop, oneshot::channel().0);
+        let size = std::mem::size_of_val(&task);
+        assert!(size < 512, "the supervised task's future is {size} bytes");
     }
 }

@@ -5,6 +5,8 @@
 use crate::metrics::Metrics;
 use crate::oauth::OAuthClient;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use tokio::sync::Notify;
 
 pub use tokio_util::sync::CancellationToken;
 
@@ -17,6 +19,73 @@ pub enum Command {
     RefreshNow,
     /// The wall clock jumped: recompute the wall-clock deadline.
     Recheck,
+}
+
+impl Command {
+    const ALL: [Self; 3] = [Self::RefreshNow, Self::Tick, Self::Recheck];
+
+    /// Its bit in `Mailbox::pending`; a lower bit is handled first.
+    fn bit(self) -> u8 {
+        match self {
+            Self::RefreshNow => 1,
+            Self::Tick => 2,
+            Self::Recheck => 4,
+        }
+    }
+}
+
+/// A token's commands: the set of those pending, not a queue (a second tick that comes before
+/// the first is handled is the same tick). Per token this is one allocation of 64 bytes; the
+/// `mpsc` channel it replaces, cache-padded, held about 600 (issue 15).
+struct Mailbox {
+    pending: AtomicU8,
+    wake: Notify,
+}
+
+/// Sends commands to a token's task; cloned for the scheduler, the daemon and the proxies.
+#[derive(Clone)]
+pub struct CommandSender(Arc<Mailbox>);
+
+/// The token's task's end of its commands.
+pub struct Commands(Arc<Mailbox>);
+
+/// A token's command mailbox: its senders' end and its task's.
+pub fn commands() -> (CommandSender, Commands) {
+    let mailbox = Arc::new(Mailbox { pending: AtomicU8::new(0), wake: Notify::new() });
+    (CommandSender(mailbox.clone()), Commands(mailbox))
+}
+
+impl CommandSender {
+    /// Marks `command` pending and wakes the task; never waits.
+    pub fn send(&self, command: Command) {
+        self.0.pending.fetch_or(command.bit(), Ordering::AcqRel);
+        // A permit is kept when the task is not waiting: no wake-up is lost.
+        self.0.wake.notify_one();
+    }
+}
+
+impl Commands {
+    /// The next command, once one is pending. Cancel-safe: a command is taken only when
+    /// returned.
+    pub async fn recv(&mut self) -> Command {
+        loop {
+            if let Some(command) = self.try_recv() {
+                return command;
+            }
+            self.0.wake.notified().await;
+        }
+    }
+
+    /// Takes a pending command, if there is one.
+    pub fn try_recv(&mut self) -> Option<Command> {
+        let lowest = |p: u8| p & p.wrapping_neg();
+        let before = self
+            .0
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| (p != 0).then(|| p & !lowest(p)))
+            .ok()?;
+        Command::ALL.into_iter().find(|c| c.bit() == lowest(before))
+    }
 }
 
 /// What all token tasks of a daemon share.
@@ -84,4 +153,32 @@ pub fn test_fault(name: &str) -> Option<TestFault> {
 #[cfg(not(debug_assertions))]
 pub fn test_fault(_name: &str) -> Option<TestFault> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pending_commands_are_a_set_handled_refresh_first() {
+        let (tx, mut rx) = commands();
+        assert_eq!(rx.try_recv(), None);
+        for c in [Command::Recheck, Command::Tick, Command::Tick, Command::RefreshNow] {
+            tx.send(c);
+        }
+        assert_eq!(rx.recv().await, Command::RefreshNow);
+        assert_eq!(rx.recv().await, Command::Tick);
+        assert_eq!(rx.recv().await, Command::Recheck);
+        assert_eq!(rx.try_recv(), None);
+        let waiting = tokio::spawn(async move { rx.recv().await });
+        tokio::task::yield_now().await;
+        tx.send(Command::Tick);
+        assert_eq!(waiting.await.unwrap(), Command::Tick);
+    }
+
+    /// Each token has one: the `mpsc` channel before it held about 600 bytes per token.
+    #[test]
+    fn a_mailbox_is_small() {
+        assert!(std::mem::size_of::<Mailbox>() <= 48, "{}", std::mem::size_of::<Mailbox>());
+    }
 }

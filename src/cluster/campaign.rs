@@ -7,10 +7,10 @@ use super::leader::{Leader, Outcome};
 use super::token::Ctx;
 use crate::policy::{ChainHome, Policy, Rules, store_backoff};
 use crate::store::State;
-use crate::task::Command;
+use crate::task::Commands;
 use etcd_client::{LeaderKey, ResignOptions};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -26,11 +26,7 @@ enum Campaign {
 
 /// Campaigns and leads until `stop`. The policy lives here, across terms: the rate budget
 /// of a host that leads again must still count its last term's requests.
-pub(super) async fn run(
-    ctx: &Ctx,
-    commands: &mut mpsc::Receiver<Command>,
-    stop: &CancellationToken,
-) {
+pub(super) async fn run(ctx: &Ctx, commands: &mut Commands, stop: &CancellationToken) {
     let mut policy = Policy::new(Rules::new(&ctx.cfg, ChainHome::Etcd));
     let mut lease_rx = ctx.cluster.lease();
     let mut failures = 0u32;
@@ -75,7 +71,7 @@ pub(super) async fn run(
 async fn wait_for_lease(
     ctx: &Ctx,
     lease_rx: &mut watch::Receiver<Lease>,
-    commands: &mut mpsc::Receiver<Command>,
+    commands: &mut Commands,
     stop: &CancellationToken,
 ) -> Option<i64> {
     loop {
@@ -88,7 +84,7 @@ async fn wait_for_lease(
         ctx.set_role("offline");
         tokio::select! {
             _ = lease_rx.changed() => {}
-            cmd = commands.recv() => if !on_command(ctx, cmd).await { return None },
+            _ = commands.recv() => forward_handoff(ctx).await,
             () = stop.cancelled() => return None,
         }
     }
@@ -98,7 +94,7 @@ async fn campaign(
     ctx: &Ctx,
     lease: i64,
     lease_rx: &mut watch::Receiver<Lease>,
-    commands: &mut mpsc::Receiver<Command>,
+    commands: &mut Commands,
     stop: &CancellationToken,
 ) -> Campaign {
     let Ok(clients) = ctx.cluster.clients().await else { return Campaign::Failed };
@@ -121,22 +117,14 @@ async fn campaign(
                     return Campaign::Again;
                 }
             }
-            cmd = commands.recv() => if !on_command(ctx, cmd).await { return Campaign::Stop },
+            _ = commands.recv() => forward_handoff(ctx).await,
             () = stop.cancelled() => return Campaign::Stop,
         }
     }
 }
 
-/// A command while this host does not lead: a tick or a signal is a moment to forward a
-/// login. False when the daemon is gone.
-async fn on_command(ctx: &Ctx, cmd: Option<Command>) -> bool {
-    if cmd.is_some() {
-        forward_handoff(ctx).await;
-    }
-    cmd.is_some()
-}
-
-/// On a host that does not lead: a `tokend login` left its new state in the hand-off file
+/// On a host that does not lead, each command (a tick, a signal) is a moment to forward a
+/// login: a `tokend login` left its new state in the hand-off file
 /// beside the state file. Forward it to the leader through etcd, then remove the file (it
 /// stays, and is retried on the next tick or signal, while etcd cannot take it).
 async fn forward_handoff(ctx: &Ctx) {
@@ -166,17 +154,12 @@ async fn resign(ctx: &Ctx, key: LeaderKey) {
 }
 
 /// Sleeps, answering commands; true when told to stop.
-async fn idle(
-    ctx: &Ctx,
-    commands: &mut mpsc::Receiver<Command>,
-    stop: &CancellationToken,
-    d: Duration,
-) -> bool {
+async fn idle(ctx: &Ctx, commands: &mut Commands, stop: &CancellationToken, d: Duration) -> bool {
     let until = tokio::time::Instant::now() + d;
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(until) => return false,
-            cmd = commands.recv() => if !on_command(ctx, cmd).await { return true },
+            _ = commands.recv() => forward_handoff(ctx).await,
             () = stop.cancelled() => return true,
         }
     }

@@ -14,7 +14,7 @@ use crate::task::Command;
 use chrono::Utc;
 use etcd_client::{Compare, CompareOp, LeaderKey, Txn, TxnOp};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -107,7 +107,7 @@ impl<'a> Leader<'a> {
 
     pub async fn run(
         &mut self,
-        commands: &mut mpsc::Receiver<Command>,
+        commands: &mut crate::task::Commands,
         stop: &CancellationToken,
     ) -> Outcome {
         let Some(mut cur) = self.load().await else { return Outcome::Lost };
@@ -121,10 +121,7 @@ impl<'a> Leader<'a> {
             }
             let kept = tokio::select! {
                 () = stop.cancelled() => return Outcome::Stop,
-                cmd = commands.recv() => match cmd {
-                    None => return Outcome::Stop,
-                    Some(cmd) => self.on_command(cmd, &mut cur).await,
-                },
+                cmd = commands.recv() => self.on_command(cmd, &mut cur).await,
                 () = tokio::time::sleep_until(wake.into()) => {
                     if crate::task::test_fault(self.name()).is_some() {
                         return Outcome::Stop;

@@ -20,10 +20,10 @@ use super::{Budget, Cluster, Intent, codec::decode_state};
 use crate::config::TokenConfig;
 use crate::publish::Report;
 use crate::store::{ClusterStatus, State, Status};
-use crate::task::{Command, Shared};
+use crate::task::{Commands, Shared};
 use etcd_client::{Txn, TxnOp};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -138,7 +138,7 @@ pub async fn run(
     cfg: Arc<TokenConfig>,
     shared: Shared,
     cluster: Cluster,
-    commands: &mut mpsc::Receiver<Command>,
+    commands: &mut Commands,
     stop: CancellationToken,
     ready: oneshot::Sender<()>,
 ) {

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 
 /// At most one refresh per this long is asked for by 401s on the current token.
 pub const FORCED_REFRESH_EVERY: Duration = Duration::from_secs(60);
@@ -51,7 +51,7 @@ pub struct Gate {
     current: watch::Sender<Option<Arc<Current>>>,
     drain_timeout: Duration,
     /// Asks the token's refresher for a refresh now (a 401 on the current token).
-    refresh: mpsc::Sender<crate::task::Command>,
+    refresh: crate::task::CommandSender,
     last_forced: Mutex<Option<Instant>>,
     pub counters: Arc<crate::metrics::ProxyCounters>,
 }
@@ -73,7 +73,7 @@ impl Gate {
     pub fn new(
         name: &str,
         drain_timeout: Duration,
-        refresh: mpsc::Sender<crate::task::Command>,
+        refresh: crate::task::CommandSender,
         counters: Arc<crate::metrics::ProxyCounters>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -207,12 +207,10 @@ impl Gate {
             }
             *last = Some(now);
         }
-        let asked = self.refresh.try_send(crate::task::Command::RefreshNow).is_ok();
-        if asked {
-            self.counters.forced_refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(token = %self.name, "the server refused the current access token (revoked?); refreshing now");
-        }
-        asked
+        self.refresh.send(crate::task::Command::RefreshNow);
+        self.counters.forced_refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(token = %self.name, "the server refused the current access token (revoked?); refreshing now");
+        true
     }
 }
 
@@ -220,8 +218,8 @@ impl Gate {
 mod tests {
     use super::*;
 
-    fn gate(drain: Duration) -> (Arc<Gate>, mpsc::Receiver<crate::task::Command>) {
-        let (tx, rx) = mpsc::channel(4);
+    fn gate(drain: Duration) -> (Arc<Gate>, crate::task::Commands) {
+        let (tx, rx) = crate::task::commands();
         (Gate::new("t", drain, tx, Arc::default()), rx)
     }
 
@@ -296,7 +294,7 @@ mod tests {
         let (g, mut rx) = gate(Duration::from_secs(1));
         let asked = (0..100).filter(|_| g.force_refresh()).count();
         assert_eq!(asked, 1);
-        assert!(rx.try_recv().is_ok());
-        assert!(rx.try_recv().is_err());
+        assert!(rx.try_recv().is_some());
+        assert!(rx.try_recv().is_none());
     }
 }
