@@ -61,9 +61,8 @@ fn tls_config() -> rustls::ClientConfig {
         .with_no_client_auth()
 }
 
-/// Binds every proxy of a token and serves them on every worker until `shutdown`, when each
-/// drains (see `server::serve`); a task ends once drained. Aborting a task ends its
-/// connections at once.
+/// Binds every proxy of a token and serves them until `shutdown`, when each drains (see
+/// `server::serve`); its task ends once drained. Aborting a task ends its connections at once.
 pub async fn start(
     configs: &[ProxyConfig],
     gate: &Arc<Gate>,
@@ -72,41 +71,27 @@ pub async fn start(
 ) -> Result<Vec<JoinHandle<()>>, (Listen, std::io::Error)> {
     let mut tasks = Vec::new();
     for cfg in configs {
-        if let Err(e) = start_one(cfg, gate, client, shutdown, &mut tasks).await {
-            for t in &tasks {
-                JoinHandle::abort(t);
+        let listener = match server::bind(&cfg.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                for t in &tasks {
+                    JoinHandle::abort(t);
+                }
+                return Err((cfg.listen.clone(), e));
             }
-            return Err((cfg.listen.clone(), e));
-        }
+        };
         tracing::info!(token = %gate.name(), listen = %cfg.listen, upstream = %cfg.upstream, "proxy listening");
+        let runtimes = workers();
+        let proxies = forward::Proxy::per_worker(cfg, gate, client, runtimes.len());
+        let workers = runtimes.iter().cloned().zip(proxies).collect();
+        tasks.push(tokio::spawn(server::serve(listener, workers, shutdown.clone())));
     }
     Ok(tasks)
 }
 
-/// One proxy: its socket, accepted from on every worker, each with its own connections.
-async fn start_one(
-    cfg: &ProxyConfig,
-    gate: &Arc<Gate>,
-    client: &Upstream,
-    shutdown: &CancellationToken,
-    tasks: &mut Vec<JoinHandle<()>>,
-) -> std::io::Result<()> {
-    let bound = server::bind(&cfg.listen).await?;
-    let runtimes = workers();
-    let proxies = forward::Proxy::per_worker(cfg, gate, client, runtimes.len());
-    for (rt, proxy) in runtimes.iter().zip(proxies) {
-        let listener = {
-            let _in = rt.enter();
-            bound.register()?
-        };
-        tasks.push(rt.spawn(server::serve(listener, proxy, shutdown.clone())));
-    }
-    Ok(())
-}
-
 /// The proxies' threads, one per core, each a single-threaded runtime (as nginx runs one
-/// event loop per worker process): a connection and its upstream connections live on one
-/// thread, so a request wakes no other thread. On the daemon's work-stealing runtime, the
+/// event loop per worker process), given accepted connections in turn: a connection and its
+/// upstream connections live on one thread, so a request wakes no other thread. On the daemon's work-stealing runtime, the
 /// workers woke each other about once per proxied request (a futex wake and wait, and a
 /// context switch): about a tenth of the proxy's CPU per request in issue 13's benchmark.
 /// Started with the first proxy; they run until the process exits.

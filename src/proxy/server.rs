@@ -1,6 +1,7 @@
-//! The listening side: a loopback TCP or unix socket (created with its mode already set), and an
-//! HTTP/1.1 keep-alive connection loop that drains at shutdown: it stops accepting, lets the
-//! requests in flight finish (bounded by `SHUTDOWN_GRACE`) and closes idle connections.
+//! The listening side: a loopback TCP or unix socket (created with its mode already set), whose
+//! connections are handed to the proxy's worker threads in turn, and an HTTP/1.1 keep-alive
+//! connection loop that drains at shutdown: it stops accepting, lets the requests in flight
+//! finish (bounded by `SHUTDOWN_GRACE`) and closes idle connections.
 
 use super::forward::{Proxy, handle};
 use crate::config::Listen;
@@ -25,30 +26,10 @@ const MAX_BUF: usize = 64 * 1024;
 /// for the first byte outside hyper must not keep a silent connection open for ever.
 const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A bound listener, registered with one worker's runtime.
+/// A bound listener.
 pub enum Listener {
     Tcp(tokio::net::TcpListener),
-    Unix { listener: tokio::net::UnixListener, _file: Arc<SocketFile> },
-}
-
-/// A bound socket not yet registered with a runtime: each worker registers its own copy (the
-/// same socket, so whichever worker is free accepts the next connection).
-pub enum Bound {
-    Tcp(std::net::TcpListener),
-    Unix { listener: std::os::unix::net::UnixListener, file: Arc<SocketFile> },
-}
-
-impl Bound {
-    /// A copy of the socket (another descriptor), registered with the current runtime.
-    pub fn register(&self) -> std::io::Result<Listener> {
-        match self {
-            Self::Tcp(l) => Ok(Listener::Tcp(tokio::net::TcpListener::from_std(l.try_clone()?)?)),
-            Self::Unix { listener, file } => Ok(Listener::Unix {
-                listener: tokio::net::UnixListener::from_std(listener.try_clone()?)?,
-                _file: file.clone(),
-            }),
-        }
-    }
+    Unix { listener: tokio::net::UnixListener, _file: SocketFile },
 }
 
 /// Removes the socket file when the proxy stops.
@@ -62,17 +43,17 @@ impl Drop for SocketFile {
 
 /// Binds `listen`. A unix socket is bound in a private directory, given its mode, and only
 /// then renamed into place: nobody can connect while it has the umask's mode.
-pub async fn bind(listen: &Listen) -> std::io::Result<Bound> {
+pub async fn bind(listen: &Listen) -> std::io::Result<Listener> {
     match listen {
-        Listen::Tcp(addr) => Ok(Bound::Tcp(tokio::net::TcpListener::bind(addr).await?.into_std()?)),
+        Listen::Tcp(addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
         Listen::Unix { path, mode } => {
             let listener = bind_unix(path, *mode)?;
-            Ok(Bound::Unix { listener, file: Arc::new(SocketFile(path.clone())) })
+            Ok(Listener::Unix { listener, _file: SocketFile(path.clone()) })
         }
     }
 }
 
-fn bind_unix(path: &Path, mode: u32) -> std::io::Result<std::os::unix::net::UnixListener> {
+fn bind_unix(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let private = tempfile::Builder::new().prefix(".tokend-proxy").tempdir_in(dir)?;
@@ -81,26 +62,29 @@ fn bind_unix(path: &Path, mode: u32) -> std::io::Result<std::os::unix::net::Unix
     std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))?;
     std::fs::rename(&temp, path)?;
     listener.set_nonblocking(true)?;
-    Ok(listener)
+    tokio::net::UnixListener::from_std(listener)
 }
 
-/// Accepts until `shutdown`, then drains: the listener closes at once (its socket file goes),
-/// idle connections close, and requests in flight get `SHUTDOWN_GRACE` to finish. Dropping the
-/// task instead ends every connection at once.
-pub async fn serve(listener: Listener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+/// Where a proxy's connections run: a worker thread's runtime and the proxy's state for it.
+pub type Worker = (tokio::runtime::Handle, Arc<Proxy>);
+
+/// Accepts until `shutdown`, handing each connection to the next worker in turn, then drains:
+/// the listener closes at once (its socket file goes), idle connections close, and requests in
+/// flight get `SHUTDOWN_GRACE` to finish. Dropping the task instead ends every connection at once.
+pub async fn serve(listener: Listener, workers: Vec<Worker>, shutdown: CancellationToken) {
     let mut conns = JoinSet::new();
+    let token = workers[0].1.gate.name().to_string();
+    let mut turn = (0..workers.len()).cycle();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = accept(&listener) => match accepted {
-                Ok(Stream::Tcp(io)) => {
-                    conns.spawn(connection(io, proxy.clone(), shutdown.clone()));
-                }
-                Ok(Stream::Unix(io)) => {
-                    conns.spawn(connection(io, proxy.clone(), shutdown.clone()));
+                Ok(stream) => {
+                    let (rt, proxy) = &workers[turn.next().unwrap_or(0)];
+                    conns.spawn_on(on_worker(stream, proxy.clone(), shutdown.clone()), rt);
                 }
                 Err(e) => {
-                    tracing::warn!(token = %proxy.gate.name(), error = %e, "proxy accept failed");
+                    tracing::warn!(token, error = %e, "proxy accept failed");
                     // EMFILE and the like: let connections close before trying again.
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
@@ -109,7 +93,23 @@ pub async fn serve(listener: Listener, proxy: Arc<Proxy>, shutdown: Cancellation
         }
     }
     drop(listener);
-    drain(&mut conns, proxy.gate.name()).await;
+    drain(&mut conns, &token).await;
+}
+
+/// Serves an accepted connection on the worker this runs on, its socket moved from the
+/// accepting runtime to that worker's.
+async fn on_worker(stream: Stream, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let moved = match stream {
+        Stream::Tcp(io) => match io.into_std().and_then(tokio::net::TcpStream::from_std) {
+            Ok(io) => return connection(io, proxy, shutdown).await,
+            Err(e) => e,
+        },
+        Stream::Unix(io) => match io.into_std().and_then(tokio::net::UnixStream::from_std) {
+            Ok(io) => return connection(io, proxy, shutdown).await,
+            Err(e) => e,
+        },
+    };
+    tracing::warn!(token = %proxy.gate.name(), error = %moved, "proxy connection dropped: could not move it to a worker thread");
 }
 
 async fn drain(conns: &mut JoinSet<()>, token: &str) {
