@@ -7,7 +7,8 @@
 //! The upstream is a minimal HTTP server in this process answering 200 at once, so what is
 //! measured is the proxies. The load is raw HTTP/1.1 keep-alive connections (a fixed request
 //! written, the reply read to its Content-Length), cheap enough that the proxies, not the
-//! client, set the pace on a 2-core machine. Each round runs every target once per
+//! client, set the pace on a 2-core machine; each row also gives the target's CPU time per
+//! request (its processes' user and system time from /proc, all threads). Each round runs every target once per
 //! connection count; the table gives the median over the rounds, ratios to nginx from the same
 //! run. `TOKEND_BEFORE_BIN=path` adds a second tokend (an older build) to compare in one run.
 //! `BENCH_ROUNDS` (default 3) and `BENCH_SECS` (seconds per row, default 3) set the length.
@@ -86,18 +87,25 @@ async fn run() {
             .next()
             .unwrap_or("?")
     );
-    println!("{:<16} {:>6} {:>10} {:>10} {:>12}", "target", "conns", "p50 us", "p99 us", "req/s");
+    println!(
+        "{:<16} {:>6} {:>10} {:>10} {:>12} {:>12}",
+        "target", "conns", "p50 us", "p99 us", "req/s", "CPU us/req"
+    );
     let mut rows: Vec<(&str, usize, Load)> = Vec::new();
     for round in 0..rounds {
         for conns in [1usize, 64] {
             for t in &targets {
-                let r = load(t.port, conns, secs).await;
+                let cpu = cpu_ticks(&t.pids);
+                let mut r = load(t.port, conns, secs).await;
+                let requests = r.rps * secs.as_secs_f64();
+                r.cpu_us = (cpu_ticks(&t.pids) - cpu) as f64 * 1e6 / USER_HZ / requests;
                 println!(
-                    "{:<16} {conns:>6} {:>10} {:>10} {:>12.0}   round {}",
+                    "{:<16} {conns:>6} {:>10} {:>10} {:>12.0} {:>12.1}   round {}",
                     t.name,
                     r.p50,
                     r.p99,
                     r.rps,
+                    r.cpu_us,
                     round + 1
                 );
                 rows.push((t.name, conns, r));
@@ -120,12 +128,15 @@ async fn run() {
             let x = med(t.name);
             let (t50, t99) = added(&x);
             println!(
-                "    {:<16} added p50 {t50} us ({:.2}x nginx), added p99 {t99} us ({:.2}x), {:.0} req/s, throughput {:.2}x nginx",
+                "    {:<16} added p50 {t50} us ({:.2}x nginx), added p99 {t99} us ({:.2}x), {:.0} req/s, throughput {:.2}x nginx, CPU {:.1} us per request ({:.2}x nginx's {:.1})",
                 t.name,
                 ratio(t50, n50),
                 ratio(t99, n99),
                 x.rps,
-                x.rps / n.rps
+                x.rps / n.rps,
+                x.cpu_us,
+                x.cpu_us / n.cpu_us,
+                n.cpu_us
             );
         }
     }
@@ -148,6 +159,8 @@ struct Load {
     p50: u64,
     p99: u64,
     rps: f64,
+    /// The target's CPU time per request (its processes, user and system).
+    cpu_us: f64,
 }
 
 fn median_load<'a>(loads: impl Iterator<Item = &'a Load>) -> Load {
@@ -160,6 +173,7 @@ fn median_load<'a>(loads: impl Iterator<Item = &'a Load>) -> Load {
         p50: mid(loads.iter().map(|l| l.p50 as f64).collect()) as u64,
         p99: mid(loads.iter().map(|l| l.p99 as f64).collect()) as u64,
         rps: mid(loads.iter().map(|l| l.rps).collect()),
+        cpu_us: mid(loads.iter().map(|l| l.cpu_us).collect()),
     }
 }
 
@@ -188,7 +202,8 @@ async fn load(port: u16, conns: usize, secs: Duration) -> Load {
     }
     all.sort_unstable();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
-    Load { p50: pct(0.50), p99: pct(0.99), rps: all.len() as f64 / secs.as_secs_f64() }
+    let rps = all.len() as f64 / secs.as_secs_f64();
+    Load { p50: pct(0.50), p99: pct(0.99), rps, cpu_us: 0.0 }
 }
 
 /// One request on a keep-alive connection; the reply must be a 200 with a Content-Length.
@@ -239,6 +254,22 @@ async fn idle_memory(port: u16, pids: &[u32], used: bool) -> i64 {
     let after: i64 = pids.iter().map(|p| rss_kib(*p)).sum();
     drop(conns);
     after - before
+}
+
+/// Clock ticks per second in /proc (the kernel's USER_HZ, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time (user and system, every thread's, in clock ticks) of `pids`: steadier than the
+/// throughput on a shared machine, since a process is only charged while it runs.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    let ticks = |pid: &u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // After the command's closing parenthesis: state first, utime and stime 12th and 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let field = |n| rest.split_whitespace().nth(n).and_then(|v| v.parse::<u64>().ok());
+        field(11).unwrap_or(0) + field(12).unwrap_or(0)
+    };
+    pids.iter().map(ticks).sum()
 }
 
 fn rss_kib(pid: u32) -> i64 {
