@@ -321,6 +321,11 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) -> St
     let rss_1 = if a.rounds_only { None } else { Some(footprint(bin, rt, &config, a)) };
     let largest = a.tokens.iter().copied().max().unwrap_or(0);
     let mut notes = String::new();
+    // Each row's files are removed at the end, not before the next row: on ext4 without a
+    // journal (this VM's root) every inode freed in the last minute or more is skipped, one
+    // by one, by each new file's inode allocation, so tens of thousands freed just before a
+    // bootstrap would make it pay for the row before.
+    let mut dirs = Vec::new();
     for &n in &a.tokens {
         let server = rt.block_on(FakeServer::start(config.clone())).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -329,6 +334,7 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) -> St
             notes = spread(bin, &server, dir.path(), n);
         }
         rt.block_on(server.shutdown());
+        dirs.push(dir);
     }
     notes
 }
