@@ -31,7 +31,7 @@ pub struct TokenMetrics {
     pub needs_login: bool,
     /// The last death of the token's task (with the count of restarts): kept here, where it
     /// outlives the task, and copied into each new task's status.
-    pub task: Option<crate::store::TaskFailure>,
+    pub task: Option<Box<crate::store::TaskFailure>>,
     /// Time left below which `/healthz` calls the token near expiry.
     pub near_expiry: Duration,
 }

@@ -260,7 +260,7 @@ impl Report {
     pub fn error(&self, code: &str, message: &str, permanent: bool) {
         let rec =
             ErrorRecord { at: Utc::now(), code: code.into(), message: message.into(), permanent };
-        self.update(|s| s.last_error = Some(rec));
+        self.update(|s| s.last_error = Some(Box::new(rec)));
     }
 
     pub fn relogin(&self) {

@@ -99,7 +99,7 @@ pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
             .count(),
         session_budget: cfg.rate.sessions,
         logins_held_until: None,
-        last_error: status.last_error,
+        last_error: status.last_error.map(|e| *e),
         task: None,
         problem: None,
         cluster: None,
@@ -135,8 +135,8 @@ pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
     // nobody refreshes lapses within the hour, so it is not healthy.
     if pid.is_some() {
         r.next_refresh_at = status.next_refresh_at.map(ts);
-        r.cluster = status.cluster;
-        r.task = status.task;
+        r.cluster = status.cluster.map(|c| *c);
+        r.task = status.task.map(|t| *t);
         // A task that died is a bug to look at: unhealthy until it restarts and for an hour
         // after, whether or not the restart helped.
         let recent =

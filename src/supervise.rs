@@ -121,7 +121,8 @@ async fn died(cfg: &TokenConfig, shared: &Shared, reason: &str, delay: Duration)
     shared.metrics.update(&cfg.name, |m| {
         let restarts = m.task.as_ref().map_or(0, |t| t.restarts) + 1;
         let restart_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
-        m.task = Some(TaskFailure { restarts, at: now, reason: reason.into(), restart_at });
+        m.task =
+            Some(Box::new(TaskFailure { restarts, at: now, reason: reason.into(), restart_at }));
         record.clone_from(&m.task);
     });
     let restarts = record.as_ref().map_or(0, |t| t.restarts);

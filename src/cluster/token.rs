@@ -144,12 +144,12 @@ pub async fn run(
 ) {
     let status = Status {
         pid: std::process::id(),
-        cluster: Some(ClusterStatus {
+        cluster: Some(Box::new(ClusterStatus {
             node: cluster.node().to_string(),
             role: "follower".into(),
             etcd_reachable: true,
             ..ClusterStatus::default()
-        }),
+        })),
         ..Status::default()
     };
     let ctx = Arc::new(Ctx {

@@ -234,6 +234,13 @@ pub fn next_generation(name: &str, g: u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// Each token's report holds one (issue 15): its mostly absent parts are boxed.
+    #[test]
+    fn a_status_is_small() {
+        let size = std::mem::size_of::<Status>();
+        assert!(size <= 112, "Status is {size} bytes");
+    }
+
     fn sample() -> State {
         let now = Utc::now();
         State {
@@ -325,7 +332,9 @@ mod tests {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub needs_login: bool,
-    pub last_error: Option<ErrorRecord>,
+    /// Boxed, as are `task` and `cluster`: each token's report holds a `Status`, and these
+    /// are mostly absent (272 -> 104 bytes per token; issue 15).
+    pub last_error: Option<Box<ErrorRecord>>,
     #[serde(with = "crate::time::rfc3339_opt", default)]
     pub last_attempt_at: Option<DateTime<Utc>>,
     #[serde(with = "crate::time::rfc3339_opt", default)]
@@ -340,12 +349,12 @@ pub struct Status {
     pub logins_held_until: Option<DateTime<Utc>>,
     /// The token's task died (a panic, an unexpected end) while this daemon ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub task: Option<TaskFailure>,
+    pub task: Option<Box<TaskFailure>>,
     /// The daemon that wrote this.
     pub pid: u32,
     /// Multi-host mode: this node's part in the token's election.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<ClusterStatus>,
+    pub cluster: Option<Box<ClusterStatus>>,
 }
 
 /// The last death of a token's task, kept by the daemon across the task's restarts.
