@@ -9,6 +9,7 @@ use crate::supervise::Mode;
 use crate::task::{CancellationToken, Command, CommandSender, Commands, Shared};
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +75,9 @@ impl DaemonError {
         }
     }
 }
+
+/// Up to this many tokens, the `systemctl status` line names each one.
+const SUMMARY_TOKENS: usize = 8;
 
 /// Notices suspend and wall-clock jumps: refreshers sleep on the monotonic clock, which
 /// stops during suspend, so after one they are told to recheck their wall-clock deadlines.
@@ -270,23 +274,40 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// One line for `systemctl status`: each token's health, generation and time left.
+    /// One line for `systemctl status`: each token's health, generation and time left; with
+    /// many tokens, how many are ok and which are not (a line per token would be megabytes).
     fn summary(&self) -> String {
-        let now = chrono::Utc::now();
-        let parts: Vec<String> = self
-            .tokens
-            .values()
-            .map(|t| {
-                let r = crate::status::report(&t.cfg, now);
-                match (r.generation, r.access_expires_in_secs) {
+        let (now, holders) = (chrono::Utc::now(), crate::status::LockHolders::read());
+        let reports = self.tokens.values().map(|t| crate::status::report(&t.cfg, now, &holders));
+        if self.tokens.len() <= SUMMARY_TOKENS {
+            let parts: Vec<String> = reports
+                .map(|r| match (r.generation, r.access_expires_in_secs) {
                     (Some(g), Some(s)) if r.health == "ok" => {
                         format!("{} ok gen {g}, {s}s left", r.name)
                     }
                     _ => format!("{} {}", r.name, r.health.replace('_', " ")),
-                }
-            })
-            .collect();
-        parts.join("; ")
+                })
+                .collect();
+            return parts.join("; ");
+        }
+        let mut ok = 0usize;
+        let mut not_ok: Vec<String> = Vec::new();
+        for r in reports {
+            if r.health == "ok" {
+                ok += 1;
+            } else {
+                not_ok.push(format!("{} {}", r.name, r.health.replace('_', " ")));
+            }
+        }
+        let mut line = format!("{} tokens: {ok} ok", self.tokens.len());
+        if !not_ok.is_empty() {
+            let shown = not_ok.len().min(SUMMARY_TOKENS);
+            let _ = write!(line, ", {} not ok: {}", not_ok.len(), not_ok[..shown].join("; "));
+            if not_ok.len() > shown {
+                line.push_str("; ...");
+            }
+        }
+        line
     }
 
     async fn spawn(

@@ -6,6 +6,7 @@ use crate::store::{State, StateLock, Status};
 use crate::time::left;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
+use std::collections::HashSet;
 use std::fmt::Write;
 
 /// How long a task's death keeps its token unhealthy in `tokend status`.
@@ -47,38 +48,61 @@ fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
+/// Who holds which `flock`, from `/proc/locks`, read once for all tokens (a read per token
+/// made a summary of many tokens quadratic: the table has a line per lock held).
+pub struct LockHolders(Option<HashSet<(u32, u64)>>);
+
+impl LockHolders {
+    pub fn read() -> Self {
+        Self(std::fs::read_to_string("/proc/locks").ok().map(|t| flocks(&t)))
+    }
+
+    /// Whether `pid` holds a `flock` on inode `inode`. Without `/proc/locks` (unusual),
+    /// whether the process is alive is the best left.
+    fn holds(&self, pid: u32, inode: u64) -> bool {
+        match &self.0 {
+            Some(held) => held.contains(&(pid, inode)),
+            None => std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        }
+    }
+}
+
+/// The (pid, inode) of each `flock` held in a `/proc/locks` text (lines like
+/// `1: FLOCK  ADVISORY  WRITE 1234 fe:00:5933071 0 EOF`; a waiter's line has `->` after the
+/// number). The device is left out: overlay file systems report another device to `stat`
+/// than to the lock table.
+fn flocks(table: &str) -> HashSet<(u32, u64)> {
+    table
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace().skip(1);
+            if f.next()? != "FLOCK" {
+                return None;
+            }
+            let mut f = f.skip(2);
+            let pid = f.next()?.parse().ok()?;
+            let inode = f.next()?.rsplit(':').next()?.parse().ok()?;
+            Some((pid, inode))
+        })
+        .collect()
+}
+
 /// The pid in the token's lock file, if that process holds the lock. A process that merely
 /// has that pid (the daemon died and the number was reused) does not count.
-fn daemon_pid(cfg: &TokenConfig) -> Option<u32> {
+fn daemon_pid(cfg: &TokenConfig, holders: &LockHolders) -> Option<u32> {
     let path = StateLock::path_for(&cfg.state_file);
     // A regular file only: a FIFO in its place must not block the daemon's status summary.
     let bytes = crate::store::read_regular(&path, 64).ok()?;
     let pid: u32 = std::str::from_utf8(&bytes).ok()?.trim().parse().ok()?;
     let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).ok()?);
-    match std::fs::read_to_string("/proc/locks") {
-        Ok(locks) => holds_flock(&locks, pid, inode).then_some(pid),
-        // No /proc/locks (unusual): whether the process is alive is the best left.
-        Err(_) => std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid),
-    }
-}
-
-/// Whether `/proc/locks` lists a `flock` by `pid` on inode `inode` (lines like
-/// `1: FLOCK  ADVISORY  WRITE 1234 fe:00:5933071 0 EOF`; the device is left out, as overlay
-/// file systems report another device to `stat` than to the lock table).
-fn holds_flock(locks: &str, pid: u32, inode: u64) -> bool {
-    locks.lines().any(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        f.get(1) == Some(&"FLOCK")
-            && f.get(4).and_then(|p| p.parse::<u32>().ok()) == Some(pid)
-            && f.get(5).and_then(|d| d.rsplit(':').next()?.parse::<u64>().ok()) == Some(inode)
-    })
+    holders.holds(pid, inode).then_some(pid)
 }
 
 /// Builds the report of one token.
-pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
+pub fn report(cfg: &TokenConfig, now: DateTime<Utc>, holders: &LockHolders) -> TokenReport {
     let status = Status::load(&cfg.state_file).unwrap_or_default();
     let state = State::load_for(&cfg.state_file, &cfg.name);
-    let pid = daemon_pid(cfg);
+    let pid = daemon_pid(cfg, holders);
     let mut r = TokenReport {
         name: cfg.name.clone(),
         health: "ok",
@@ -165,7 +189,8 @@ pub fn report(cfg: &TokenConfig, now: DateTime<Utc>) -> TokenReport {
 /// All tokens' reports.
 pub fn reports(config: &Config) -> Vec<TokenReport> {
     let now = Utc::now();
-    config.tokens.iter().map(|t| report(t, now)).collect()
+    let holders = LockHolders::read();
+    config.tokens.iter().map(|t| report(t, now, &holders)).collect()
 }
 
 /// The human form.
@@ -272,10 +297,11 @@ mod tests {
         let locks = "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5933071 0 EOF\n\
                      1: -> FLOCK  ADVISORY  WRITE 99 fe:00:77 0 EOF\n\
                      2: POSIX  ADVISORY  WRITE 42 08:01:77 0 EOF\n";
-        assert!(super::holds_flock(locks, 1234, 5_933_071));
-        assert!(!super::holds_flock(locks, 1235, 5_933_071), "another pid");
-        assert!(!super::holds_flock(locks, 1234, 5_933_072), "another file");
-        assert!(!super::holds_flock(locks, 99, 77), "waiting for the lock is not holding it");
-        assert!(!super::holds_flock(locks, 42, 77), "a POSIX lock is not the daemon's");
+        let holders = super::LockHolders(Some(super::flocks(locks)));
+        assert!(holders.holds(1234, 5_933_071));
+        assert!(!holders.holds(1235, 5_933_071), "another pid");
+        assert!(!holders.holds(1234, 5_933_072), "another file");
+        assert!(!holders.holds(99, 77), "waiting for the lock is not holding it");
+        assert!(!holders.holds(42, 77), "a POSIX lock is not the daemon's");
     }
 }
