@@ -397,19 +397,8 @@ mod tests {
     /// `async fn` holds its by-value `self` twice) nor the steps' futures (boxed while they run).
     #[test]
     fn an_idle_tokens_task_holds_little_beyond_its_refresher() {
-        let text = "[[token]]\nname = \"t\"\nserver = \"https://platform.ringcentral.com\"\n\
-                    client_id = \"id\"\nclient_secret = \"s\"\ngrant = \"jwt\"\njwt = \"j\"\n\
-                    state_file = \"/var/lib/tokend/t.state.json\"\n";
-        let mut config =
-            crate::config::Config::parse(std::path::Path::new("/etc/tokend/c.toml"), text).unwrap();
-        let shared = Shared {
-            metrics: Arc::default(),
-            requests: Arc::new(tokio::sync::Semaphore::new(1)),
-            start_ups: Arc::new(tokio::sync::Semaphore::new(1)),
-            client: OAuthClient::new(Duration::from_secs(1)).unwrap(),
-            gate: None,
-        };
-        let refresher = Refresher::new(Arc::new(config.tokens.remove(0)), shared);
+        let (cfg, shared) = crate::task::test_token();
+        let refresher = Refresher::new(cfg, shared);
         let (_tx, mut rx) = crate::task::commands();
         let start_ups = Arc::new(tokio::sync::Semaphore::new(1));
         let task =

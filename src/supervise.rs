@@ -160,19 +160,7 @@ mod tests {
     /// in the 64 MB the daemon is allowed.
     #[test]
     fn a_tokens_supervised_task_holds_no_refresher() {
-        let text = "[[token]]\nname = \"t\"\nserver = \"https://platform.ringcentral.com\"\n\
-                    client_id = \"id\"\nclient_secret = \"s\"\ngrant = \"jwt\"\njwt = \"j\"\n\
-                    state_file = \"/var/lib/tokend/t.state.json\"\n";
-        let mut config =
-            crate::config::Config::parse(std::path::Path::new("/etc/tokend/c.toml"), text).unwrap();
-        let shared = Shared {
-            metrics: Arc::default(),
-            requests: Arc::new(tokio::sync::Semaphore::new(1)),
-            start_ups: Arc::new(tokio::sync::Semaphore::new(1)),
-            client: crate::oauth::OAuthClient::new(Duration::from_secs(1)).unwrap(),
-            gate: None,
-        };
-        let cfg = Arc::new(config.tokens.remove(0));
+        let (cfg, shared) = crate::task::test_token();
         let (_tx, rx) = crate::task::commands();
         let stop = CancellationToken::new();
         let task = run(cfg, shared, Mode::Single, rx, stop, oneshot::channel().0);

@@ -155,6 +155,25 @@ pub fn test_fault(_name: &str) -> Option<TestFault> {
     None
 }
 
+/// One jwt token's config and the shared resources, for the unit tests that measure a token's
+/// task (`supervise.rs`, `refresher.rs`).
+#[cfg(test)]
+pub fn test_token() -> (Arc<crate::config::TokenConfig>, Shared) {
+    let text = "[[token]]\nname = \"t\"\nserver = \"https://platform.ringcentral.com\"\n\
+                client_id = \"id\"\nclient_secret = \"s\"\ngrant = \"jwt\"\njwt = \"j\"\n\
+                state_file = \"/var/lib/tokend/t.state.json\"\n";
+    let mut config =
+        crate::config::Config::parse(std::path::Path::new("/etc/tokend/c.toml"), text).unwrap();
+    let shared = Shared {
+        metrics: Arc::default(),
+        requests: Arc::new(tokio::sync::Semaphore::new(1)),
+        start_ups: Arc::new(tokio::sync::Semaphore::new(1)),
+        client: OAuthClient::new(std::time::Duration::from_secs(1)).unwrap(),
+        gate: None,
+    };
+    (Arc::new(config.tokens.remove(0)), shared)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
