@@ -266,8 +266,6 @@ impl Daemon {
         // What start-up freed (the parsed config, the logins' buffers) goes back before idling.
         crate::malloc::trim();
         info!(tokens = daemon.tokens.len(), config = %daemon.config.path.display(), "tokend ready");
-        // Only for systemd: the summary reads each token's files and /proc/locks (a minute of
-        // a core at 10,000 tokens), which nobody reads outside it.
         if crate::systemd::enabled() {
             crate::systemd::ready(&daemon.summary());
         }
@@ -276,38 +274,41 @@ impl Daemon {
 
     /// One line for `systemctl status`: each token's health, generation and time left; with
     /// many tokens, how many are ok and which are not (a line per token would be megabytes).
+    /// From the daemon's own figures, no file read: this runs on the loop that pings the
+    /// watchdog, every `STATUS_EVERY`, and reading each token's files there stalled the pings
+    /// on a slow disk (and took seconds of a core at 10,000 tokens).
     fn summary(&self) -> String {
-        let (now, holders) = (chrono::Utc::now(), crate::status::LockHolders::read());
-        let reports = self.tokens.values().map(|t| crate::status::report(&t.cfg, now, &holders));
-        if self.tokens.len() <= SUMMARY_TOKENS {
-            let parts: Vec<String> = reports
-                .map(|r| match (r.generation, r.access_expires_in_secs) {
-                    (Some(g), Some(s)) if r.health == "ok" => {
-                        format!("{} ok gen {g}, {s}s left", r.name)
+        let now = chrono::Utc::now();
+        self.shared.metrics.read(|all| {
+            let health = |name: &str| all.get(name).map_or("no_state", |m| m.health(now));
+            let names = self.tokens.keys();
+            if self.tokens.len() <= SUMMARY_TOKENS {
+                let part = |name: &String| match (health(name), all.get(name)) {
+                    ("ok", Some(m)) => {
+                        let left = m.access_expires.unwrap_or_default() - now.timestamp();
+                        format!("{name} ok gen {}, {left}s left", m.generation)
                     }
-                    _ => format!("{} {}", r.name, r.health.replace('_', " ")),
+                    (h, _) => format!("{name} {}", h.replace('_', " ")),
+                };
+                return names.map(part).collect::<Vec<_>>().join("; ");
+            }
+            let not_ok: Vec<String> = names
+                .filter_map(|name| match health(name) {
+                    "ok" => None,
+                    h => Some(format!("{name} {}", h.replace('_', " "))),
                 })
                 .collect();
-            return parts.join("; ");
-        }
-        let mut ok = 0usize;
-        let mut not_ok: Vec<String> = Vec::new();
-        for r in reports {
-            if r.health == "ok" {
-                ok += 1;
-            } else {
-                not_ok.push(format!("{} {}", r.name, r.health.replace('_', " ")));
+            let ok = self.tokens.len() - not_ok.len();
+            let mut line = format!("{} tokens: {ok} ok", self.tokens.len());
+            if !not_ok.is_empty() {
+                let shown = not_ok.len().min(SUMMARY_TOKENS);
+                let _ = write!(line, ", {} not ok: {}", not_ok.len(), not_ok[..shown].join("; "));
+                if not_ok.len() > shown {
+                    line.push_str("; ...");
+                }
             }
-        }
-        let mut line = format!("{} tokens: {ok} ok", self.tokens.len());
-        if !not_ok.is_empty() {
-            let shown = not_ok.len().min(SUMMARY_TOKENS);
-            let _ = write!(line, ", {} not ok: {}", not_ok.len(), not_ok[..shown].join("; "));
-            if not_ok.len() > shown {
-                line.push_str("; ...");
-            }
-        }
-        line
+            line
+        })
     }
 
     async fn spawn(

@@ -36,6 +36,20 @@ pub struct TokenMetrics {
     pub near_expiry: Duration,
 }
 
+impl TokenMetrics {
+    /// The token's health as `tokend status` names it, from what the daemon itself holds
+    /// (`status::running_health`): the daemon's own view, no file read.
+    pub fn health(&self, now: chrono::DateTime<Utc>) -> &'static str {
+        let token = match self.access_expires {
+            None => "no_state",
+            Some(e) if e <= now.timestamp() => "expired",
+            Some(_) => "ok",
+        };
+        let held = self.logins_held_until.is_some_and(|t| t > now.timestamp());
+        crate::status::running_health(token, self.needs_login, self.task.as_deref(), held, now)
+    }
+}
+
 /// One token's proxy figures: counted on every request, so atomics, not the metrics lock.
 #[derive(Debug, Default)]
 pub struct ProxyCounters {
@@ -90,6 +104,11 @@ impl Metrics {
     pub fn update(&self, token: &str, f: impl FnOnce(&mut TokenMetrics)) {
         f(lock(&self.tokens).entry(token.to_string()).or_default());
         self.changed.notify_one();
+    }
+
+    /// Reads every token's figures under one lock.
+    pub fn read<R>(&self, f: impl FnOnce(&BTreeMap<String, TokenMetrics>) -> R) -> R {
+        f(&lock(&self.tokens))
     }
 
     /// The proxy counters of `token`, created on first use.

@@ -152,29 +152,17 @@ pub fn report(cfg: &TokenConfig, now: DateTime<Utc>, holders: &LockHolders) -> T
             r.problem = Some(e.to_string());
         }
     }
-    if r.needs_login {
-        r.health = "needs_login";
-    }
     // A plan is only a plan while a daemon is there to carry it out; a good token that
     // nobody refreshes lapses within the hour, so it is not healthy.
     if pid.is_some() {
         r.next_refresh_at = status.next_refresh_at.map(ts);
         r.cluster = status.cluster.map(|c| *c);
         r.task = status.task.map(|t| *t);
-        // A task that died is a bug to look at: unhealthy until it restarts and for an hour
-        // after, whether or not the restart helped.
-        let recent =
-            |t: &crate::store::TaskFailure| t.restart_at > now || now - t.at < TASK_FAILURE_SHOWN;
-        if r.health == "ok" && r.task.as_ref().is_some_and(recent) {
-            r.health = "task_failed";
-        }
-        // Holding back logins means the token cannot get a new one until then: not healthy.
-        if let Some(until) = status.logins_held_until.filter(|t| *t > now) {
-            r.logins_held_until = Some(ts(until));
-            if r.health == "ok" {
-                r.health = "logins_held";
-            }
-        }
+        let held = status.logins_held_until.filter(|t| *t > now);
+        r.logins_held_until = held.map(ts);
+        r.health = running_health(r.health, r.needs_login, r.task.as_ref(), held.is_some(), now);
+    } else if r.needs_login {
+        r.health = "needs_login";
     } else if r.health == "ok" {
         r.health = "not_running";
         r.problem = Some(format!(
@@ -184,6 +172,34 @@ pub fn report(cfg: &TokenConfig, now: DateTime<Utc>, holders: &LockHolders) -> T
         ));
     }
     r
+}
+
+/// The health of a token that a daemon refreshes, from its files (`tokend status`) or from
+/// the daemon's own memory (`systemctl status`), so that both say the same: `token` is what
+/// the published token says (ok, expired, no_state, unreadable).
+pub fn running_health(
+    token: &'static str,
+    needs_login: bool,
+    task: Option<&crate::store::TaskFailure>,
+    logins_held: bool,
+    now: DateTime<Utc>,
+) -> &'static str {
+    // A task that died is a bug to look at: unhealthy until it restarts and for an hour
+    // after, whether or not the restart helped.
+    let recent =
+        |t: &crate::store::TaskFailure| t.restart_at > now || now - t.at < TASK_FAILURE_SHOWN;
+    if needs_login {
+        "needs_login"
+    } else if token != "ok" {
+        token
+    } else if task.is_some_and(recent) {
+        "task_failed"
+    } else if logins_held {
+        // Holding back logins means the token cannot get a new one until then: not healthy.
+        "logins_held"
+    } else {
+        "ok"
+    }
 }
 
 /// All tokens' reports.

@@ -5,7 +5,9 @@
 
 Every fsync (of a file or a directory) sleeps for the number of milliseconds written in
 DELAY_FILE (read at each call; missing or empty means 0), then syncs the backing file: a
-volume that takes seconds to make data durable, the way a busy or failing disk does.
+volume that takes seconds to make data durable, the way a busy or failing disk does. A
+second number in DELAY_FILE, if any, is the delay of each open of an existing file: a disk
+whose reads crawl (a cold cache on a failing or network block device).
 Everything else passes straight through. Multi-threaded, so fsyncs of different files
 overlap as they would on a real queue. Needs python3-fusepy (Debian) and /dev/fuse.
 """
@@ -29,10 +31,11 @@ class SlowFs(Operations):
         except OSError as e:
             raise FuseOSError(e.errno or errno.EIO) from e
 
-    def slow(self):
+    def slow(self, which=0):
         try:
             with open(self.delay_file) as f:
-                ms = int(f.read().strip() or 0)
+                delays = f.read().split()
+            ms = int(delays[which]) if which < len(delays) else 0
         except (OSError, ValueError):
             ms = 0
         time.sleep(ms / 1000)
@@ -50,6 +53,7 @@ class SlowFs(Operations):
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
 
     def open(self, path, flags):
+        self.slow(1)
         return os.open(path, flags)
 
     def read(self, path, size, offset, fh):

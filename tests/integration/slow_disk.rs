@@ -58,6 +58,11 @@ impl SlowFs {
     fn set_delay(&self, ms: u64) {
         std::fs::write(&self.delay_file, ms.to_string()).unwrap();
     }
+
+    /// Each open of an existing file (a read) takes `ms`; fsync is not slowed.
+    fn set_open_delay(&self, ms: u64) {
+        std::fs::write(&self.delay_file, format!("0 {ms}")).unwrap();
+    }
 }
 
 impl Drop for SlowFs {
@@ -102,11 +107,13 @@ fn longest_ping_gap(log: &Log, from: Instant) -> Duration {
     at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
 }
 
-#[tokio::test]
-async fn slow_fsync_stalls_neither_the_watchdog_nor_sigterm() {
-    let users = (0..TOKENS).map(|n| User::numbered(JWT, n)).collect();
-    let w = World::with(FakeConfig { users, ..FakeConfig::for_tests() }).await;
-    let fs = SlowFs::mount(w.dir.path());
+/// The daemon with `TOKENS` tokens whose files are all on `fs`, and the notify socket's log
+/// (pings every 100 ms); `done` stops the socket's reader.
+async fn start_on(
+    w: &World,
+    fs: &SlowFs,
+    done: &Arc<std::sync::atomic::AtomicBool>,
+) -> (crate::harness::Daemon, Log) {
     let tokens: String = (0..TOKENS)
         .map(|i| {
             let jwt = if i == 0 { JWT.to_string() } else { format!("{JWT}-{i}") };
@@ -117,14 +124,26 @@ async fn slow_fsync_stalls_neither_the_watchdog_nor_sigterm() {
         .collect();
     std::fs::write(w.config_path(), tokens).unwrap();
     let socket_path = w.path("notify.sock");
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let log = listen(UnixDatagram::bind(&socket_path).unwrap(), done.clone());
-    // Pings every 100 ms.
-    let mut d = w.daemon_with(
+    let d = w.daemon_with(
         &[("NOTIFY_SOCKET", socket_path.to_str().unwrap()), ("WATCHDOG_USEC", "200000")],
         "",
     );
     d.wait_ready().await;
+    (d, log)
+}
+
+async fn slow_world() -> World {
+    let users = (0..TOKENS).map(|n| User::numbered(JWT, n)).collect();
+    World::with(FakeConfig { users, ..FakeConfig::for_tests() }).await
+}
+
+#[tokio::test]
+async fn slow_fsync_stalls_neither_the_watchdog_nor_sigterm() {
+    let w = slow_world().await;
+    let fs = SlowFs::mount(w.dir.path());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mut d, log) = start_on(&w, &fs, &done).await;
     fs.set_delay(FSYNC_MS);
     let crawl = Instant::now();
     d.signal(libc::SIGUSR1);
@@ -159,4 +178,35 @@ async fn slow_fsync_stalls_neither_the_watchdog_nor_sigterm() {
             .expect("state exists");
         assert_eq!(state.generation, 2, "t{i}'s refreshed pair was not persisted on stop");
     }
+}
+
+/// `systemctl status`'s line (STATUS=, sent at start, every 30 s and after a reload) comes from
+/// what the daemon holds, not from each token's files: it is built on the loop that pings the
+/// watchdog, where reading three files per token on a disk whose reads crawl made the pings
+/// seconds late (and took seconds of a core at 10,000 tokens).
+#[tokio::test]
+async fn slow_reads_stall_neither_the_watchdog_nor_the_status_line() {
+    const OPEN_MS: u64 = 1000;
+    let w = slow_world().await;
+    let fs = SlowFs::mount(w.dir.path());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mut d, log) = start_on(&w, &fs, &done).await;
+    fs.set_open_delay(OPEN_MS);
+    let reload = Instant::now();
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", 1, Duration::from_secs(60)).await;
+    let status = || {
+        log.lock().unwrap().iter().any(|(t, m)| *t >= reload && m.contains("STATUS=t0 ok gen 1"))
+    };
+    wait_until("a STATUS= line after the reload", Duration::from_secs(30), status).await;
+    // Watch the pings for as long as reading each token's files would take.
+    tokio::time::sleep(Duration::from_millis(OPEN_MS * 2)).await;
+    let gap = longest_ping_gap(&log, reload);
+    assert!(
+        gap < Duration::from_millis(1200),
+        "a watchdog ping was {gap:?} late while each open took {OPEN_MS} ms (interval 100 ms)"
+    );
+    fs.set_delay(0);
+    assert!(d.stop().await.success());
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
 }
