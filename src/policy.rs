@@ -25,6 +25,37 @@ pub const SESSION_WINDOW: Duration = Duration::from_secs(3600);
 pub const LOGIN_RETRY_INITIAL: Duration = Duration::from_secs(120);
 pub const LOGIN_RETRY_MAX: Duration = Duration::from_secs(1800);
 
+/// A published token's times (wall clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// When it was issued: also when the refresh token was last used (the refresh or login
+    /// that got this token).
+    pub issued: DateTime<Utc>,
+    pub access_expires: DateTime<Utc>,
+    /// The refresh token's expiry, where the server said (`refresh_token_expires_in`).
+    pub refresh_expires: Option<DateTime<Utc>>,
+}
+
+impl Lifetimes {
+    pub fn of(state: &crate::store::State) -> Self {
+        Self {
+            issued: state.refreshed_at,
+            access_expires: state.access_expires_at,
+            refresh_expires: state.refresh_expires_at,
+        }
+    }
+}
+
+/// What refreshing does to the refresh token's expiry, as the last two tokens showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RefreshExpiry {
+    /// It moves on: the deadline keeps ahead of it.
+    Sliding,
+    /// It stays (a session's end): it cannot be outrun, and chasing it would refresh in a
+    /// loop as it nears.
+    Absolute,
+}
+
 /// Where the newest refresh token is durable before anything is published: the one point on
 /// which one host and a cluster must decide differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,13 +192,15 @@ pub struct Policy {
     relogin: bool,
     /// A person must log in (or the config be fixed): no refresh on the deadline.
     needs_login: bool,
-    /// The published token: issued and expiry (wall clock).
-    token: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// The published token's times.
+    token: Option<Lifetimes>,
     /// Refresh by then, or the refresh token dies unused (`Rules::idle_expiry`).
     idle_deadline: Option<DateTime<Utc>>,
-    /// Random fraction taken off the safety margin per token, so tokens issued together
-    /// spread their refreshes.
-    deadline_jitter: Duration,
+    /// Whether refreshing moves the refresh token's expiry (`Lifetimes::refresh_expires`) on.
+    refresh_expiry: RefreshExpiry,
+    /// Random draw in [0,1): the fraction of a tenth of the safety margin (at most 30 s) taken
+    /// off the deadline per token, so tokens issued together spread their refreshes.
+    deadline_draw: f64,
     /// When the first reply of the refresh being replayed was lost.
     lost_at: Option<Instant>,
     /// The held refresh token may have been rotated away by a lost reply, and this provider
@@ -192,7 +225,8 @@ impl Policy {
             needs_login: false,
             token: None,
             idle_deadline: None,
-            deadline_jitter: Duration::ZERO,
+            refresh_expiry: RefreshExpiry::Sliding,
+            deadline_draw: 0.0,
             lost_at: None,
             spent: false,
         }
@@ -207,15 +241,28 @@ impl Policy {
         self.attempt
     }
 
-    /// The token now published (issued, expires) and a new deadline jitter (`rand01` in [0,1)).
-    /// `issued` is also when the refresh token was last used (the refresh or login that
-    /// got this token): its idle expiry counts from then.
-    pub fn token_changed(&mut self, issued: DateTime<Utc>, expires: DateTime<Utc>, rand01: f64) {
-        self.token = Some((issued, expires));
-        self.idle_deadline = self.rules.idle_expiry.map(|idle| idle_deadline(issued, idle));
-        let lifetime = (expires - issued).to_std().unwrap_or_default();
-        let cap = (self.rules.safety_margin.min(lifetime / 2) / 10).min(Duration::from_secs(30));
-        self.deadline_jitter = cap.mul_f64(rand01.clamp(0.0, 1.0));
+    /// The token now published and a new deadline jitter (`rand01` in [0,1)). The refresh
+    /// token's idle expiry counts from `t.issued`.
+    pub fn token_changed(&mut self, t: Lifetimes, rand01: f64) {
+        let seen = self.token.and_then(|p| Some((p.issued, p.refresh_expires?)));
+        self.refresh_expiry = match (seen, t.refresh_expires) {
+            // An expiry that moved on by less than half the time between the two tokens is
+            // absolute (RingCentral's session end, Auth0's absolute lifetime).
+            (Some((issued, expires)), Some(now_expires)) if t.issued > issued => {
+                if (now_expires - expires) * 2 > t.issued - issued {
+                    RefreshExpiry::Sliding
+                } else {
+                    RefreshExpiry::Absolute
+                }
+            }
+            // The same token again (a mirror, a reload) tells nothing new.
+            (Some(_), Some(_)) => self.refresh_expiry,
+            // First sight: assume it slides; one refresh near its end tells.
+            _ => RefreshExpiry::Sliding,
+        };
+        self.token = Some(t);
+        self.idle_deadline = self.rules.idle_expiry.map(|idle| idle_deadline(t.issued, idle));
+        self.deadline_draw = rand01.clamp(0.0, 1.0);
     }
 
     /// No token to refresh: the next attempt logs in if the grant can, else a person must.
@@ -298,17 +345,25 @@ impl Policy {
     }
 
     /// The wall-clock time after which the published token would be inside the margin, or
-    /// the refresh token too close to its idle expiry, whichever comes first. The idle one
-    /// binds only where the access token outlives most of it (a long `access_token_lifetime`
-    /// or `expires_in`): else the access deadline refreshes long before.
+    /// the refresh token too close to its idle expiry or to the expiry the server gave it,
+    /// whichever comes first. The refresh token's bind only where the access token outlives
+    /// most of them (a long `access_token_lifetime`, a short `refresh_token_ttl`): else the
+    /// access deadline refreshes long before.
     pub fn deadline(&self) -> Option<DateTime<Utc>> {
-        let (issued, expires) = self.token?;
+        let t = self.token?;
         if self.needs_login {
             return None;
         }
-        let mut d = refresh_deadline(issued, expires, self.rules.safety_margin);
+        let margin = self.rules.safety_margin;
+        // The shorter-lived of the two tokens binds, and its lifetime caps the jitter.
+        let sliding = self.refresh_expiry == RefreshExpiry::Sliding;
+        let rt = t.refresh_expires.filter(|rt| sliding && *rt < t.access_expires);
+        let expires = rt.unwrap_or(t.access_expires);
+        let mut d = refresh_deadline(t.issued, expires, margin);
         d = self.idle_deadline.map_or(d, |idle| idle.min(d));
-        Some(d - chrono::Duration::from_std(self.deadline_jitter).unwrap_or_default())
+        let lifetime = (expires - t.issued).to_std().unwrap_or_default();
+        let cap = (margin.min(lifetime / 2) / 10).min(Duration::from_secs(30));
+        Some(d - chrono::Duration::from_std(cap.mul_f64(self.deadline_draw)).unwrap_or_default())
     }
 
     /// When an attempt is due, ignoring the gates.
@@ -398,12 +453,12 @@ impl Policy {
     }
 
     /// A new token is published: everything starts afresh.
-    pub fn on_success(&mut self, issued: DateTime<Utc>, expires: DateTime<Utc>, rand01: f64) {
+    pub fn on_success(&mut self, t: Lifetimes, rand01: f64) {
         (self.lost_at, self.spent) = (None, false);
         (self.relogin, self.needs_login, self.retry_at, self.not_before, self.attempt) =
             (false, false, None, None, 0);
         self.logins_held_until = None;
-        self.token_changed(issued, expires, rand01);
+        self.token_changed(t, rand01);
     }
 
     /// A failed request (or a failed store write in a cluster); `rand01` draws the backoff jitter.

@@ -4,7 +4,7 @@
 
 use crate::config::TokenConfig;
 use crate::oauth::{OAuthClient, OAuthError, TokenSet};
-use crate::policy::{ChainHome, Failure, Next, Policy, Request, Rules};
+use crate::policy::{ChainHome, Failure, Lifetimes, Next, Policy, Request, Rules};
 use crate::publish::{Publisher, Report, log_refreshed, report_failure, report_sessions};
 use crate::store::{State, StateError, Status, blocking, next_generation, next_state};
 use crate::task::{CancellationToken, Command, Commands, Shared};
@@ -195,7 +195,7 @@ impl Refresher {
         let now = Utc::now();
         info!(token = %self.name(), generation = state.generation, access_expires = %crate::time::left(state.access_expires_at, now), "loaded state");
         let expired = state.access_expires_at <= now;
-        self.policy.token_changed(state.refreshed_at, state.access_expires_at, rand::random());
+        self.policy.token_changed(Lifetimes::of(&state), rand::random());
         if let Some(age) = intent_age(&self.cfg) {
             // Stopped mid-refresh: the server may already have killed this access token.
             // Replay the refresh (same refresh token) before publishing, where the provider
@@ -259,7 +259,7 @@ impl Refresher {
         }
         info!(token = %self.name(), generation = state.generation, fingerprint = %state.access_token.fingerprint(), "adopted a new login from `tokend login` (new session)");
         self.policy.logged_in();
-        self.policy.token_changed(state.refreshed_at, state.access_expires_at, rand::random());
+        self.policy.token_changed(Lifetimes::of(&state), rand::random());
         self.files.set(&self.cfg, state, false);
         self.report.update(|s| s.last_error = None);
         self.report.needs_login(false);
@@ -368,7 +368,7 @@ impl Refresher {
         let now = Utc::now();
         let state = next_state(&self.cfg.name, tokens, self.state(), new_session, now);
         log_refreshed(&self.cfg.name, &state, new_session, elapsed, None);
-        self.policy.on_success(state.refreshed_at, state.access_expires_at, rand::random());
+        self.policy.on_success(Lifetimes::of(&state), rand::random());
         self.report.success(now);
         self.files.set(&self.cfg, state, true);
         self.flush().await;

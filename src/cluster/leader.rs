@@ -7,7 +7,7 @@ use super::codec::decode_state;
 use super::token::{Ctx, PairRev, Snapshot, Stored};
 use super::{Intent, Lease};
 use crate::oauth::{OAuthError, TokenSet};
-use crate::policy::{Failure, Next, Policy, Request, store_backoff};
+use crate::policy::{Failure, Lifetimes, Next, Policy, Request, store_backoff};
 use crate::publish::{log_refreshed, report_failure, report_lost_in_flight, report_sessions};
 use crate::store::{State, next_generation, next_state};
 use crate::task::Command;
@@ -101,7 +101,7 @@ impl<'a> Leader<'a> {
 
     /// A new current pair: the policy's deadline follows it.
     fn set_current(&mut self, cur: &mut Current, state: State, revision: i64) {
-        self.policy.token_changed(state.refreshed_at, state.access_expires_at, rand::random());
+        self.policy.token_changed(Lifetimes::of(&state), rand::random());
         *cur = Current { state: Some(state), rev: PairRev::At(revision) };
     }
 
@@ -526,7 +526,7 @@ impl<'a> Leader<'a> {
         let state = next_state(self.name(), tokens, cur.state.as_ref(), new_session, now);
         let Some(revision) = self.publish_new(&state, cur.rev).await else { return false };
         log_refreshed(self.name(), &state, new_session, elapsed, Some(revision));
-        self.policy.on_success(state.refreshed_at, state.access_expires_at, rand::random());
+        self.policy.on_success(Lifetimes::of(&state), rand::random());
         self.set_current(cur, state, revision);
         self.ctx.report.success(now);
         self.ctx.report.save();

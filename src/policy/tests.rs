@@ -29,6 +29,41 @@ fn deadline_keeps_margin_or_half_the_lifetime() {
     assert_eq!(refresh_deadline(short, t0, Duration::from_secs(300)), t0, "already expired: now");
 }
 
+/// A refresh token the server says dies before the access token (RingCentral's
+/// `refresh_token_ttl` below an hour) is refreshed before it does, by the same margin; one
+/// whose expiry a refresh does not move on (a session's absolute end) is not chased.
+#[test]
+fn deadline_keeps_a_sliding_refresh_token_alive_and_leaves_an_absolute_one() {
+    let c = Clock::new();
+    let mut p = Policy::new(rules(ChainHome::StateFile, G::Jwt));
+    let times = |at: u64, rt_ttl: u64| Lifetimes {
+        refresh_expires: Some(c.wall(at + rt_ttl * S)),
+        ..c.times(at, 3600)
+    };
+    p.token_changed(times(0, 1200), 0.0);
+    assert_eq!(p.deadline(), Some(c.wall(900 * S)), "20 minutes less the 5-minute margin");
+    // Refreshed then: the new refresh token lives 20 minutes again (sliding).
+    p.on_success(times(900 * S, 1200), 0.0);
+    assert_eq!(p.deadline(), Some(c.wall(1800 * S)));
+    // Refreshed again, but the refresh token still dies at 2,100 s (an absolute end): the
+    // access token's deadline holds, not a refresh at once in a loop.
+    p.on_success(
+        Lifetimes { refresh_expires: Some(c.wall(2100 * S)), ..c.times(1800 * S, 3600) },
+        0.0,
+    );
+    assert_eq!(p.deadline(), Some(c.wall((1800 + 3300) * S)));
+    // The same token seen again (a mirror, a reload) keeps what was learnt.
+    p.token_changed(
+        Lifetimes { refresh_expires: Some(c.wall(2100 * S)), ..c.times(1800 * S, 3600) },
+        0.0,
+    );
+    assert_eq!(p.deadline(), Some(c.wall((1800 + 3300) * S)));
+    // A longer-lived refresh token (7 days) never binds before the access token.
+    let mut p = Policy::new(rules(ChainHome::StateFile, G::Jwt));
+    p.token_changed(times(0, 604_800), 0.0);
+    assert_eq!(p.deadline(), Some(c.wall(3300 * S)));
+}
+
 #[test]
 fn backoff_grows_caps_and_honours_retry_after() {
     let (i, m) = (Duration::from_secs(1), Duration::from_secs(60));
@@ -310,6 +345,14 @@ impl Clock {
     fn ms(&self, t: Instant) -> u64 {
         u64::try_from(t.duration_since(self.t0).as_millis()).unwrap()
     }
+    /// A token issued at `at` ms whose access token lives `ttl` s (no refresh expiry said).
+    fn times(&self, at: u64, ttl: u64) -> Lifetimes {
+        Lifetimes {
+            issued: self.wall(at),
+            access_expires: self.wall(at + ttl * S),
+            refresh_expires: None,
+        }
+    }
     fn wall_ms(&self, t: DateTime<Utc>) -> u64 {
         u64::try_from((t - self.wall0).num_milliseconds()).unwrap()
     }
@@ -321,7 +364,7 @@ fn run(name: &str, home: ChainHome, grant: G, steps: &[Step]) {
     for (i, step) in steps.iter().enumerate() {
         let at = format!("{name} ({home:?}), step {i}: {step:?}");
         match *step {
-            Token { at, ttl, draw } => p.token_changed(c.wall(at), c.wall(at + ttl * S), draw),
+            Token { at, ttl, draw } => p.token_changed(c.times(at, ttl), draw),
             Tick { at, draw } => p.on_tick(c.now(at), draw),
             RefreshNow { at } => p.refresh_now(c.now(at)),
             Bootstrap { at: t } => {
@@ -334,7 +377,7 @@ fn run(name: &str, home: ChainHome, grant: G, steps: &[Step]) {
             Fail { at: t, failure, draw, next } => {
                 assert_eq!(p.on_failure(c.now(t), failure, draw), next, "{at}");
             }
-            Succeed { at, ttl, draw } => p.on_success(c.wall(at), c.wall(at + ttl * S), draw),
+            Succeed { at, ttl, draw } => p.on_success(c.times(at, ttl), draw),
             Attempt { at: t, behind, single, cluster } => {
                 let want = if home == ChainHome::StateFile { single } else { cluster };
                 assert_eq!(p.should_attempt(c.now(t), c.wall(t), behind), want, "{at}");
