@@ -15,8 +15,9 @@ mod local;
 mod mirror;
 mod token;
 
+pub use crate::fake::TestTls;
 pub use codec::{Budget, Codec, Intent};
-pub use local::{LocalEtcd, TestTls};
+pub use local::LocalEtcd;
 pub use token::run as run_token;
 
 use crate::config::ClusterConfig;

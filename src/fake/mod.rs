@@ -16,6 +16,7 @@ mod config;
 mod faults;
 mod http;
 mod stats;
+mod tls;
 
 pub use auth::pkce_matches;
 pub use config::{
@@ -24,6 +25,7 @@ pub use config::{
 };
 pub use faults::{Fault, FaultKind};
 pub use stats::Stats;
+pub use tls::TestTls;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,5 @@
 //! The proxy in front of an HTTPS upstream (a TLS server of the test's own on 127.0.0.1, its
-//! certificate signed by a throwaway CA the daemon trusts through `SSL_CERT_FILE`): the token is
+//! certificate signed by a throwaway CA (`TestTls`) the daemon trusts through `SSL_CERT_FILE`): the token is
 //! set, HTTP/2 is used where the upstream offers it, and bodies stream both ways.
 
 use crate::harness::{TokenSpec, World};
@@ -7,55 +7,16 @@ use crate::proxy::{assert_no_token_in, client, unix_proxy, write_proxy_config};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{Request, Response};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokend::fake::TestTls;
 use tokio::sync::Notify;
 
 const T: Duration = Duration::from_secs(30);
 
 /// Bytes of the first part of a streamed body; the rest follows once the other side saw it.
 const FIRST: usize = 64 * 1024;
-
-/// A throwaway CA and a certificate for 127.0.0.1 signed by it, made with the `openssl`
-/// command (Debian `openssl`, which scripts/deps installs). Returns (CA, certificate, key).
-fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let d = dir.join("tls");
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
-        .unwrap();
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(&d)
-            .output()
-            .expect("openssl not found: install Debian openssl (scripts/deps does)");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let ca = ["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=tokend-test-ca"];
-    openssl(&[&["req", "-x509"][..], &ec, &ca].concat());
-    let leaf = ["-keyout", "up.key", "-out", "up.csr", "-subj", "/CN=127.0.0.1"];
-    openssl(&[&["req"][..], &ec, &leaf].concat());
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "up.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "up.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    (d.join("ca.pem"), d.join("up.pem"), d.join("up.key"))
-}
 
 /// What the test and the upstream tell each other about the streamed bodies.
 #[derive(Default)]
@@ -156,13 +117,13 @@ async fn answer(
 #[tokio::test]
 async fn an_https_upstream_gets_the_token_over_http2_and_bodies_stream_both_ways() {
     let w = World::new().await;
-    let (ca, cert, key) = certificates(w.dir.path());
+    let tls = TestTls::generate(w.dir.path());
     let signals = Arc::new(Signals::default());
-    let up = tls_upstream(&cert, &key, signals.clone()).await;
+    let up = tls_upstream(&tls.cert, &tls.key, signals.clone()).await;
     // Uploads over 1 KiB are not held for a replay: they stream.
     let proxy = format!("{}\nupstream = \"{up}\"\nreplay_body_limit = 1024", unix_proxy(&w));
     write_proxy_config(&w, &TokenSpec::new("main"), "", &proxy);
-    let d = w.daemon_with(&[("SSL_CERT_FILE", ca.to_str().unwrap())], "");
+    let d = w.daemon_with(&[("SSL_CERT_FILE", tls.ca.to_str().unwrap())], "");
     d.wait_ready().await;
     let c = client(&w.path("main.sock"));
     let token = w.sink("main").unwrap().access_token;
