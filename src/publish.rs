@@ -27,6 +27,8 @@ pub struct Publisher {
     retry: WriteRetry,
     /// Run the `on_refresh` hook once `state` is written everywhere.
     hook_due: bool,
+    /// Remove the refresh intent marker once `state` is durable (`set_login`).
+    login: bool,
     /// The token's proxies: told each state once it is durable here.
     gate: Option<Arc<Gate>>,
 }
@@ -62,7 +64,18 @@ impl Publisher {
         self.state = Some(state);
         self.dirty = true;
         self.hook_due = hook;
+        self.login = false;
         self.all_stale(cfg);
+    }
+
+    /// `set`, for the state of a new login: the intent marker is removed once it is durable.
+    /// After a refresh the marker stays (the new state's generation makes it stale, and a
+    /// removal would free an inode per refresh: `store::intent`); a marker of generation 0
+    /// (a first login from a configured refresh token) would count again with no state file,
+    /// should the state ever be moved aside as corrupt.
+    pub fn set_login(&mut self, cfg: &TokenConfig, state: State, hook: bool) {
+        self.set(cfg, state, hook);
+        self.login = true;
     }
 
     /// A state that is already durable in the state file: publish it to every sink.
@@ -101,6 +114,7 @@ impl Publisher {
             cfg: cfg.clone(),
             state: Arc::new(state),
             persist: self.dirty,
+            login: self.dirty && self.login,
             stale: std::mem::take(&mut self.stale),
             gate: self.gate.clone(),
         };
@@ -111,6 +125,7 @@ impl Publisher {
             return false;
         }
         self.dirty = false;
+        self.login = false;
         if !self.stale.is_empty() {
             self.retry.failed(Instant::now(), rand::random());
             return false;
@@ -127,12 +142,15 @@ impl Publisher {
 }
 
 /// One flush's writes, made on a blocking thread in the order the design sets: the state file
-/// (if it is behind), then the intent marker goes, the proxies get the pair, then the sinks.
+/// (if it is behind; after a login the intent marker goes then), the proxies get the pair,
+/// then the sinks.
 struct Writes {
     cfg: Arc<TokenConfig>,
     state: Arc<State>,
     /// The state file is behind `state`.
     persist: bool,
+    /// `state` is a new login's: remove the intent marker once it is durable.
+    login: bool,
     /// Sinks that do not hold `state` yet.
     stale: BTreeSet<PathBuf>,
     gate: Option<Arc<Gate>>,
@@ -141,14 +159,17 @@ struct Writes {
 impl Writes {
     /// Returns whether the state is durable, the sinks still not written, and the state.
     fn run(self) -> (bool, BTreeSet<PathBuf>, Arc<State>) {
-        let Self { cfg, state, persist, mut stale, gate } = self;
+        let Self { cfg, state, persist, login, mut stale, gate } = self;
         if persist {
             if let Err(e) = state.save(&cfg.state_file) {
                 error!(token = %cfg.name, path = %cfg.state_file.display(), error = %e, "cannot write state; keeping the new token in memory and not publishing until it is saved");
                 return (false, stale, state);
             }
-            // The new pair is durable: nothing is in flight any more.
-            clear_intent(&cfg);
+            // The new pair is durable: nothing is in flight any more. After a refresh the
+            // marker names the generation before this one, which is enough.
+            if login {
+                clear_intent(&cfg);
+            }
         }
         // The proxies send the pair once it is durable here (a follower's proxy replays a 401
         // once the leader's new pair is mirrored).
@@ -174,7 +195,8 @@ fn publish_metrics(cfg: &TokenConfig, metrics: &Metrics, s: &State) {
     });
 }
 
-/// Removes the marker of a refresh in flight: the pair it was for is durable now.
+/// Removes the marker of a refresh in flight: a login's pair is durable now, or nothing is in
+/// flight any more (a permanent failure).
 pub fn clear_intent(cfg: &TokenConfig) {
     match std::fs::remove_file(State::intent_path(&cfg.state_file)) {
         Ok(()) => {}

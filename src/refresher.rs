@@ -6,7 +6,7 @@ use crate::config::TokenConfig;
 use crate::oauth::{OAuthClient, OAuthError, TokenSet};
 use crate::policy::{ChainHome, Failure, Lifetimes, Next, Policy, Request, Rules};
 use crate::publish::{Publisher, Report, log_refreshed, report_failure, report_sessions};
-use crate::store::{State, StateError, Status, blocking, next_generation, next_state};
+use crate::store::{State, StateError, Status, blocking, intent, next_generation, next_state};
 use crate::task::{CancellationToken, Command, Commands, Shared};
 use chrono::Utc;
 use std::sync::Arc;
@@ -29,10 +29,10 @@ pub struct Refresher {
     gate: Option<Arc<crate::proxy::Gate>>,
 }
 
-/// How long ago the refresh in flight when tokend stopped began (its intent file), if one was.
-fn intent_age(cfg: &TokenConfig) -> Option<Duration> {
-    let meta = std::fs::metadata(State::intent_path(&cfg.state_file)).ok()?;
-    Some(meta.modified().ok().and_then(|m| m.elapsed().ok()).unwrap_or_default())
+/// How long ago the refresh in flight when tokend stopped began (its intent marker), if one
+/// was: a marker written from the state of generation `state` (`None`: no state yet).
+fn intent_age(cfg: &TokenConfig, state: Option<u64>) -> Option<Duration> {
+    intent::in_flight(&State::intent_path(&cfg.state_file), state, Utc::now())
 }
 
 impl Refresher {
@@ -196,7 +196,7 @@ impl Refresher {
         info!(token = %self.name(), generation = state.generation, access_expires = %crate::time::left(state.access_expires_at, now), "loaded state");
         let expired = state.access_expires_at <= now;
         self.policy.token_changed(Lifetimes::of(&state), rand::random());
-        if let Some(age) = intent_age(&self.cfg) {
+        if let Some(age) = intent_age(&self.cfg, Some(state.generation)) {
             // Stopped mid-refresh: the server may already have killed this access token.
             // Replay the refresh (same refresh token) before publishing, where the provider
             // makes that safe; elsewhere a new login, or wait for a person.
@@ -227,7 +227,7 @@ impl Refresher {
         // The bootstrap from a configured refresh token was in flight when tokend stopped:
         // sent again only where the provider allows a replay.
         let configured_rt = matches!(self.cfg.grant, crate::config::Grant::RefreshToken { .. });
-        if let Some(age) = intent_age(&self.cfg).filter(|_| configured_rt) {
+        if let Some(age) = intent_age(&self.cfg, None).filter(|_| configured_rt) {
             self.resume_lost(age);
             if self.policy.needs_login() {
                 return;
@@ -260,7 +260,7 @@ impl Refresher {
         info!(token = %self.name(), generation = state.generation, fingerprint = %state.access_token.fingerprint(), "adopted a new login from `tokend login` (new session)");
         self.policy.logged_in();
         self.policy.token_changed(Lifetimes::of(&state), rand::random());
-        self.files.set(&self.cfg, state, false);
+        self.files.set_login(&self.cfg, state, false);
         self.report.update(|s| s.last_error = None);
         self.report.needs_login(false);
         // Persist first: only then may the hand-off file go.
@@ -354,11 +354,13 @@ impl Refresher {
         report_failure(&self.report, &self.cfg, (e, request), (next, attempt), serving.as_deref());
     }
 
+    /// Marks the refresh from the current state (generation 0: none yet) as in flight, durably,
+    /// before its request goes out. The marker stays after the refresh: the new state, one
+    /// generation newer, makes it stale (`store::intent`).
     async fn write_intent(&self) {
-        let text = format!("refresh in flight since {}\n", Utc::now().to_rfc3339());
+        let generation = self.state().map_or(0, |s| s.generation);
         let path = State::intent_path(&self.cfg.state_file);
-        let written =
-            blocking(move || crate::store::write_atomic(&path, text.as_bytes(), 0o600)).await;
+        let written = blocking(move || intent::write(&path, generation, Utc::now())).await;
         if let Err(e) = written {
             warn!(token = %self.name(), error = %e, "cannot write the refresh intent marker");
         }
@@ -370,7 +372,11 @@ impl Refresher {
         log_refreshed(&self.cfg.name, &state, new_session, elapsed, None);
         self.policy.on_success(Lifetimes::of(&state), rand::random());
         self.report.success(now);
-        self.files.set(&self.cfg, state, true);
+        if new_session {
+            self.files.set_login(&self.cfg, state, true);
+        } else {
+            self.files.set(&self.cfg, state, true);
+        }
         self.flush().await;
     }
 

@@ -173,6 +173,16 @@ impl World {
             .expect("state exists")
     }
 
+    /// Whether `name`'s intent marker says a refresh from its state file was in flight (what
+    /// a restart reads). The marker itself stays after a refresh (`store::intent`).
+    pub fn refresh_in_flight(&self, name: &str) -> bool {
+        let path = self.path(&format!("{name}.state.json.intent"));
+        let state = tokend::store::State::load(&self.path(&format!("{name}.state.json")))
+            .unwrap()
+            .map(|s| s.generation);
+        tokend::store::intent::in_flight(&path, state, chrono::Utc::now()).is_some()
+    }
+
     /// Starts `tokend run` on config.toml.
     pub fn daemon(&self) -> Daemon {
         self.daemon_with(&[], "")

@@ -33,7 +33,7 @@ async fn huge_lifetimes_are_clamped_and_the_new_pair_is_saved() {
     d.signal(libc::SIGUSR1);
     w.wait_generation("main", 2, T).await;
     assert_ne!(w.state("main").refresh_token, before, "the server's new pair is saved");
-    assert!(!w.path("main.state.json.intent").exists(), "no refresh left in flight");
+    assert!(!w.refresh_in_flight("main"), "no refresh left in flight");
     d.signal(libc::SIGUSR1);
     w.wait_generation("main", 3, T).await;
     let (code, text) = status_of(&w);
