@@ -4,12 +4,13 @@
 //!
 //! - `gate`: the refresher's hook (the current token; close before a refresh, open after)
 //! - `forward`: one request (token, replay), `body`: replay buffering, `headers`: hop-by-hop
-//! - `server`: listeners and the connection loop
+//! - `server`: listeners and the connection loop, `idle`: its idle timeout
 
 mod body;
 mod forward;
 pub mod gate;
 mod headers;
+mod idle;
 mod plain;
 mod server;
 

@@ -160,21 +160,19 @@ impl Pool {
     /// (at the cap) another worker's idle one; otherwise waits for one to go idle or close,
     /// at most `wait`.
     async fn acquire(&self) -> Result<(Box<Upstream>, bool), Error> {
+        // The usual case, without joining the wait list (a lock the workers share).
+        if let Some(found) = self.try_acquire().await? {
+            return Ok(found);
+        }
         let slots = &self.shared.slots;
         let deadline = tokio::time::Instant::now() + self.shared.wait;
         loop {
-            // Registered before looking: a connection freed after the look wakes it.
+            // Registered before looking again: a connection freed after the look wakes it.
             let freed = slots.freed.notified();
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
-            if let Some(up) = self.checkout(self.worker).await {
-                return Ok((up, true));
-            }
-            if let Some(slot) = slots.take() {
-                return Ok((self.connect(slot).await?, false));
-            }
-            if let Some(up) = self.borrow().await {
-                return Ok((up, true));
+            if let Some(found) = self.try_acquire().await? {
+                return Ok(found);
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 // The wake-up this request may have taken goes to the next one in line.
@@ -182,6 +180,18 @@ impl Pool {
                 return Err(Error::Busy { max: slots.max, waited: self.shared.wait });
             }
         }
+    }
+
+    /// One look: an idle connection of this worker's, a new one under the cap, or another
+    /// worker's idle one.
+    async fn try_acquire(&self) -> Result<Option<(Box<Upstream>, bool)>, Error> {
+        if let Some(up) = self.checkout(self.worker).await {
+            return Ok(Some((up, true)));
+        }
+        if let Some(slot) = self.shared.slots.take() {
+            return Ok(Some((self.connect(slot).await?, false)));
+        }
+        Ok(self.borrow().await.map(|up| (up, true)))
     }
 
     /// Another worker's idle connection, at the cap only (its reads wake that worker).

@@ -3,9 +3,15 @@
 //! connection loop that drains at shutdown: it stops accepting, lets the requests in flight
 //! finish (bounded by `SHUTDOWN_GRACE`) and closes idle connections.
 
+use super::forward::BoxError;
 use super::forward::{Proxy, handle};
+use super::idle::{Activity, Tracked};
 use crate::config::Listen;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -21,10 +27,14 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1
 /// client before waiting for it (hyper's default is 400 KiB; API calls are small).
 const MAX_BUF: usize = 64 * 1024;
 
-/// A connection that sends nothing is closed after this long, as hyper closes one whose
-/// request head does not arrive in time (its header read timeout, 30 s by default): waiting
-/// for the first byte outside hyper must not keep a silent connection open for ever.
+/// A connection that sends nothing is closed after this long: waiting for the first byte
+/// outside hyper must not keep a silent connection open for ever.
 const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A connection with no request in progress is closed after 15 to 30 s without one starting
+/// or ending: an idle keep-alive connection, or a request head that does not arrive whole (as
+/// hyper's header read timeout, 30 s, did before; see `idle`).
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// A bound listener.
 pub enum Listener {
@@ -239,19 +249,43 @@ fn serve_connection(
 async fn http1(io: Box<dyn Duplex>, proxy: Arc<Proxy>, shutdown: CancellationToken) {
     // Boxed: hyper keeps a slot the size of the service's future for each connection, idle or
     // not; a box makes that slot a pointer, and the future's memory lives only per request.
-    let service = hyper::service::service_fn(move |req| Box::pin(handle(proxy.clone(), req)));
+    let service = move |req| Box::pin(handle(proxy.clone(), req));
+    serve_http1(io, service, &shutdown, IDLE_TIMEOUT).await;
+}
+
+/// Serves HTTP/1.1 on `io` with `service` until the client closes, the connection has been
+/// idle for `idle` (up to twice that; see `idle`), or `shutdown`: then the request in flight
+/// finishes (answered with `Connection: close`), or the connection closes at once when idle.
+async fn serve_http1<F, B>(
+    io: Box<dyn Duplex>,
+    service: impl Fn(Request<Incoming>) -> F + Send + 'static,
+    shutdown: &CancellationToken,
+    idle: std::time::Duration,
+) where
+    F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static,
+{
+    let activity = Arc::new(Activity::default());
+    let tracked = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req| {
+            let busy = activity.start();
+            let answer = service(req);
+            async move { Ok::<_, Infallible>(answer.await?.map(|body| Tracked { body, _busy: busy })) }
+        })
+    };
+    // No header read timeout (and so no timer): `activity` closes idle and slow connections.
     let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
+        .header_read_timeout(None)
         .max_buf_size(MAX_BUF)
-        .serve_connection(TokioIo::new(io), service);
+        .serve_connection(TokioIo::new(io), tracked);
     let mut conn = std::pin::pin!(conn);
     // A client that goes away mid-request is its own business: nothing to report.
     tokio::select! {
         _ = conn.as_mut() => return,
+        () = activity.idle(idle) => return,
         () = shutdown.cancelled() => {}
     }
-    // Finishes the request in flight (answered with `Connection: close`), or closes at once
-    // when idle.
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
 }
@@ -280,6 +314,84 @@ mod tests {
         c.write_all(b"G").await.unwrap();
         let long = Duration::from_secs(60);
         assert!(first_bytes(s, &stop, long).await.is_some(), "one that sent is closed");
+    }
+
+    /// An answer that streams slower than the idle timeout: `a`, then `b` after `gap`.
+    fn slow_answer(
+        req: &Request<Incoming>,
+        gap: Duration,
+    ) -> Response<http_body_util::combinators::BoxBody<Bytes, Infallible>> {
+        use http_body_util::BodyExt;
+        let slow = req.uri().path() == "/slow";
+        let frames = futures_util::stream::unfold(0, move |i| async move {
+            let data = match i {
+                0 => "a",
+                1 if slow => {
+                    tokio::time::sleep(gap).await;
+                    "b"
+                }
+                _ => return None,
+            };
+            Some((Ok(hyper::body::Frame::data(Bytes::from(data))), i + 1))
+        });
+        Response::new(http_body_util::StreamBody::new(Box::pin(frames)).boxed())
+    }
+
+    /// Serves one loopback connection with `slow_answer` and a short idle timeout; returns
+    /// the client's end and the task serving the server's.
+    async fn served(idle: Duration) -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let task = tokio::spawn(async move {
+            let service = move |req| std::future::ready(Ok(slow_answer(&req, idle * 4)));
+            serve_http1(Box::new(s), service, &CancellationToken::new(), idle).await;
+        });
+        (c, task)
+    }
+
+    /// A request head that dribbles in (a slowloris client) is cut off after the idle timeout.
+    #[tokio::test]
+    async fn a_request_head_that_dribbles_in_is_closed() {
+        let idle = Duration::from_millis(200);
+        let (mut c, task) = served(idle).await;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        let dribble = async {
+            // Bounded: 60 lines over 12 s, 30 times the longest the timeout may take.
+            for _ in 0..60 {
+                tokio::time::sleep(idle / 4).await;
+                if c.write_all(b"X-A: 1\r\n").await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            r = task => r.unwrap(),
+            () = dribble => panic!("a head dribbling in for 12 s was kept"),
+        }
+    }
+
+    /// An answer streaming for longer than the idle timeout is not cut; once it is done, the
+    /// idle connection is closed.
+    #[tokio::test]
+    async fn a_long_answer_is_not_cut_and_the_idle_connection_then_closes() {
+        use tokio::io::AsyncReadExt;
+        let idle = Duration::from_millis(200);
+        let (mut c, task) = served(idle).await;
+        c.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        // Bounded: the chunked answer ends with its empty last chunk, or the read fails.
+        while !got.ends_with(b"0\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf)).await;
+            let n = n.expect("an answer within 30 s").unwrap();
+            assert!(n > 0, "closed mid-answer: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("\r\na\r\n") && text.contains("\r\nb\r\n"), "{text}");
+        tokio::time::timeout(Duration::from_secs(30), task).await.expect("idle kept").unwrap();
+        assert_eq!(c.read(&mut buf).await.unwrap(), 0, "the server closed it");
     }
 
     /// A connection with nothing sent yet is not handed on; its first byte hands it on unread.
