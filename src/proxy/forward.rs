@@ -9,7 +9,7 @@ use super::plain::{self, PlainBody};
 use crate::config::ProxyConfig;
 use http_body_util::{Either, Full};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{self, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, StatusCode, Uri};
@@ -144,12 +144,25 @@ impl Proxy {
             }
             return pass(resp);
         };
+        // Boxed: every request's future would otherwise carry a second `send` and the waits.
+        Box::pin(self.replay(parts, resp, used, replay, outcome)).await
+    }
+
+    /// After a 401 on token `used`: sends the request again once a newer token is there.
+    async fn replay(
+        &self,
+        parts: &Parts,
+        resp: Response<UpstreamBody>,
+        used: u64,
+        body: Bytes,
+        outcome: &mut Outcome,
+    ) -> Response<ProxyBody> {
         if !self.wait_for_newer(used).await {
             return pass(resp);
         }
         outcome.replayed = true;
         self.gate.counters.replays.fetch_add(1, Ordering::Relaxed);
-        match self.send(parts, whole(replay), outcome).await {
+        match self.send(parts, whole(body), outcome).await {
             Ok((resp, _)) => pass(resp),
             Err(local) => *local,
         }
@@ -219,13 +232,19 @@ impl Proxy {
                 "the access token is not a valid header value",
             )));
         };
-        // Kept for a replay, so cloned: a handful of shared `Bytes`, no copy of their text.
-        let mut headers = parts.headers.clone();
+        // Kept for a replay, so copied: a handful of shared `Bytes`, no copy of their text,
+        // into a map with room for the two the proxy sets (added to a clone, they made it
+        // grow, a reallocation on most requests).
+        let mut headers = HeaderMap::with_capacity(parts.headers.len() + 2);
+        for (name, value) in &parts.headers {
+            if name != header::HOST && name != header::AUTHORIZATION {
+                headers.append(name.clone(), value.clone());
+            }
+        }
         strip_hop_by_hop(&mut headers);
-        match &self.route {
-            // hyper's client sets the upstream's own `Host`.
-            Route::Pooled(_) => drop(headers.remove(header::HOST)),
-            Route::Plain { host, .. } => drop(headers.insert(header::HOST, host.clone())),
+        // hyper's client sets the upstream's own `Host`.
+        if let Route::Plain { host, .. } = &self.route {
+            headers.insert(header::HOST, host.clone());
         }
         headers.insert(header::AUTHORIZATION, auth);
         let mut request = Request::new(body);

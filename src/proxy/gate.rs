@@ -137,8 +137,26 @@ impl Gate {
         });
     }
 
-    /// Waits while the gate is closed, then counts the request in flight.
+    /// Waits while the gate is closed, then counts the request in flight. The wait is boxed:
+    /// every request's future would otherwise carry its state.
     pub async fn admit(self: &Arc<Self>) -> Admitted {
+        match self.try_admit() {
+            Some(admitted) => admitted,
+            None => Box::pin(self.admit_held()).await,
+        }
+    }
+
+    /// Counts the request in flight if the gate is open.
+    fn try_admit(self: &Arc<Self>) -> Option<Admitted> {
+        self.in_flight.fetch_add(1, SeqCst);
+        if self.closed.load(SeqCst) {
+            self.leave();
+            return None;
+        }
+        Some(Admitted { gate: self.clone(), held: None })
+    }
+
+    async fn admit_held(self: &Arc<Self>) -> Admitted {
         let mut held_since = None;
         loop {
             self.in_flight.fetch_add(1, SeqCst);
@@ -165,12 +183,20 @@ impl Gate {
 
     /// The token to send now, waiting up to `wait` for one when there is none or it expired.
     pub async fn token(&self, wait: Duration) -> Option<Arc<Current>> {
+        // The usual case, without a receiver or a timer; the wait is boxed (see `admit`).
+        match self.usable_now() {
+            Some(c) => Some(c),
+            None => Box::pin(self.wait_token(wait)).await,
+        }
+    }
+
+    fn usable_now(&self) -> Option<Arc<Current>> {
+        self.current.borrow().as_ref().filter(|c| c.expires_at > Utc::now()).cloned()
+    }
+
+    async fn wait_token(&self, wait: Duration) -> Option<Arc<Current>> {
         let usable =
             |c: &Option<Arc<Current>>| c.as_ref().is_some_and(|c| c.expires_at > Utc::now());
-        // The usual case, without a receiver or a timer.
-        if let Some(c) = Some(self.current.borrow()).filter(|c| usable(c)) {
-            return c.clone();
-        }
         let mut rx = self.current.subscribe();
         let found = tokio::time::timeout(wait, rx.wait_for(usable)).await;
         match found {

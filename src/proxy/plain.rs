@@ -164,6 +164,12 @@ impl Pool {
         if let Some(found) = self.try_acquire().await? {
             return Ok(found);
         }
+        // Boxed: every request's future would otherwise carry the wait's state.
+        Box::pin(self.wait_for_one()).await
+    }
+
+    /// At the cap: waits for a connection to go idle or close, at most `wait`.
+    async fn wait_for_one(&self) -> Result<(Box<Upstream>, bool), Error> {
         let slots = &self.shared.slots;
         let deadline = tokio::time::Instant::now() + self.shared.wait;
         loop {
@@ -189,7 +195,8 @@ impl Pool {
             return Ok(Some((up, true)));
         }
         if let Some(slot) = self.shared.slots.take() {
-            return Ok(Some((self.connect(slot).await?, false)));
+            // Boxed: a connection is opened once for many requests (see `acquire`).
+            return Ok(Some((Box::pin(self.connect(slot)).await?, false)));
         }
         Ok(self.borrow().await.map(|up| (up, true)))
     }
