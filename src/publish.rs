@@ -212,13 +212,16 @@ pub struct Report {
     cfg: Arc<TokenConfig>,
     metrics: Arc<Metrics>,
     status: Mutex<Status>,
+    /// Held across taking the status and writing it (`save`).
+    saving: tokio::sync::Mutex<()>,
 }
 
 impl Report {
     /// A task restarted after it died keeps showing that death (`Status::task`).
     pub fn new(cfg: &Arc<TokenConfig>, metrics: Arc<Metrics>, mut status: Status) -> Self {
         metrics.update(&cfg.name, |m| status.task.clone_from(&m.task));
-        Self { cfg: cfg.clone(), metrics, status: Mutex::new(status) }
+        let (status, saving) = (Mutex::new(status), tokio::sync::Mutex::new(()));
+        Self { cfg: cfg.clone(), metrics, status, saving }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -231,27 +234,20 @@ impl Report {
 
     /// `update`, then `save`.
     #[cfg(feature = "etcd")]
-    pub fn write(&self, f: impl FnOnce(&mut Status)) {
+    pub async fn write(&self, f: impl FnOnce(&mut Status)) {
         self.update(f);
-        self.save();
+        self.save().await;
     }
 
     pub fn status(&self) -> Status {
         self.status.lock().expect("status lock").clone()
     }
 
-    /// Writes the status file on the calling thread (the cluster's tasks; the refresher uses
-    /// `save_blocking`).
-    #[cfg(feature = "etcd")]
-    pub fn save(&self) {
-        let status = self.status();
-        if let Err(e) = status.save(&self.cfg.state_file) {
-            warn!(token = %self.cfg.name, error = %e, "cannot write status file");
-        }
-    }
-
-    /// `save` in the store's blocking pool (see `Publisher::flush`).
-    pub async fn save_blocking(&self) {
+    /// Writes the status file in the store's blocking pool (see `Publisher::flush`). Saves
+    /// of one token take turns, each with the status as it is at its turn, so that the last
+    /// written is the newest (a cluster host's leader and mirror both save).
+    pub async fn save(&self) {
+        let _turn = self.saving.lock().await;
         let (status, path) = (self.status(), self.cfg.state_file.clone());
         if let Err(e) = blocking(move || status.save(&path)).await {
             warn!(token = %self.cfg.name, error = %e, "cannot write status file");

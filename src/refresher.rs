@@ -390,7 +390,7 @@ impl Refresher {
                 (d, t) => d.or(t),
             };
         });
-        self.report.save_blocking().await;
+        self.report.save().await;
     }
 }
 

@@ -37,7 +37,7 @@ pub(super) async fn run(ctx: &Ctx, commands: &mut Commands, stop: &CancellationT
             return;
         };
         // Waiting in the election queue: a follower until elected.
-        ctx.set_role("follower");
+        ctx.set_role("follower").await;
         let key = match campaign(ctx, lease, &mut lease_rx, commands, stop).await {
             Campaign::Won(key) => key,
             Campaign::Again => continue,
@@ -52,7 +52,7 @@ pub(super) async fn run(ctx: &Ctx, commands: &mut Commands, stop: &CancellationT
         };
         failures = 0;
         info!(token = %ctx.name(), node = %ctx.cluster.node(), fence = key.rev(), "elected leader: this host refreshes the token");
-        ctx.set_role("leader");
+        ctx.set_role("leader").await;
         let mut leader = Leader::new(ctx, key, lease, &mut lease_rx, &mut policy);
         let outcome = leader.run(commands, stop).await;
         // Resign either way: stepping down hands over at once instead of after the TTL.
@@ -60,7 +60,7 @@ pub(super) async fn run(ctx: &Ctx, commands: &mut Commands, stop: &CancellationT
         match outcome {
             Outcome::Stop => return,
             Outcome::Lost => {
-                ctx.set_role("follower");
+                ctx.set_role("follower").await;
                 info!(token = %ctx.name(), "no longer the leader");
             }
         }
@@ -81,7 +81,7 @@ async fn wait_for_lease(
         {
             return Some(id);
         }
-        ctx.set_role("offline");
+        ctx.set_role("offline").await;
         tokio::select! {
             _ = lease_rx.changed() => {}
             _ = commands.recv() => forward_handoff(ctx).await,

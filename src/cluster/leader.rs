@@ -230,7 +230,7 @@ impl<'a> Leader<'a> {
             return None;
         }
         if let Some(intent) = snap.intent.filter(|i| PairRev::At(i.pair_revision) == cur.rev) {
-            self.resume_intent(&intent);
+            self.resume_intent(&intent).await;
         }
         Some(cur)
     }
@@ -239,13 +239,13 @@ impl<'a> Leader<'a> {
     /// provider's replay rule decides by the intent's age, through the same policy as one
     /// host after a restart (replay, a new login, or needs login; never a replay where reuse
     /// revokes the family). The intent stays until a new pair is published.
-    fn resume_intent(&mut self, intent: &Intent) {
+    async fn resume_intent(&mut self, intent: &Intent) {
         // Another host's wall clock: an intent from the future counts as just written.
         let age = (Utc::now() - intent.at).to_std().unwrap_or_default();
         info!(token = %self.name(), started_by = %intent.node, since = %intent.at.to_rfc3339(), "found the intent of a refresh in flight");
         let next = self.policy.lost_on_restart(Instant::now(), age);
         report_lost_in_flight(&self.ctx.report, &self.ctx.cfg, next, "the last leader");
-        self.ctx.report.save();
+        self.ctx.report.save().await;
     }
 
     /// No pair in etcd: import a local state, else log in, else wait for `tokend login`.
@@ -261,7 +261,7 @@ impl<'a> Leader<'a> {
             info!(token = %self.name(), grant = self.ctx.cfg.grant.name(), "no pair in etcd yet; logging in (new session)");
         } else {
             self.ctx.report.needs_login(true);
-            self.ctx.report.save();
+            self.ctx.report.save().await;
             error!(token = %self.name(), "needs login: run `tokend login --token {}` on any host of the cluster", self.name());
         }
         true
@@ -293,7 +293,7 @@ impl<'a> Leader<'a> {
                 if source == handoff {
                     let _ = std::fs::remove_file(&handoff);
                 }
-                self.adopted(cur, state, revision);
+                self.adopted(cur, state, revision).await;
                 true
             }
             Publish::Rejected(_) => false,
@@ -339,7 +339,7 @@ impl<'a> Leader<'a> {
         match self.settle(published, &state).await {
             Publish::Done(revision) => {
                 info!(token = %self.name(), generation = state.generation, fingerprint = %state.access_token.fingerprint(), "adopted a new login from `tokend login` on another host (new session)");
-                self.adopted(cur, state, revision);
+                self.adopted(cur, state, revision).await;
                 true
             }
             Publish::Rejected(_) => false,
@@ -364,11 +364,11 @@ impl<'a> Leader<'a> {
     }
 
     /// A login from `tokend login` is now the pair: the token no longer needs one.
-    fn adopted(&mut self, cur: &mut Current, state: State, revision: i64) {
+    async fn adopted(&mut self, cur: &mut Current, state: State, revision: i64) {
         self.set_current(cur, state, revision);
         self.policy.logged_in();
         self.ctx.report.needs_login(false);
-        self.ctx.report.save();
+        self.ctx.report.save().await;
     }
 
     /// The rate budget as stored in etcd, for the next leader.
@@ -412,7 +412,7 @@ impl<'a> Leader<'a> {
             // authorization_code: only `tokend login` gives a first token; or the session
             // budget is spent and the login waits.
             report_sessions(&self.ctx.report, &self.ctx.cfg, self.policy, None);
-            self.ctx.report.save();
+            self.ctx.report.save().await;
             return true;
         };
         let refresh_token = match request {
@@ -486,7 +486,7 @@ impl<'a> Leader<'a> {
             (next, attempt),
             serving.as_deref(),
         );
-        self.ctx.report.save();
+        self.ctx.report.save().await;
         if matches!(next, Next::Retry(_)) && e.retry_after().is_some() {
             // The next leader must wait for it too.
             let txn = Txn::new().when([self.fence()]).and_then([self.budget_put()]);
@@ -506,7 +506,7 @@ impl<'a> Leader<'a> {
                 self.set_current(cur, *state, revision);
                 // Its refresh token may itself have been in flight: then the replay rule holds.
                 match snap.intent.filter(|i| PairRev::At(i.pair_revision) == cur.rev) {
-                    Some(intent) => self.resume_intent(&intent),
+                    Some(intent) => self.resume_intent(&intent).await,
                     None => self.policy.replay(Instant::now()),
                 }
                 Some(true)
@@ -529,7 +529,7 @@ impl<'a> Leader<'a> {
         self.policy.on_success(Lifetimes::of(&state), rand::random());
         self.set_current(cur, state, revision);
         self.ctx.report.success(now);
-        self.ctx.report.save();
+        self.ctx.report.save().await;
         true
     }
 

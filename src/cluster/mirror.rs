@@ -50,7 +50,7 @@ impl Mirror {
         if self.leader_needs_login != yes {
             self.leader_needs_login = yes;
             ctx.report.needs_login(yes);
-            ctx.report.save_blocking().await;
+            ctx.report.save().await;
             if yes {
                 warn!(token = %ctx.name(), "the leader says this token needs login: run `tokend login --token {}` on any host of the cluster", ctx.name());
             }
@@ -74,7 +74,8 @@ impl Mirror {
             if let Some(c) = &mut s.cluster {
                 c.revision = revision;
             }
-        });
+        })
+        .await;
     }
 
     async fn flush_if_due(&mut self, ctx: &Ctx) {
@@ -89,7 +90,8 @@ pub(super) async fn run(ctx: Arc<Ctx>, stop: CancellationToken, ready: oneshot::
     let mut up = ctx.cluster.up();
     let mut failures = 0u32;
     while !stop.is_cancelled() {
-        note_reachability(&ctx, *up.borrow_and_update());
+        let reachable = *up.borrow_and_update();
+        note_reachability(&ctx, reachable).await;
         let read = tokio::select! {
             r = ctx.read() => r,
             () = stop.cancelled() => break,
@@ -119,7 +121,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, stop: CancellationToken, ready: oneshot::
             }
             None => {}
         }
-        note_reachability(&ctx, true);
+        note_reachability(&ctx, true).await;
         if let Some(r) = ready.take() {
             let _ = r.send(());
         }
@@ -132,7 +134,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, stop: CancellationToken, ready: oneshot::
     }
 }
 
-fn note_reachability(ctx: &Ctx, reachable: bool) {
+async fn note_reachability(ctx: &Ctx, reachable: bool) {
     ctx.update_status(|s| {
         if let Some(c) = &mut s.cluster
             && c.etcd_reachable != reachable
@@ -140,7 +142,8 @@ fn note_reachability(ctx: &Ctx, reachable: bool) {
             c.etcd_reachable = reachable;
             c.etcd_unreachable_since = (!reachable).then(Utc::now);
         }
-    });
+    })
+    .await;
 }
 
 /// Sleeps `d` while retrying failed local writes; true when told to stop.

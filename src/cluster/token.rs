@@ -62,16 +62,17 @@ impl Ctx {
     }
 
     /// Changes the status and writes the status file.
-    pub fn update_status(&self, f: impl FnOnce(&mut Status)) {
-        self.report.write(f);
+    pub async fn update_status(&self, f: impl FnOnce(&mut Status)) {
+        self.report.write(f).await;
     }
 
-    pub fn set_role(&self, role: &str) {
+    pub async fn set_role(&self, role: &str) {
         self.update_status(|s| {
             if let Some(c) = &mut s.cluster {
                 c.role = role.into();
             }
-        });
+        })
+        .await;
     }
 
     /// The pair and its mod revision, the intent, the rate budget, whether the leader needs
