@@ -57,6 +57,9 @@ struct Conn {
     /// Index into the endpoints of the member in use; the first is preferred.
     endpoint: usize,
     failures: u32,
+    /// etcd's refusal (`refused`) is logged for this outage: an outage that began with a
+    /// timeout (a slow connect) says why once etcd answers and refuses.
+    refusal_logged: bool,
 }
 
 /// Whether etcd answered and refused: wrong credentials, or a role without a permission.
@@ -100,7 +103,12 @@ impl Cluster {
         let inner = Inner {
             cfg,
             codec,
-            conn: Mutex::new(Conn { clients: None, endpoint: 0, failures: 0 }),
+            conn: Mutex::new(Conn {
+                clients: None,
+                endpoint: 0,
+                failures: 0,
+                refusal_logged: false,
+            }),
             lease: watch::Sender::new(Lease::None),
             up: watch::Sender::new(true),
             reconnects: watch::Sender::new(0),
@@ -228,7 +236,9 @@ impl Cluster {
 
     /// Reports a request that worked: etcd is up.
     pub async fn succeeded(&self) {
-        self.inner.conn.lock().await.failures = 0;
+        let mut conn = self.inner.conn.lock().await;
+        (conn.failures, conn.refusal_logged) = (0, false);
+        drop(conn);
         self.inner.up.send_if_modified(|up| !std::mem::replace(up, true));
     }
 
@@ -247,9 +257,11 @@ impl Cluster {
                 warn!(endpoint = %self.inner.cfg.endpoints[conn.endpoint], error = %e, "etcd requests keep failing; trying the next endpoint");
             }
         }
+        let refusal = refused(e);
+        let first_refusal = refusal && !std::mem::replace(&mut conn.refusal_logged, true);
         drop(conn);
-        if self.inner.up.send_if_modified(|up| std::mem::replace(up, false)) {
-            if refused(e) {
+        if self.inner.up.send_if_modified(|up| std::mem::replace(up, false)) || first_refusal {
+            if refusal {
                 error!(error = %e, prefix = %self.inner.cfg.prefix, "etcd is unreachable: it refuses tokend's login or a key; check [cluster] username and password, and that the user's role may read and write the keys under the prefix; nobody can refresh until it is fixed; serving the last token");
             } else {
                 error!(error = %e, "etcd is unreachable: nobody can refresh until it returns; serving the last token");
