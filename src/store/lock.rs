@@ -15,11 +15,11 @@ pub enum LockError {
     Io { path: PathBuf, source: std::io::Error },
 }
 
-/// Held for as long as this value lives; the kernel drops it if the process dies.
+/// Held for as long as this value lives; the kernel drops it if the process dies. Only the
+/// open file: each token's task holds one, and its path is the state file's plus `.lock`.
 #[derive(Debug)]
 pub struct StateLock {
     _file: File,
-    path: PathBuf,
 }
 
 impl StateLock {
@@ -53,11 +53,7 @@ impl StateLock {
         file.set_len(0).map_err(io)?;
         file.rewind().map_err(io)?;
         write!(file, "{}", std::process::id()).map_err(io)?;
-        Ok(Self { _file: file, path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { _file: file })
     }
 }
 

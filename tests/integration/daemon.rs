@@ -227,9 +227,15 @@ async fn dead_chain_without_a_login_grant_needs_login_and_keeps_sinks() {
     assert!(d.stop().await.success());
 }
 
+/// Each token's task takes its own lock as it starts up (issue 15): one whose lock another
+/// tokend holds sends nothing, and the daemon exits naming it.
 #[tokio::test]
 async fn second_daemon_on_the_same_state_exits_naming_the_holder() {
+    use std::os::unix::fs::MetadataExt;
     let (w, mut d) = started(TokenSpec::new("main")).await;
+    let inode = |f: &str| std::fs::metadata(w.path(f)).unwrap().ino();
+    let files = ["main.json", "main.state.json.status"];
+    let before = files.map(inode);
     let mut second = w.daemon();
     let status = second.wait_exit(T).await;
     assert_eq!(status.code(), Some(75));
@@ -238,6 +244,15 @@ async fn second_daemon_on_the_same_state_exits_naming_the_holder() {
         out.contains(&format!("pid {}", d.pid())) && out.contains("locked by another tokend"),
         "{out}"
     );
+    assert_eq!(w.stats().logins, 1, "the second daemon logged in: {out}");
+    assert_eq!(files.map(inode), before, "the second daemon wrote the token's files: {out}");
+    // A config that shares one of its tokens' state with the running daemon: refused too,
+    // naming that token's lock file.
+    w.write_config(&[TokenSpec::new("other"), TokenSpec::new("main")]);
+    let mut third = w.daemon();
+    assert_eq!(third.wait_exit(T).await.code(), Some(75));
+    let out = third.output();
+    assert!(out.contains("main.state.json.lock is locked by another tokend"), "{out}");
     assert!(d.stop().await.success());
 }
 
