@@ -2,6 +2,7 @@
 //! reader-facing sinks, and the lock that makes one daemon the only writer of a token.
 
 mod atomic;
+pub mod dir_sync;
 pub mod intent;
 mod lock;
 mod pool;

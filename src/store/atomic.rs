@@ -1,7 +1,7 @@
 //! Whole-file replacement that readers can never see torn: temp file in the same directory,
 //! created exclusively with an explicit mode, fsync, rename, fsync of the directory.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -47,9 +47,11 @@ fn write_temp(tmp: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     file.sync_all()
 }
 
+/// The rename into `path`'s directory is durable once an fsync of the directory that began
+/// after it is over: shared with the other writers there (`dir_sync`).
 fn sync_dir(path: &Path) -> io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()
+    super::dir_sync::after_rename(dir)
 }
 
 /// Removes `.NAME.tmp.*` files a killed writer left in `dir` for any NAME in `names`. Call
