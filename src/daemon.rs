@@ -5,7 +5,7 @@
 use crate::config::{Config, ConfigError, TokenConfig};
 use crate::metrics::Metrics;
 use crate::store::{LockError, StateLock, check_dir_writable};
-use crate::supervise::{Lock, Mode};
+use crate::supervise::Mode;
 use crate::task::{CancellationToken, Command, CommandSender, Commands, Shared};
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
@@ -128,10 +128,10 @@ struct TokenHandle {
     cfg: Arc<TokenConfig>,
     tx: CommandSender,
     stop: CancellationToken,
-    /// Holds the token's lock while it runs, and returns it when it stops.
-    task: JoinHandle<Option<StateLock>>,
+    task: JoinHandle<()>,
     /// The token's proxies (listeners and their connections).
     proxies: Vec<JoinHandle<()>>,
+    lock: StateLock,
 }
 
 /// A running daemon.
@@ -212,9 +212,8 @@ pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result
 }
 
 impl Daemon {
-    /// Checks every directory, starts every refresher, each taking its token's lock first, and
-    /// waits until each has published from its state (or reported its failure). Then tells
-    /// systemd READY=1. A lock that another tokend holds stops the daemon with that error.
+    /// Takes every lock, checks every directory, starts every refresher and waits until each
+    /// has published from its state (or reported its failure). Then tells systemd READY=1.
     pub async fn start(mut config: Config) -> Result<Self, DaemonError> {
         raise_open_files();
         // Everything `check` checks, before anything starts or any lock is taken.
@@ -256,28 +255,13 @@ impl Daemon {
             #[cfg(feature = "etcd")]
             cluster,
         };
-        let (refused_tx, mut refused) = mpsc::unbounded_channel();
+        let locks = prepare(&tokens)?;
         let mut readies = Vec::new();
-        let leftovers = leftovers(&tokens);
-        for (cfg, leftovers) in tokens.into_iter().zip(leftovers) {
-            let lock = Lock::Take { leftovers, refused: refused_tx.clone() };
+        for (cfg, lock) in tokens.into_iter().zip(locks) {
             readies.push(daemon.spawn(cfg, lock).await?);
         }
-        drop(refused_tx);
-        let all_ready = async {
-            for ready in readies {
-                let _ = ready.await;
-            }
-        };
-        // A refused token's `ready` is dropped after its refusal is sent.
-        let refusal = tokio::select! {
-            () = all_ready => refused.try_recv().ok(),
-            Some(e) = refused.recv() => Some(e),
-        };
-        if let Some(e) = refusal {
-            // The tokens that hold their locks stop as on SIGTERM; the others never start up.
-            daemon.stop().await;
-            return Err(lock_error(e));
+        for ready in readies {
+            let _ = ready.await;
         }
         // What start-up freed (the parsed config, the logins' buffers) goes back before idling.
         crate::malloc::trim();
@@ -330,7 +314,7 @@ impl Daemon {
     async fn spawn(
         &mut self,
         cfg: TokenConfig,
-        lock: Lock,
+        lock: StateLock,
     ) -> Result<oneshot::Receiver<()>, DaemonError> {
         let (tx, rx) = crate::task::commands();
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -338,9 +322,9 @@ impl Daemon {
         let (gate, proxies) = self.start_proxies(&cfg, &tx, &stop).await?;
         self.join_schedule(&cfg, tx.clone()).await?;
         let cfg = Arc::new(cfg);
-        let task = self.spawn_task(cfg.clone(), gate, rx, stop.clone(), lock, ready_tx);
+        let task = self.spawn_task(cfg.clone(), gate, rx, stop.clone(), ready_tx);
         info!(token = %cfg.name, schedule = %cfg.schedule.expr, sinks = cfg.sinks.len(), proxies = cfg.proxies.len(), "token started");
-        let handle = TokenHandle { cfg, tx, stop, task, proxies };
+        let handle = TokenHandle { cfg, tx, stop, task, proxies, lock };
         self.tokens.insert(handle.cfg.name.clone(), handle);
         Ok(ready_rx)
     }
@@ -373,16 +357,15 @@ impl Daemon {
         gate: Option<Arc<crate::proxy::Gate>>,
         rx: Commands,
         stop: CancellationToken,
-        lock: Lock,
         ready: oneshot::Sender<()>,
-    ) -> JoinHandle<Option<StateLock>> {
+    ) -> JoinHandle<()> {
         let shared = Shared { gate, ..self.shared.clone() };
         let mode = match () {
             #[cfg(feature = "etcd")]
             () if let Some((cluster, _)) = &self.cluster => Mode::Cluster(cluster.clone()),
             () => Mode::Single,
         };
-        tokio::spawn(crate::supervise::run(cfg, shared, mode, rx, stop, lock, ready))
+        tokio::spawn(crate::supervise::run(cfg, shared, mode, rx, stop, ready))
     }
 
     async fn join_schedule(
@@ -469,7 +452,7 @@ impl Daemon {
                 continue;
             };
             clean_temps(std::slice::from_ref(&cfg));
-            match self.spawn(cfg, Lock::Held(lock)).await {
+            match self.spawn(cfg, lock).await {
                 Ok(ready) => readies.push(ready),
                 Err(e) => error!(token = %name, error = %e, "cannot start token after reload"),
             }
@@ -523,8 +506,7 @@ impl Daemon {
         for cfg in &new.tokens {
             let unchanged = self.tokens.get(&cfg.name).is_some_and(|h| *h.cfg == *cfg);
             if !unchanged && !held.contains(&cfg.state_file) {
-                let lock = StateLock::acquire(&cfg.state_file).map_err(lock_error)?;
-                locks.insert(cfg.state_file.clone(), lock);
+                locks.insert(cfg.state_file.clone(), lock(&cfg.state_file)?);
             }
         }
         Ok(locks)
@@ -540,16 +522,12 @@ impl Daemon {
             let _ = p.await;
         }
         self.leave_schedule(&handle.cfg).await;
-        // A task still running keeps its lock: no successor may write beside it.
-        let lock = if let Ok(lock) = tokio::time::timeout(STOP_GRACE, handle.task).await {
-            lock.ok().flatten()
-        } else {
+        if tokio::time::timeout(STOP_GRACE, handle.task).await.is_err() {
             error!(token = %name, "refresher did not stop in time");
-            None
-        };
+        }
         self.shared.metrics.remove(name);
         info!(token = %name, "token stopped");
-        Some((handle.cfg.state_file.clone(), lock?))
+        Some((handle.cfg.state_file.clone(), handle.lock))
     }
 
     /// Stops every refresher; each finishes and persists an in-flight refresh first.
@@ -596,76 +574,51 @@ async fn start_exporters(
     Ok(tasks)
 }
 
-/// The temp files a killed writer left beside each token's files (one scan per directory), for
-/// each token's task to remove once it holds the token's lock (`supervise::Lock::Take`).
-fn leftovers(tokens: &[TokenConfig]) -> Vec<Vec<PathBuf>> {
-    let mut out = vec![Vec::new(); tokens.len()];
-    let temps: Vec<(PathBuf, PathBuf)> = by_directory(tokens)
-        .iter()
-        .flat_map(|(dir, names)| crate::store::stale_temps(dir, names))
-        .collect();
-    if temps.is_empty() {
-        return out;
-    }
-    let owners: HashMap<PathBuf, usize> = tokens
-        .iter()
-        .enumerate()
-        .flat_map(|(i, cfg)| token_files(cfg).map(move |path| (path, i)))
-        .collect();
-    for (file, temp) in temps {
-        if let Some(&i) = owners.get(&file) {
-            out[i].push(temp);
-        }
-    }
-    out
+/// The tokens' locks (writable directories and distinct files were checked by
+/// `Config::check_files`), then the leftovers of a killed writer are removed.
+fn prepare(tokens: &[TokenConfig]) -> Result<Vec<StateLock>, DaemonError> {
+    let locks = tokens.iter().map(|cfg| lock(&cfg.state_file)).collect::<Result<Vec<_>, _>>()?;
+    clean_temps(tokens);
+    Ok(locks)
 }
 
 /// Removes temp files a killed writer left beside the tokens' files. Call only while holding
 /// their locks: then such temp files can only be leftovers.
 fn clean_temps(tokens: &[TokenConfig]) {
-    for (dir, names) in &by_directory(tokens) {
-        crate::store::remove_stale_temps(dir, names);
-    }
-}
-
-/// The names of the tokens' files in each directory.
-fn by_directory(
-    tokens: &[TokenConfig],
-) -> BTreeMap<PathBuf, std::collections::BTreeSet<std::ffi::OsString>> {
     let mut dirs: BTreeMap<PathBuf, std::collections::BTreeSet<std::ffi::OsString>> =
         BTreeMap::new();
-    for path in tokens.iter().flat_map(token_files) {
-        let name = path.file_name().unwrap_or_default().to_os_string();
-        dirs.entry(parent(&path).to_path_buf()).or_default().insert(name);
+    for cfg in tokens {
+        // The intent marker and the status file are ours too (not the login hand-off file,
+        // which `tokend login` writes); a kill during their write leaves a temp file as well.
+        let siblings = [
+            crate::store::State::intent_path(&cfg.state_file),
+            crate::store::Status::path_for(&cfg.state_file),
+        ];
+        let paths = std::iter::once(&cfg.state_file)
+            .chain(cfg.sinks.iter().map(|s| &s.path))
+            .chain(siblings.iter());
+        for path in paths {
+            let name = path.file_name().unwrap_or_default().to_os_string();
+            dirs.entry(parent(path).to_path_buf()).or_default().insert(name);
+        }
     }
-    dirs
-}
-
-/// The files a token writes: its state file, sinks, and the intent marker and status file
-/// beside the state (not the login hand-off file, which `tokend login` writes); a kill during
-/// any of their writes leaves a temp file.
-fn token_files(cfg: &TokenConfig) -> impl Iterator<Item = PathBuf> + '_ {
-    let siblings = [
-        crate::store::State::intent_path(&cfg.state_file),
-        crate::store::Status::path_for(&cfg.state_file),
-    ];
-    std::iter::once(cfg.state_file.clone())
-        .chain(cfg.sinks.iter().map(|s| s.path.clone()))
-        .chain(siblings)
+    for (dir, names) in &dirs {
+        crate::store::remove_stale_temps(dir, names);
+    }
 }
 
 fn parent(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
-/// A lock not taken; running out of file descriptors is told apart from a held lock.
-fn lock_error(e: LockError) -> DaemonError {
-    match e {
+/// Takes a token's lock; running out of file descriptors is told apart from a held lock.
+fn lock(state_file: &Path) -> Result<StateLock, DaemonError> {
+    StateLock::acquire(state_file).map_err(|e| match e {
         LockError::Io { path, source } if crate::limits::is_too_many_files(&source) => {
             DaemonError::TooManyFiles { path }
         }
         e => DaemonError::Lock(e),
-    }
+    })
 }
 
 /// Raises the soft open-file limit to the hard one (one lock file per token). Under

@@ -10,7 +10,7 @@ mod read;
 mod sink;
 mod state;
 
-pub use atomic::{check_dir_writable, remove_stale_temps, stale_temps, write_atomic};
+pub use atomic::{check_dir_writable, remove_stale_temps, write_atomic};
 pub use lock::{LockError, StateLock};
 pub use pool::{MAX_WRITES, blocking};
 pub use read::{MAX_FILE, read_regular};

@@ -6,16 +6,15 @@
 
 use crate::config::TokenConfig;
 use crate::refresher::Refresher;
-use crate::store::{LockError, StateLock, Status, TaskFailure, blocking};
+use crate::store::{Status, TaskFailure, blocking};
 use crate::task::{CancellationToken, Commands, Shared};
 use chrono::Utc;
 use futures_util::FutureExt;
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{error, info};
 
 /// The first restart waits this long, doubling up to `RESTART_MAX`: a task that dies at once
@@ -34,49 +33,25 @@ pub enum Mode {
     Cluster(crate::cluster::Cluster),
 }
 
-/// A token's lock (one refresher per token) as its task starts.
-pub enum Lock {
-    /// Taken before the task started: a reload takes the locks of the tokens it starts before
-    /// it stops anything.
-    Held(StateLock),
-    /// Taken by the task itself as it starts up, beside the other tokens' start-ups: at a first
-    /// start of 10,000 tokens, creating their lock files one after another before any token
-    /// started took 1 s on a quiet machine and 8-10 s on a loaded one. Another tokend holding it
-    /// is sent to the daemon through `refused`, which then stops and exits, naming it; no token
-    /// whose lock is refused sends anything. Then the temp files a killed writer left beside
-    /// the token's files (`leftovers`, found by the daemon's one scan of each directory) are
-    /// removed: only the lock's holder may.
-    Take { leftovers: Vec<PathBuf>, refused: mpsc::UnboundedSender<LockError> },
-}
-
 /// Runs the token's task until `stop`, restarting it whenever it dies before. `ready` fires
-/// once the first run has published (or reported its failure), or when it dies first. Returns
-/// the token's lock, for a successor on the same state file to take over; none if it was
-/// refused (the task then only waits for `stop`).
+/// once the first run has published (or reported its failure), or when it dies first.
 pub async fn run(
     cfg: Arc<TokenConfig>,
     shared: Shared,
     mode: Mode,
     mut commands: Commands,
     stop: CancellationToken,
-    mut lock: Lock,
     ready: oneshot::Sender<()>,
-) -> Option<StateLock> {
+) {
     let mut ready = Some(ready);
     let mut failures = 0u32;
     loop {
         let started = Instant::now();
         let ready = ready.take().unwrap_or_else(|| oneshot::channel().0);
-        let task = once(&cfg, &shared, &mode, &mut commands, &stop, &mut lock, ready);
+        let task = once(&cfg, &shared, &mode, &mut commands, &stop, ready);
         let outcome = AssertUnwindSafe(task).catch_unwind().await;
-        match (stop.is_cancelled(), lock) {
-            (true, Lock::Held(held)) => return Some(held),
-            (true, Lock::Take { .. }) => return None,
-            (false, Lock::Take { .. }) if matches!(outcome, Ok(())) => {
-                stop.cancelled().await;
-                return None;
-            }
-            (false, l) => lock = l,
+        if stop.is_cancelled() {
+            return;
         }
         if started.elapsed() >= HEALTHY_RUN {
             failures = 0;
@@ -87,84 +62,30 @@ pub async fn run(
         // Boxed: inline, its status write would sit in every token's idle task (500 bytes).
         Box::pin(died(&cfg, &shared, &reason(outcome.err()), delay)).await;
         tokio::select! {
-            () = stop.cancelled() => return held(lock),
+            () = stop.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
         info!(token = %cfg.name, "restarting the token's task");
     }
 }
 
-fn held(lock: Lock) -> Option<StateLock> {
-    match lock {
-        Lock::Held(held) => Some(held),
-        Lock::Take { .. } => None,
-    }
-}
-
-/// Takes the token's lock unless it is held already, on the write pool (at a first start it is
-/// a new file). False when another tokend holds it: the refusal is sent to the daemon, and
-/// `lock` stays `Take` (with nothing left to remove).
-async fn take_lock(cfg: &TokenConfig, lock: &mut Lock) -> bool {
-    let Lock::Take { leftovers, refused } = lock else { return true };
-    let (path, leftovers) = (cfg.state_file.clone(), std::mem::take(leftovers));
-    let taken = blocking(move || {
-        let held = StateLock::acquire(&path)?;
-        for temp in leftovers {
-            let _ = std::fs::remove_file(temp);
-        }
-        Ok(held)
-    })
-    .await;
-    match taken {
-        Ok(held) => {
-            *lock = Lock::Held(held);
-            true
-        }
-        Err(e) => {
-            let _ = refused.send(e);
-            false
-        }
-    }
-}
-
-/// A refresher's turn among those starting up at once (`task::START_UPS_BEYOND_REQUESTS`), with
-/// its lock held: the lock is taken within that turn, so that taking the locks goes on beside
-/// the first tokens' logins and writes. None when the lock is refused or the daemon stops
-/// first (the daemon stopping after a refusal does not start up the others).
-async fn turn(
-    cfg: &TokenConfig,
-    shared: &Shared,
-    stop: &CancellationToken,
-    lock: &mut Lock,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    let starting = tokio::select! {
-        permit = shared.start_ups.clone().acquire_owned() => permit.expect("never closed"),
-        () = stop.cancelled() => return None,
-    };
-    (take_lock(cfg, lock).await && !stop.is_cancelled()).then_some(starting)
-}
-
-/// One run of the token's task, once its lock is held; returns at once if it is refused.
+/// One run of the token's task.
 async fn once(
     cfg: &Arc<TokenConfig>,
     shared: &Shared,
     mode: &Mode,
     commands: &mut Commands,
     stop: &CancellationToken,
-    lock: &mut Lock,
     ready: oneshot::Sender<()>,
 ) {
     match mode {
         Mode::Single => {
-            let Some(starting) = Box::pin(turn(cfg, shared, stop, lock)).await else { return };
+            let start_ups = shared.start_ups.clone();
             let refresher = Refresher::new(cfg.clone(), shared.clone());
-            Box::pin(refresher.run(commands, stop.clone(), ready, starting)).await;
+            Box::pin(refresher.run(commands, stop.clone(), ready, start_ups)).await;
         }
         #[cfg(feature = "etcd")]
         Mode::Cluster(cluster) => {
-            if !Box::pin(take_lock(cfg, lock)).await || stop.is_cancelled() {
-                return;
-            }
             let (cfg, shared, cluster) = (cfg.clone(), shared.clone(), cluster.clone());
             Box::pin(crate::cluster::run_token(
                 cfg,
@@ -242,8 +163,7 @@ mod tests {
         let (cfg, shared) = crate::task::test_token();
         let (_tx, rx) = crate::task::commands();
         let stop = CancellationToken::new();
-        let lock = Lock::Take { leftovers: Vec::new(), refused: mpsc::unbounded_channel().0 };
-        let task = run(cfg, shared, Mode::Single, rx, stop, lock, oneshot::channel().0);
+        let task = run(cfg, shared, Mode::Single, rx, stop, oneshot::channel().0);
         let size = std::mem::size_of_val(&task);
         assert!(size < 512, "the supervised task's future is {size} bytes");
     }

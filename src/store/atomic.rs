@@ -58,28 +58,15 @@ fn sync_dir(path: &Path) -> io::Result<()> {
 /// only while holding the locks that make this process the only writer of those files. One
 /// directory scan serves every file in it (10,000 tokens in one directory is a real layout).
 pub fn remove_stale_temps(dir: &Path, names: &std::collections::BTreeSet<std::ffi::OsString>) {
-    for (_, temp) in stale_temps(dir, names) {
-        let _ = std::fs::remove_file(temp);
-    }
-}
-
-/// The `.NAME.tmp.*` files in `dir` for any NAME in `names`, each with the path of its NAME:
-/// one scan, for those who remove them later, each once it holds the lock of NAME's token.
-pub fn stale_temps(
-    dir: &Path,
-    names: &std::collections::BTreeSet<std::ffi::OsString>,
-) -> Vec<(PathBuf, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut temps = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         let base = name.strip_prefix('.').and_then(|rest| rest.rfind(".tmp.").map(|i| &rest[..i]));
-        if let Some(base) = base.filter(|b| names.contains(std::ffi::OsStr::new(b))) {
-            temps.push((dir.join(base), entry.path()));
+        if base.is_some_and(|b| names.contains(std::ffi::OsStr::new(b))) {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
-    temps
 }
 
 /// Fails unless a file can be created in `dir` (checked at start, before anything is promised).
