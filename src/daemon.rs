@@ -3,7 +3,7 @@
 //! delays another.
 
 use crate::config::{Config, ConfigError, TokenConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TokenMetrics};
 use crate::store::{LockError, StateLock, check_dir_writable};
 use crate::supervise::Mode;
 use crate::task::{CancellationToken, Command, CommandSender, Commands, Shared};
@@ -280,20 +280,20 @@ impl Daemon {
     fn summary(&self) -> String {
         let now = chrono::Utc::now();
         self.shared.metrics.read(|all| {
-            let health = |name: &str| all.get(name).map_or("no_state", |m| m.health(now));
+            let health = |m: Option<&TokenMetrics>| m.map_or("no_state", |m| m.health(now));
             let names = self.tokens.keys();
             if self.tokens.len() <= SUMMARY_TOKENS {
-                let part = |name: &String| match (health(name), all.get(name)) {
-                    ("ok", Some(m)) => {
+                let part = |name: &String| match all.get(name) {
+                    Some(m) if m.health(now) == "ok" => {
                         let left = m.access_expires.unwrap_or_default() - now.timestamp();
                         format!("{name} ok gen {}, {left}s left", m.generation)
                     }
-                    (h, _) => format!("{name} {}", h.replace('_', " ")),
+                    m => format!("{name} {}", health(m).replace('_', " ")),
                 };
                 return names.map(part).collect::<Vec<_>>().join("; ");
             }
             let not_ok: Vec<String> = names
-                .filter_map(|name| match health(name) {
+                .filter_map(|name| match health(all.get(name)) {
                     "ok" => None,
                     h => Some(format!("{name} {}", h.replace('_', " "))),
                 })
