@@ -196,7 +196,7 @@ pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result
         tokio::select! {
             c = control.recv() => match c {
                 None | Some(Control::Stop) => break,
-                Some(Control::Reload) => daemon.reload().await,
+                Some(Control::Reload) => reload_fed(&mut daemon, &mut watchdog).await,
                 Some(Control::RefreshAll) => daemon.refresh_all(),
             },
             () = watchdog.tick() => {}
@@ -209,6 +209,21 @@ pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result
     crate::systemd::stopping();
     daemon.stop().await;
     Ok(())
+}
+
+/// A reload, with the watchdog pinged while it runs: it waits for the changed tokens' in-flight
+/// refreshes (up to `STOP_GRACE` each) and for the added tokens' first publish, which a slow
+/// server or disk stretches past `WatchdogSec=`; systemd would then kill the daemon mid-reload.
+/// Control messages (SIGTERM) wait in the channel until the reload ends.
+async fn reload_fed(daemon: &mut Daemon, watchdog: &mut crate::systemd::Watchdog) {
+    let reload = daemon.reload();
+    tokio::pin!(reload);
+    loop {
+        tokio::select! {
+            () = &mut reload => return,
+            () = watchdog.tick() => {}
+        }
+    }
 }
 
 impl Daemon {
