@@ -3,7 +3,9 @@
 //!   cargo run --release --example bench                 # a few minutes on 2 cores
 //!   cargo run --release --example bench -- --idle 60 --tokens 1000,10000
 //!
-//! Prints one table; the README quotes the last run.
+//! Prints one table; the README quotes the last run. The state files go to a temp directory
+//! on disk, the sinks to a tmpfs (`/run`, else `/dev/shm`), as an installed tokend has them
+//! (`/var/lib/tokend`, `/run/tokend`); `--sinks disk` puts the sinks beside the state files.
 #![allow(clippy::needless_pass_by_value, clippy::too_many_lines, clippy::format_push_string)]
 
 use std::io::{BufRead, Write};
@@ -26,10 +28,20 @@ struct Args {
     /// Seconds between the daemon's round and the floor's bootstrap (`--settle`), see
     /// `settle`.
     settle_secs: u64,
+    /// The tmpfs that holds the sinks (`--sinks tmpfs`, the default); `None`: on disk, beside
+    /// the state files (`--sinks disk`).
+    sinks_tmpfs: Option<PathBuf>,
 }
 
 fn args() -> Args {
-    let mut a = Args { idle_secs: 20, tokens: vec![1000], rounds_only: false, settle_secs: 70 };
+    let mut a = Args {
+        idle_secs: 20,
+        tokens: vec![1000],
+        rounds_only: false,
+        settle_secs: 70,
+        sinks_tmpfs: None,
+    };
+    let mut sinks_on_disk = false;
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
         match (pair[0].as_str(), pair.get(1)) {
@@ -39,12 +51,63 @@ fn args() -> Args {
             }
             ("--only", Some(v)) if v == "rounds" => a.rounds_only = true,
             ("--settle", Some(v)) => a.settle_secs = v.parse().expect("--settle SECONDS"),
+            ("--sinks", Some(v)) if v == "disk" || v == "tmpfs" => sinks_on_disk = v == "disk",
             _ => panic!(
-                "usage: bench [--idle SECONDS] [--tokens N,M] [--only rounds] [--settle SECONDS]"
+                "usage: bench [--idle SECONDS] [--tokens N,M] [--only rounds] [--settle SECONDS] [--sinks tmpfs|disk]"
             ),
         }
     }
+    if !sinks_on_disk {
+        a.sinks_tmpfs = Some(tmpfs().unwrap_or_else(|| {
+            eprintln!("bench: no tmpfs for the sinks (neither /run nor /dev/shm is a tmpfs mount); run with --sinks disk");
+            std::process::exit(2)
+        }));
+    }
     a
+}
+
+/// `/run` if it is a tmpfs (on a systemd machine it is, and `/run/tokend` holds the sinks),
+/// else `/dev/shm`: where a sink's fsync costs what it costs in production, nothing.
+fn tmpfs() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    ["/run", "/dev/shm"].into_iter().map(PathBuf::from).find(|dir| {
+        mounts.lines().any(|l| {
+            let mut fields = l.split(' ').skip(1);
+            fields.next() == dir.to_str() && fields.next() == Some("tmpfs")
+        })
+    })
+}
+
+/// Where one run's files go: state files under `<dir>/state` on disk, sinks in `sinks`.
+struct Files {
+    dir: tempfile::TempDir,
+    sinks: PathBuf,
+    /// The sinks' directory on the tmpfs, removed with this.
+    _tmpfs: Option<tempfile::TempDir>,
+}
+
+impl Files {
+    /// In a new temp directory (under `parent`, else the system's), sinks as `a` says.
+    fn new(parent: Option<&Path>, a: &Args) -> Self {
+        let dir = match parent {
+            Some(p) => tempfile::tempdir_in(p),
+            None => tempfile::tempdir(),
+        }
+        .unwrap();
+        let tmpfs = a.sinks_tmpfs.as_ref().map(|t| tempfile::tempdir_in(t).unwrap());
+        let sinks = tmpfs.as_ref().map_or_else(|| dir.path().join("run"), |t| t.path().into());
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        std::fs::create_dir_all(&sinks).unwrap();
+        Self { dir, sinks, _tmpfs: tmpfs }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn sink(&self, i: usize) -> PathBuf {
+        self.sinks.join(format!("t{i}.json"))
+    }
 }
 
 /// Median, p99 and max of durations, in microseconds.
@@ -306,16 +369,16 @@ impl Daemon {
 }
 
 /// `schedule`: a cron line for every token, else the default (every 30 minutes).
-fn write_config(dir: &Path, server: &str, n: usize, schedule: Option<&str>) -> PathBuf {
-    std::fs::create_dir_all(dir.join("state")).unwrap();
-    std::fs::create_dir_all(dir.join("run")).unwrap();
+fn write_config(files: &Files, server: &str, n: usize, schedule: Option<&str>) -> PathBuf {
+    let dir = files.path();
     let d = dir.display();
     let schedule = schedule.map(|s| format!("schedule = \"{s}\"\n")).unwrap_or_default();
     let mut text = String::from("[daemon]\nmax_concurrent_requests = 16\n\n");
     for i in 0..n {
         let jwt = if i == 0 { DEFAULT_JWT.to_string() } else { format!("{DEFAULT_JWT}-{i}") };
         text.push_str(&format!(
-            "[[token]]\nname = \"t{i}\"\nserver = \"{server}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\ngrant = \"jwt\"\njwt = \"{jwt}\"\nstate_file = \"{d}/state/t{i}.state.json\"\nrate_limit = 1000\n{schedule}[[token.sink]]\npath = \"{d}/run/t{i}.json\"\n\n"
+            "[[token]]\nname = \"t{i}\"\nserver = \"{server}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret = \"{DEFAULT_CLIENT_SECRET}\"\ngrant = \"jwt\"\njwt = \"{jwt}\"\nstate_file = \"{d}/state/t{i}.state.json\"\nrate_limit = 1000\n{schedule}[[token.sink]]\npath = \"{}\"\n\n",
+            files.sink(i).display()
         ));
     }
     let path = dir.join("config.toml");
@@ -348,13 +411,13 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) -> St
     let mut dirs = Vec::new();
     for &n in &a.tokens {
         let server = rt.block_on(FakeServer::start(config.clone())).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        scale(bin, &server, dir.path(), n, a, rss_1);
+        let files = Files::new(None, a);
+        scale(bin, &server, &files, n, a, rss_1);
         if n == largest && !a.rounds_only {
-            notes = spread(bin, &server, dir.path(), n);
+            notes = spread(bin, &server, &files, n);
         }
         rt.block_on(server.shutdown());
-        dirs.push(dir);
+        dirs.push(files);
     }
     notes
 }
@@ -362,9 +425,9 @@ fn footprint_and_scale(bin: &Path, rt: &tokio::runtime::Runtime, a: &Args) -> St
 /// One token's RSS and idle CPU rows; returns its idle RSS in kB.
 fn footprint(bin: &Path, rt: &tokio::runtime::Runtime, config: &FakeConfig, a: &Args) -> u64 {
     let server = rt.block_on(FakeServer::start(config.clone())).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &server.url(), 1, None);
-    let d = Daemon::start(bin, &cfg, dir.path().join("d.log"));
+    let files = Files::new(None, a);
+    let cfg = write_config(&files, &server.url(), 1, None);
+    let d = Daemon::start(bin, &cfg, files.path().join("d.log"));
     d.wait_log("tokend ready", Duration::from_secs(30));
     let rss_start = rss_kb(d.pid());
     for g in 2..=121 {
@@ -402,8 +465,9 @@ fn footprint(bin: &Path, rt: &tokio::runtime::Runtime, config: &FakeConfig, a: &
 
 /// Bootstrap, one SIGUSR1 round, RSS and idle CPU of `n` tokens, each beside its floor.
 /// `rss_1`: one idle token's RSS, for the memory per token (not measured with `--only rounds`).
-fn scale(bin: &Path, server: &FakeServer, dir: &Path, n: usize, a: &Args, rss_1: Option<u64>) {
-    let cfg = write_config(dir, &server.url(), n, None);
+fn scale(bin: &Path, server: &FakeServer, files: &Files, n: usize, a: &Args, rss_1: Option<u64>) {
+    let dir = files.path();
+    let cfg = write_config(files, &server.url(), n, None);
     let (t, fake_cpu) = (Instant::now(), fake_cpu_secs());
     let d = Daemon::start(bin, &cfg, dir.join("d.log"));
     d.wait_log("tokend ready", Duration::from_secs(600));
@@ -418,8 +482,7 @@ fn scale(bin: &Path, server: &FakeServer, dir: &Path, n: usize, a: &Args, rss_1:
     let round_cpu = (cpu_secs(d.pid()) - tokend_cpu, fake_cpu_secs() - fake_cpu);
     let pending: Vec<usize> = (0..n)
         .filter(|i| {
-            tokend::watch::read_sink(&dir.join(format!("run/t{i}.json")))
-                .map_or(true, |t| t.generation < Some(2))
+            tokend::watch::read_sink(&files.sink(*i)).map_or(true, |t| t.generation < Some(2))
         })
         .collect();
     assert!(pending.is_empty(), "{} sinks not refreshed by the round", pending.len());
@@ -427,20 +490,20 @@ fn scale(bin: &Path, server: &FakeServer, dir: &Path, n: usize, a: &Args, rss_1:
     let idle = rss_1.map(|_| idle_cpu_pct(d.pid(), a.idle_secs.min(20)));
     d.stop();
     // The floor: the same durable writes, of the same sizes, 64 at once, by a minimal program.
-    let files = TokenFiles::of(dir);
-    let floor_dir = tempfile::tempdir_in(dir.parent().unwrap()).unwrap();
-    settle(floor_dir.path(), Duration::from_secs(a.settle_secs));
+    let written = TokenFiles::of(files);
+    let floor = Files::new(dir.parent(), a);
+    settle(floor.path(), Duration::from_secs(a.settle_secs));
     let me = std::process::id();
     let cpu = cpu_secs(me);
-    let boot_floor = floor_writes(floor_dir.path(), n, &files.bootstrap());
+    let boot_floor = floor_writes(&floor, n, &written.bootstrap());
     let (boot_floor_cpu, cpu) = (cpu_secs(me) - cpu, cpu_secs(me));
-    let round_floor = floor_writes(floor_dir.path(), n, &files.round());
+    let round_floor = floor_writes(&floor, n, &written.round());
     let round_floor_cpu = cpu_secs(me) - cpu;
     let writes = |steps: &[Step]| steps.len() * n;
     scale_rows(
         n,
-        (bootstrap, boot_floor, writes(&files.bootstrap())),
-        (round, round_floor, writes(&files.round())),
+        (bootstrap, boot_floor, writes(&written.bootstrap())),
+        (round, round_floor, writes(&written.round())),
     );
     // What the daemon's threads ran (user+system), beside the floor program's; the fake
     // server's own CPU apart (it is not tokend's, though it shares the machine).
@@ -594,13 +657,13 @@ struct TokenFiles {
 }
 
 impl TokenFiles {
-    fn of(dir: &Path) -> Self {
-        let read = |p: &str| std::fs::read(dir.join(p)).unwrap();
+    fn of(files: &Files) -> Self {
+        let read = |p: &str| std::fs::read(files.path().join(p)).unwrap();
         Self {
             intent: read("state/t0.state.json.intent"),
             state: read("state/t0.state.json"),
             status: read("state/t0.state.json.status"),
-            sink: read("run/t0.json"),
+            sink: std::fs::read(files.sink(0)).unwrap(),
         }
     }
 
@@ -626,11 +689,9 @@ impl TokenFiles {
 }
 
 /// `n` tokens' `steps`, `MAX_WRITES` tokens at once (tokend's bound), each token's steps in
-/// order; state files under `state/`, sinks under `run/`, as in the daemon's directories.
-fn floor_writes(dir: &Path, n: usize, steps: &[Step]) -> Duration {
+/// order; state files under `state/`, sinks where the daemon's went (a tmpfs or `run/`).
+fn floor_writes(files: &Files, n: usize, steps: &[Step]) -> Duration {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    std::fs::create_dir_all(dir.join("state")).unwrap();
-    std::fs::create_dir_all(dir.join("run")).unwrap();
     let next = AtomicUsize::new(0);
     let t = Instant::now();
     std::thread::scope(|s| {
@@ -642,12 +703,12 @@ fn floor_writes(dir: &Path, n: usize, steps: &[Step]) -> Duration {
                         break;
                     }
                     for step in steps {
-                        let path = |suffix: &str| {
-                            let sub = if suffix == ".json" { "run" } else { "state" };
-                            dir.join(format!("{sub}/t{i}{suffix}"))
-                        };
                         let Step::Write(suffix, bytes) = step;
-                        durable_floor(&path(suffix), bytes);
+                        let path = match *suffix {
+                            ".json" => files.sink(i),
+                            _ => files.path().join(format!("state/t{i}{suffix}")),
+                        };
+                        durable_floor(&path, bytes);
                     }
                 }
             });
@@ -660,14 +721,15 @@ fn floor_writes(dir: &Path, n: usize, steps: &[Step]) -> Duration {
 /// requests should spread evenly over it, never burst at the tick. The tokens get a daily
 /// schedule whose one tick falls during the run: its jitter is the default schedule's
 /// (the default 2 minutes is below a tenth of both intervals).
-fn spread(bin: &Path, server: &FakeServer, dir: &Path, n: usize) -> String {
+fn spread(bin: &Path, server: &FakeServer, files: &Files, n: usize) -> String {
+    let dir = files.path();
     let jitter = 120.0;
     let mut margin = Duration::from_secs(60);
     let samples = loop {
         let tick = chrono::Utc::now() + margin;
         let tick = tick - Duration::from_nanos(u64::from(chrono::Timelike::nanosecond(&tick)));
         let cron = tick.format("%-S %-M %-H * * *").to_string();
-        let cfg = write_config(dir, &server.url(), n, Some(&cron));
+        let cfg = write_config(files, &server.url(), n, Some(&cron));
         let d = Daemon::start(bin, &cfg, dir.join("spread.log"));
         d.wait_log("tokend ready", Duration::from_secs(600));
         if chrono::Utc::now() + Duration::from_secs(2) >= tick {
@@ -763,7 +825,18 @@ fn main() {
     assert!(bin.exists(), "build it first: cargo build --release");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    println!("tokend bench: {ROTATIONS} rotations per propagation figure; medians unless noted\n");
+    println!("tokend bench: {ROTATIONS} rotations per propagation figure; medians unless noted");
+    match &a.sinks_tmpfs {
+        Some(t) => println!(
+            "state files on disk ({}), sinks on the tmpfs {} (as /run/tokend when installed)\n",
+            std::env::temp_dir().display(),
+            t.display()
+        ),
+        None => println!(
+            "state files and sinks on disk ({}): --sinks disk\n",
+            std::env::temp_dir().display()
+        ),
+    }
     println!(
         "| {:<44} | {:>22} | {:>22} | {:>7} | {:<22} |",
         "what", "tokend", "floor", "ratio", "target"
