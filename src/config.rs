@@ -164,7 +164,15 @@ impl Grant {
 #[derive(Clone)]
 pub struct Schedule {
     pub expr: String,
-    cron: std::sync::Arc<croner::Cron>,
+    parsed: std::sync::Arc<Parsed>,
+}
+
+/// A schedule's parsed form and what is derived from it once, not once per token.
+struct Parsed {
+    cron: croner::Cron,
+    /// `Schedule::min_interval`: each token's jitter is checked against it, and it takes nine
+    /// searches for the next tick (about 15% of the parse of 10,000 tokens, issue 15).
+    min_interval: Duration,
 }
 
 impl fmt::Debug for Schedule {
@@ -192,14 +200,17 @@ impl Schedule {
                      e.g. \"0 */30 * * * *\" for every 30 minutes"
                 )
             })?;
-        let s = Self { expr: expr.to_string(), cron: std::sync::Arc::new(cron) };
-        s.next_after(Utc::now()).ok_or_else(|| format!("{expr:?} never fires"))?;
-        Ok(s)
+        let first = next_tick(&cron, Utc::now()).ok_or_else(|| format!("{expr:?} never fires"))?;
+        let min_interval = min_interval(&cron, first);
+        Ok(Self {
+            expr: expr.to_string(),
+            parsed: std::sync::Arc::new(Parsed { cron, min_interval }),
+        })
     }
 
     /// The first tick strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.cron.find_next_occurrence(&t, false).ok()
+        next_tick(&self.parsed.cron, t)
     }
 
     /// Whether the schedule fires more than once from now ("0 0 0 1 1 * 2099" does not).
@@ -207,17 +218,26 @@ impl Schedule {
         self.next_after(Utc::now()).and_then(|t| self.next_after(t)).is_some()
     }
 
-    /// The shortest gap between ticks over the next few occurrences: bounds the jitter.
+    /// The shortest gap between ticks over the next few occurrences after the parse: bounds
+    /// the jitter.
     pub fn min_interval(&self) -> Duration {
-        let Some(mut t) = self.next_after(Utc::now()) else { return Duration::from_secs(3600) };
-        let mut min = Duration::MAX;
-        for _ in 0..8 {
-            let Some(next) = self.next_after(t) else { break };
-            min = min.min((next - t).to_std().unwrap_or_default());
-            t = next;
-        }
-        if min == Duration::MAX { Duration::from_secs(3600) } else { min }
+        self.parsed.min_interval
     }
+}
+
+fn next_tick(cron: &croner::Cron, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    cron.find_next_occurrence(&t, false).ok()
+}
+
+/// The shortest gap between the eight ticks after `first` (an hour if it never fires again).
+fn min_interval(cron: &croner::Cron, first: DateTime<Utc>) -> Duration {
+    let (mut t, mut min) = (first, Duration::MAX);
+    for _ in 0..8 {
+        let Some(next) = next_tick(cron, t) else { break };
+        min = min.min((next - t).to_std().unwrap_or_default());
+        t = next;
+    }
+    if min == Duration::MAX { Duration::from_secs(3600) } else { min }
 }
 
 /// One reader-facing file.

@@ -332,13 +332,21 @@ impl Refresher {
         let elapsed = started.elapsed();
         drop(permit);
         match result {
-            Ok(tokens) => self.on_success(tokens, refresh_token.is_none(), elapsed).await,
-            Err(e) => self.on_failure(&e, request),
+            Ok(tokens) => {
+                self.on_success(tokens, refresh_token.is_none(), elapsed);
+                // The state, the sinks and the status in one trip to the write pool; the
+                // proxies' gate opens there once the sinks are written.
+                let status = self.status_now();
+                self.report.save_with(&mut self.files, &self.cfg, status).await;
+            }
+            Err(e) => {
+                self.on_failure(&e, request);
+                if let Some(gate) = &self.gate {
+                    gate.open();
+                }
+                self.save_status().await;
+            }
         }
-        if let Some(gate) = &self.gate {
-            gate.open();
-        }
-        self.save_status().await;
     }
 
     fn on_failure(&mut self, e: &OAuthError, request: Request) {
@@ -366,7 +374,8 @@ impl Refresher {
         }
     }
 
-    async fn on_success(&mut self, tokens: TokenSet, new_session: bool, elapsed: Duration) {
+    /// A new pair: to persist and publish (the caller flushes).
+    fn on_success(&mut self, tokens: TokenSet, new_session: bool, elapsed: Duration) {
         let now = Utc::now();
         let state = next_state(&self.cfg.name, tokens, self.state(), new_session, now);
         log_refreshed(&self.cfg.name, &state, new_session, elapsed, None);
@@ -377,10 +386,15 @@ impl Refresher {
         } else {
             self.files.set(&self.cfg, state, true);
         }
-        self.flush().await;
     }
 
     async fn save_status(&mut self) {
+        self.status_now();
+        self.report.save().await;
+    }
+
+    /// The status with the next refresh as the policy now sees it.
+    fn status_now(&mut self) -> Status {
         let (now, wall) = (Instant::now(), Utc::now());
         let due = self.policy.due(now, wall).map(|d| wall + d.saturating_duration_since(now));
         let tick = self.cfg.schedule.next_after(wall);
@@ -390,7 +404,7 @@ impl Refresher {
                 (d, t) => d.or(t),
             };
         });
-        self.report.save().await;
+        self.report.status()
     }
 }
 

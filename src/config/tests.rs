@@ -394,3 +394,23 @@ fn provider_errors_name_line_and_key() {
         "{e}"
     );
 }
+
+/// A written file that is a hard link to another (an existing state file under a sink's
+/// name) is one file: found by its inode, in a directory listed once (issue 15), whether the
+/// link is the later name or the earlier one.
+#[test]
+fn a_hard_link_between_written_files_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let text = with_jwt(GOOD)
+        .replace("/var/lib/tokend/main.state.json", &format!("{d}/main.state.json"))
+        .replace("/run/tokend/main.json", &format!("{d}/main.json"));
+    let config = parse(&text).unwrap();
+    config.check_files().unwrap();
+    std::fs::write(dir.path().join("main.state.json"), "{}").unwrap();
+    config.check_files().unwrap();
+    std::fs::hard_link(dir.path().join("main.state.json"), dir.path().join("main.json")).unwrap();
+    let err = config.check_files().unwrap_err().to_string();
+    assert!(err.contains("is the same file as"), "{err}");
+    assert!(err.contains("token \"main\".sink.path"), "{err}");
+}

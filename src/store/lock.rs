@@ -2,7 +2,7 @@
 //! so that a second daemon can say who holds it.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -32,15 +32,27 @@ impl StateLock {
     pub fn acquire(state_file: &Path) -> Result<Self, LockError> {
         let path = Self::path_for(state_file);
         let io = |source| LockError::Io { path: path.clone(), source };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io)?;
+        let open = |create_new: bool| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(!create_new)
+                .create_new(create_new)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+        };
+        // A first start creates every lock file: one that this call created is empty, so it
+        // needs no truncation (two system calls fewer per token; 10,000 tokens' lock files are
+        // taken one after another before any token starts).
+        let (mut file, new) = match open(true) {
+            Ok(file) => (file, true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                (open(false).map_err(io)?, false)
+            }
+            Err(e) => return Err(io(e)),
+        };
         if file.try_lock().is_err() {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
@@ -50,16 +62,39 @@ impl StateLock {
             };
             return Err(LockError::Held { path, holder });
         }
-        file.set_len(0).map_err(io)?;
-        file.rewind().map_err(io)?;
-        write!(file, "{}", std::process::id()).map_err(io)?;
+        if !new {
+            file.set_len(0).map_err(io)?;
+        }
+        file.write_all(pid().as_bytes()).map_err(io)?;
         Ok(Self { _file: file })
     }
+}
+
+/// This process's id as text, written into each lock it takes (a system call once, not per
+/// token).
+fn pid() -> &'static str {
+    static PID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PID.get_or_init(|| std::process::id().to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lock file left by an earlier daemon (a longer pid) holds exactly this one's pid
+    /// once taken; a new one is created with it.
+    #[test]
+    fn the_lock_file_holds_exactly_the_holders_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("main.state.json");
+        let me = std::process::id().to_string();
+        let new = StateLock::acquire(&state).unwrap();
+        assert_eq!(std::fs::read_to_string(StateLock::path_for(&state)).unwrap(), me);
+        drop(new);
+        std::fs::write(StateLock::path_for(&state), "99999999999").unwrap();
+        let _held = StateLock::acquire(&state).unwrap();
+        assert_eq!(std::fs::read_to_string(StateLock::path_for(&state)).unwrap(), me);
+    }
 
     #[test]
     fn second_lock_names_the_holder() {
