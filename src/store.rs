@@ -19,3 +19,10 @@ pub use state::{
     ClusterStatus, ErrorRecord, MAX_GENERATION, STATE_VERSION, State, StateError, Status,
     TaskFailure, next_generation, next_state,
 };
+
+/// This process's id as text: in each lock it takes and each temp file's name. `getpid` is a
+/// system call each time; a first start of 10,000 tokens needs it 40,000 times.
+fn pid() -> &'static str {
+    static PID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PID.get_or_init(|| std::process::id().to_string())
+}

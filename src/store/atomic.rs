@@ -14,7 +14,7 @@ fn temp_path(path: &Path) -> io::Result<PathBuf> {
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = format!(".{}.tmp.{}.{n}", name.to_string_lossy(), std::process::id());
+    let tmp = format!(".{}.tmp.{}.{n}", name.to_string_lossy(), super::pid());
     Ok(path.with_file_name(tmp))
 }
 

@@ -65,16 +65,9 @@ impl StateLock {
         if !new {
             file.set_len(0).map_err(io)?;
         }
-        file.write_all(pid().as_bytes()).map_err(io)?;
+        file.write_all(super::pid().as_bytes()).map_err(io)?;
         Ok(Self { _file: file })
     }
-}
-
-/// This process's id as text, written into each lock it takes (a system call once, not per
-/// token).
-fn pid() -> &'static str {
-    static PID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PID.get_or_init(|| std::process::id().to_string())
 }
 
 #[cfg(test)]
