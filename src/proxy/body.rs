@@ -2,20 +2,21 @@
 //! beyond it (an upload is never held in memory whole).
 
 use super::forward::{BoxError, UpBody};
+use super::inbody::ClientBody;
 use http_body_util::{BodyExt, Either, Full, StreamBody};
-use hyper::body::{Bytes, Frame, Incoming};
+use hyper::body::{Bytes, Frame};
 
 /// A client's request body, as far as the proxy has read it.
 pub enum RequestBody {
     /// The whole body, no longer than the limit: replayable.
     Whole(Bytes),
     /// Longer than the limit: the part read so far and the rest still on the wire.
-    Streaming { head: Vec<Bytes>, rest: Incoming },
+    Streaming { head: Vec<Bytes>, rest: ClientBody },
 }
 
 impl RequestBody {
     /// Reads up to `limit` bytes; stops there if the body goes on.
-    pub async fn read(mut body: Incoming, limit: usize) -> Result<Self, hyper::Error> {
+    pub async fn read(mut body: ClientBody, limit: usize) -> std::io::Result<Self> {
         if hyper::body::Body::is_end_stream(&body) {
             // A GET: no frame to wait for, nothing to allocate.
             return Ok(Self::Whole(Bytes::new()));
@@ -38,7 +39,8 @@ impl RequestBody {
         match self {
             Self::Whole(b) => (whole(b.clone()), Some(b)),
             Self::Streaming { head, rest } => {
-                let head = futures_util::stream::iter(head.into_iter().map(Ok::<_, hyper::Error>));
+                let head =
+                    futures_util::stream::iter(head.into_iter().map(Ok::<_, std::io::Error>));
                 let stream = futures_util::StreamExt::chain(head, rest.into_data_stream());
                 let frames = futures_util::StreamExt::map(stream, |d| {
                     d.map(Frame::data).map_err(|e| Box::new(e) as BoxError)

@@ -5,6 +5,7 @@ use super::Upstream;
 use super::body::{RequestBody, whole};
 use super::gate::{Current, FORCED_REFRESH_EVERY, Gate};
 use super::headers::strip_hop_by_hop;
+use super::inbody::ClientBody;
 use super::plain::{self, PlainBody};
 use crate::config::ProxyConfig;
 use http_body_util::{Either, Full};
@@ -13,7 +14,6 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, StatusCode, Uri};
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -64,11 +64,8 @@ struct Outcome {
     replayed: bool,
 }
 
-/// The hyper service: never fails, every problem is an HTTP answer.
-pub async fn handle(
-    proxy: Arc<Proxy>,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+/// One request: every problem is an HTTP answer.
+pub async fn handle(proxy: Arc<Proxy>, req: Request<ClientBody>) -> Response<ProxyBody> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let mut outcome = Outcome::default();
@@ -77,7 +74,7 @@ pub async fn handle(
         Err(_) => local_error(StatusCode::BAD_REQUEST, "the request body could not be read"),
     };
     proxy.account(&parts, resp.status(), started, &outcome);
-    Ok(resp)
+    resp
 }
 
 impl Proxy {

@@ -5,29 +5,30 @@
 //! closes both an idle keep-alive connection and one whose request head dribbles in (a
 //! slowloris client), as hyper's did, and never a request in progress (a long download).
 
-use hyper::body::{Body, Frame, SizeHint};
-use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// What the check sees of a connection. Atomics only because hyper's connection must be
+/// What the check sees of a connection. Atomics only because a connection's task must be
 /// `Send`: a connection lives on one thread, so they are never contended.
 #[derive(Default)]
 pub struct Activity {
-    /// Requests in progress: from the head's arrival to the end (or drop) of the answer's body.
+    /// Requests in progress: from the head's arrival to the end of the answer's body.
     busy: AtomicUsize,
     /// Grows whenever a request starts or ends.
     moves: AtomicU64,
 }
 
 impl Activity {
-    /// A request starts; it ends when the returned guard drops.
-    pub fn start(self: &Arc<Self>) -> Busy {
+    /// A request starts (its head is in).
+    pub fn begin(&self) {
         self.busy.fetch_add(1, Relaxed);
         self.moves.fetch_add(1, Relaxed);
-        Busy(self.clone())
+    }
+
+    /// A request ends (its answer is written, or the client went away).
+    pub fn end(&self) {
+        self.busy.fetch_sub(1, Relaxed);
+        self.moves.fetch_add(1, Relaxed);
     }
 
     /// Waits until the connection has been idle for at least `every` (at most twice that):
@@ -49,46 +50,10 @@ impl Activity {
     }
 }
 
-/// A request in progress.
-pub struct Busy(Arc<Activity>);
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Relaxed);
-        self.0.moves.fetch_add(1, Relaxed);
-    }
-}
-
-/// An answer's body that keeps its request in progress until hyper has written it whole (or
-/// dropped it: the client went away).
-pub struct Tracked<B> {
-    pub body: B,
-    pub _busy: Busy,
-}
-
-impl<B: Body + Unpin> Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Instant;
 
     /// Bounded: a check that never says idle fails the test instead of hanging it.
@@ -105,7 +70,7 @@ mod tests {
         assert!(started.elapsed() >= every, "an unused connection: idle before the first check");
 
         // A request in progress across many checks (a long download) is never idle.
-        let busy = a.start();
+        a.begin();
         let long = tokio::time::timeout(every * 5, a.idle(every)).await;
         assert!(long.is_err(), "idle with a request in progress");
         // Once it ends, a whole interval passes before the connection is idle.
@@ -115,7 +80,7 @@ mod tests {
         });
         tokio::time::sleep(every / 2).await;
         let ended = Instant::now();
-        drop(busy);
+        a.end();
         waiting.await.unwrap();
         assert!(ended.elapsed() >= every, "idle less than an interval after the request");
     }
@@ -129,7 +94,8 @@ mod tests {
         let calls = async {
             for _ in 0..50 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                drop(a.start());
+                a.begin();
+                a.end();
             }
         };
         tokio::select! {

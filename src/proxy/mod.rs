@@ -4,15 +4,20 @@
 //!
 //! - `gate`: the refresher's hook (the current token; close before a refresh, open after)
 //! - `forward`: one request (token, replay), `body`: replay buffering, `headers`: hop-by-hop
-//! - `server`: listeners and the connection loop, `idle`: its idle timeout
+//! - `server`: listeners; `conn`: a client connection's HTTP/1.1 loop, `wire`: its parsing
+//!   and framing, `inbody`: request bodies read off it, `idle`: its idle timeout
+//! - `plain`: plain-HTTP upstream connections
 
 mod body;
+mod conn;
 mod forward;
 pub mod gate;
 mod headers;
 mod idle;
+mod inbody;
 mod plain;
 mod server;
+mod wire;
 
 pub use gate::Gate;
 

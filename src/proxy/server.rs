@@ -3,19 +3,12 @@
 //! connection loop that drains at shutdown: it stops accepting, lets the requests in flight
 //! finish (bounded by `SHUTDOWN_GRACE`) and closes idle connections.
 
-use super::forward::BoxError;
+use super::conn::{self, Reader, Writer};
 use super::forward::{Proxy, handle};
-use super::idle::{Activity, Tracked};
 use crate::config::Listen;
-use hyper::body::{Body, Bytes, Incoming};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use std::convert::Infallible;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -23,12 +16,7 @@ use tokio_util::sync::CancellationToken;
 /// cut (inside systemd's `TimeoutStopSec=`, with room for a refresh's own grace).
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The largest request head the proxy reads, and the most of a response it queues for a slow
-/// client before waiting for it (hyper's default is 400 KiB; API calls are small).
-const MAX_BUF: usize = 64 * 1024;
-
-/// A connection that sends nothing is closed after this long: waiting for the first byte
-/// outside hyper must not keep a silent connection open for ever.
+/// A connection that sends nothing is closed after this long.
 const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A connection with no request in progress is closed after 15 to 30 s without one starting
@@ -144,16 +132,13 @@ enum Stream {
     Unix(tokio::net::UnixStream),
 }
 
-/// What hyper serves: a client connection's socket, whichever kind.
-trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
-
-/// A client connection's socket: readable and writable, and able to say when data arrived
-/// without reading it.
-trait Io: Duplex + std::os::fd::AsFd + 'static {
+/// A client connection's socket: able to say when data arrived without reading it, and to
+/// split into the connection loop's read and write sides.
+trait Io: std::os::fd::AsFd + Send + Unpin + 'static {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
     /// Runs `op` if the socket may be readable; a `WouldBlock` from it clears the readiness.
     fn try_read_io(&self, op: impl FnOnce() -> std::io::Result<usize>) -> std::io::Result<usize>;
+    fn split(self) -> (Box<dyn Reader>, Writer);
 }
 
 impl Io for tokio::net::TcpStream {
@@ -162,6 +147,10 @@ impl Io for tokio::net::TcpStream {
     }
     fn try_read_io(&self, op: impl FnOnce() -> std::io::Result<usize>) -> std::io::Result<usize> {
         self.try_io(tokio::io::Interest::READABLE, op)
+    }
+    fn split(self) -> (Box<dyn Reader>, Writer) {
+        let (reader, writer) = self.into_split();
+        (Box::new(reader), Box::new(writer))
     }
 }
 
@@ -172,11 +161,15 @@ impl Io for tokio::net::UnixStream {
     fn try_read_io(&self, op: impl FnOnce() -> std::io::Result<usize>) -> std::io::Result<usize> {
         self.try_io(tokio::io::Interest::READABLE, op)
     }
+    fn split(self) -> (Box<dyn Reader>, Writer) {
+        let (reader, writer) = self.into_split();
+        (Box::new(reader), Box::new(writer))
+    }
 }
 
 /// Ready, handing the socket back, once it has data (or the client closed it, or it failed).
 /// tokio's readiness alone is a hint (a fresh socket starts out "readable"), so a one-byte peek
-/// confirms it, leaving the bytes for hyper.
+/// confirms it, leaving the bytes for the connection loop.
 struct Readable<I>(Option<I>);
 
 impl<I: Io> std::future::Future for Readable<I> {
@@ -191,7 +184,7 @@ impl<I: Io> std::future::Future for Readable<I> {
             let mut byte = [std::mem::MaybeUninit::uninit()];
             match io.try_read_io(|| socket2::SockRef::from(io).peek(&mut byte)) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                // Data, or end of file (the close is hyper's to see), or an error.
+                // Data, or end of file (the close is the connection loop's to see), or an error.
                 other => break other.map(|_| ()),
             }
         };
@@ -211,12 +204,13 @@ async fn accept(listener: &Listener) -> std::io::Result<Stream> {
     }
 }
 
-/// Waits for the client's first bytes before hyper takes the connection: hyper gives every
-/// connection a read and a write buffer (8 KiB each) and its state at once, so a connection
-/// opened ahead of use (a client's pool warming up) holds only its socket until it is used.
+/// Waits for the client's first bytes before the connection is served: its task then takes
+/// the connection loop's state (about 1 KiB, boxed), so a connection opened ahead of use (a
+/// client's pool warming up) holds only its socket and a small task until it is used.
 async fn connection<I: Io>(io: I, proxy: Arc<Proxy>, shutdown: CancellationToken) {
     if let Some(io) = first_bytes(io, &shutdown, FIRST_BYTE_TIMEOUT).await {
-        serve_connection(Box::new(io), proxy, shutdown).await;
+        let (reader, writer) = io.split();
+        serve_connection(reader, writer, proxy, shutdown).await;
     }
 }
 
@@ -236,58 +230,20 @@ async fn first_bytes<I: Io>(
     }
 }
 
-/// Boxed: the task of a connection still waiting for its first bytes stays small (and the
-/// future's type is named, which the compiler needs to see that it is `Send`).
+/// Serves one client connection (see `conn`). Boxed: the task of a connection still waiting
+/// for its first bytes stays small (and the future's type is named, which the compiler needs
+/// to see that it is `Send`); the request's future is boxed too, as it lives only while a
+/// request is in progress.
 fn serve_connection(
-    io: Box<dyn Duplex>,
+    reader: Box<dyn Reader>,
+    writer: Writer,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(http1(io, proxy, shutdown))
-}
-
-async fn http1(io: Box<dyn Duplex>, proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    // Boxed: hyper keeps a slot the size of the service's future for each connection, idle or
-    // not; a box makes that slot a pointer, and the future's memory lives only per request.
-    let service = move |req| Box::pin(handle(proxy.clone(), req));
-    serve_http1(io, service, &shutdown, IDLE_TIMEOUT).await;
-}
-
-/// Serves HTTP/1.1 on `io` with `service` until the client closes, the connection has been
-/// idle for `idle` (up to twice that; see `idle`), or `shutdown`: then the request in flight
-/// finishes (answered with `Connection: close`), or the connection closes at once when idle.
-async fn serve_http1<F, B>(
-    io: Box<dyn Duplex>,
-    service: impl Fn(Request<Incoming>) -> F + Send + 'static,
-    shutdown: &CancellationToken,
-    idle: std::time::Duration,
-) where
-    F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-    B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static,
-{
-    let activity = Arc::new(Activity::default());
-    let tracked = {
-        let activity = activity.clone();
-        hyper::service::service_fn(move |req| {
-            let busy = activity.start();
-            let answer = service(req);
-            async move { Ok::<_, Infallible>(answer.await?.map(|body| Tracked { body, _busy: busy })) }
-        })
-    };
-    // No header read timeout (and so no timer): `activity` closes idle and slow connections.
-    let conn = hyper::server::conn::http1::Builder::new()
-        .header_read_timeout(None)
-        .max_buf_size(MAX_BUF)
-        .serve_connection(TokioIo::new(io), tracked);
-    let mut conn = std::pin::pin!(conn);
-    // A client that goes away mid-request is its own business: nothing to report.
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        () = activity.idle(idle) => return,
-        () = shutdown.cancelled() => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    Box::pin(async move {
+        let service = move |req| Box::pin(handle(proxy.clone(), req));
+        conn::serve(reader, writer, service, &shutdown, IDLE_TIMEOUT).await;
+    })
 }
 
 #[cfg(test)]
@@ -314,84 +270,6 @@ mod tests {
         c.write_all(b"G").await.unwrap();
         let long = Duration::from_secs(60);
         assert!(first_bytes(s, &stop, long).await.is_some(), "one that sent is closed");
-    }
-
-    /// An answer that streams slower than the idle timeout: `a`, then `b` after `gap`.
-    fn slow_answer(
-        req: &Request<Incoming>,
-        gap: Duration,
-    ) -> Response<http_body_util::combinators::BoxBody<Bytes, Infallible>> {
-        use http_body_util::BodyExt;
-        let slow = req.uri().path() == "/slow";
-        let frames = futures_util::stream::unfold(0, move |i| async move {
-            let data = match i {
-                0 => "a",
-                1 if slow => {
-                    tokio::time::sleep(gap).await;
-                    "b"
-                }
-                _ => return None,
-            };
-            Some((Ok(hyper::body::Frame::data(Bytes::from(data))), i + 1))
-        });
-        Response::new(http_body_util::StreamBody::new(Box::pin(frames)).boxed())
-    }
-
-    /// Serves one loopback connection with `slow_answer` and a short idle timeout; returns
-    /// the client's end and the task serving the server's.
-    async fn served(idle: Duration) -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        let task = tokio::spawn(async move {
-            let service = move |req| std::future::ready(Ok(slow_answer(&req, idle * 4)));
-            serve_http1(Box::new(s), service, &CancellationToken::new(), idle).await;
-        });
-        (c, task)
-    }
-
-    /// A request head that dribbles in (a slowloris client) is cut off after the idle timeout.
-    #[tokio::test]
-    async fn a_request_head_that_dribbles_in_is_closed() {
-        let idle = Duration::from_millis(200);
-        let (mut c, task) = served(idle).await;
-        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
-        let dribble = async {
-            // Bounded: 60 lines over 12 s, 30 times the longest the timeout may take.
-            for _ in 0..60 {
-                tokio::time::sleep(idle / 4).await;
-                if c.write_all(b"X-A: 1\r\n").await.is_err() {
-                    break;
-                }
-            }
-        };
-        tokio::select! {
-            r = task => r.unwrap(),
-            () = dribble => panic!("a head dribbling in for 12 s was kept"),
-        }
-    }
-
-    /// An answer streaming for longer than the idle timeout is not cut; once it is done, the
-    /// idle connection is closed.
-    #[tokio::test]
-    async fn a_long_answer_is_not_cut_and_the_idle_connection_then_closes() {
-        use tokio::io::AsyncReadExt;
-        let idle = Duration::from_millis(200);
-        let (mut c, task) = served(idle).await;
-        c.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 1024];
-        // Bounded: the chunked answer ends with its empty last chunk, or the read fails.
-        while !got.ends_with(b"0\r\n\r\n") {
-            let n = tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf)).await;
-            let n = n.expect("an answer within 30 s").unwrap();
-            assert!(n > 0, "closed mid-answer: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
-        let text = String::from_utf8_lossy(&got);
-        assert!(text.contains("\r\na\r\n") && text.contains("\r\nb\r\n"), "{text}");
-        tokio::time::timeout(Duration::from_secs(30), task).await.expect("idle kept").unwrap();
-        assert_eq!(c.read(&mut buf).await.unwrap(), 0, "the server closed it");
     }
 
     /// A connection with nothing sent yet is not handed on; its first byte hands it on unread.

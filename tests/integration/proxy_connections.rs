@@ -1,5 +1,5 @@
-//! The proxy's connections on both sides: client connections opened ahead of use (no buffers
-//! until the first bytes, then served), a client sending its request a byte at a time, and
+//! The proxy's connections on both sides: client connections opened ahead of use or idle
+//! between requests (no buffers until their next bytes, then served), a client sending its request a byte at a time, and
 //! plain-HTTP upstream connections reused across requests, or not when the upstream says
 //! `Connection: close`.
 
@@ -93,6 +93,34 @@ async fn connections_opened_ahead_of_use_hold_no_buffers_and_are_served_later() 
     assert!(per_conn < 4.0, "{per_conn:.1} KiB per connection not yet used");
     for s in &mut conns {
         assert_eq!(get(s).await, 200, "a connection idle before its first request");
+    }
+    assert!(d.stop().await.success(), "{}", d.output());
+}
+
+/// Connections kept open after a request (a client's keep-alive pool between calls) hold no
+/// buffers: hyper's server kept 8 KiB to read and 8 KiB to write on each for its whole life
+/// (about 10 KiB resident per connection in issue 13's benchmark).
+#[tokio::test]
+async fn connections_idle_after_a_request_hold_no_buffers() {
+    const N: usize = 400;
+    let w = World::new().await;
+    let (mut d, port) = started(&w, None).await;
+    // Every proxy thread's first allocations are made before the baseline.
+    for _ in 0..8 {
+        let mut warm = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        assert_eq!(get(&mut warm).await, 200);
+    }
+    let before = rss_kib(d.pid());
+    let mut conns = Vec::new();
+    for _ in 0..N {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        assert_eq!(get(&mut s).await, 200);
+        conns.push(s);
+    }
+    let per_conn = rss_kib(d.pid()).saturating_sub(before) as f64 / N as f64;
+    assert!(per_conn < 4.0, "{per_conn:.1} KiB per connection idle after a request");
+    for s in &mut conns {
+        assert_eq!(get(s).await, 200, "a connection idle after a request");
     }
     assert!(d.stop().await.success(), "{}", d.output());
 }
