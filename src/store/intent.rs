@@ -39,26 +39,32 @@ fn parse(text: &str) -> Option<(u64, DateTime<Utc>)> {
 pub fn write(path: &Path, generation: u64, now: DateTime<Utc>) -> io::Result<()> {
     let text = render(generation, now);
     match open_in_place(path) {
-        Some(file) => {
+        Some((file, len)) => {
             file.write_all_at(text.as_bytes(), 0)?;
-            file.set_len(text.len() as u64)?;
-            file.sync_all()
+            if len != text.len() as u64 {
+                file.set_len(text.len() as u64)?;
+            }
+            // The text has one length, so a rewrite leaves the size alone and only the times
+            // change in the inode: `fdatasync` writes the data block and not the inode (on
+            // ext4, one block write less per refresh); the size is synced whenever it changed.
+            file.sync_data()
         }
         None => write_atomic(path, text.as_bytes(), 0o600),
     }
 }
 
-/// The marker opened for writing, if it can be rewritten in place. `O_NOFOLLOW` refuses a
+/// The marker opened for writing, and its length, if it can be rewritten in place. `O_NOFOLLOW` refuses a
 /// symlink and `O_NONBLOCK` a FIFO without a reader; those, and anything not a plain file of
 /// ours, are replaced instead.
-fn open_in_place(path: &Path) -> Option<File> {
+fn open_in_place(path: &Path) -> Option<(File, u64)> {
     let file = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .ok()?;
     let meta = file.metadata().ok()?;
-    (meta.is_file() && meta.mode() & 0o7777 == 0o600 && meta.nlink() == 1).then_some(file)
+    let ours = meta.is_file() && meta.mode() & 0o7777 == 0o600 && meta.nlink() == 1;
+    ours.then_some((file, meta.len()))
 }
 
 /// How long ago the refresh in flight when the daemon stopped went out, if one was: the
@@ -118,6 +124,23 @@ mod tests {
         assert_eq!(in_flight(&path, Some(3), now), Some(Duration::ZERO), "from the future");
         std::fs::write(&path, "refresh in flight since 2026-11-23T04:30:00+00:00\n").unwrap();
         assert!(in_flight(&path, Some(9), now).is_some(), "an older tokend's marker");
+    }
+
+    /// A marker of ours with another length (an older tokend's text) is rewritten in place to
+    /// exactly the new text: the size is set (and synced) when it differs.
+    #[test]
+    fn a_rewrite_in_place_leaves_no_tail_of_a_longer_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.intent");
+        std::fs::write(&path, "x".repeat(200)).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let ino = std::fs::metadata(&path).unwrap().ino();
+        let t = at("2026-11-23T04:30:00Z");
+        write(&path, 5, t).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino, "rewritten in place");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), render(5, t));
+        assert_eq!(in_flight(&path, Some(5), t), Some(Duration::ZERO));
     }
 
     /// The point of the module: a refresh after the first reuses the marker's inode.
