@@ -136,8 +136,6 @@ impl Conn<'_, '_> {
             self.activity.begin();
             // Boxed: a request's state (its answer, the answer's body) takes memory only while
             // the request is in progress, not in every idle connection's task.
-            // Boxed: a request's state (its answer, the answer's body) takes memory only while
-            // the request is in progress, not in every idle connection's task.
             let keep = Box::pin(self.exchange(head, &mut service)).await;
             self.activity.end();
             if !keep {

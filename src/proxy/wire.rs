@@ -83,6 +83,11 @@ fn head_of(parsed: &httparse::Request<'_, '_>) -> Result<Head, Refused> {
         headers.append(name, value);
     }
     let (framing, ambiguous) = framing(&headers, version)?;
+    if ambiguous {
+        // RFC 9112 section 6.3: an intermediary forwarding such a message MUST first remove
+        // the Content-Length (the body goes on decoded from its chunks).
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let keep_alive = version == Version::HTTP_11 && !ambiguous && !has_token(&headers, "close");
     let expect_continue = version == Version::HTTP_11
         && framing != Framing::Empty
@@ -106,21 +111,33 @@ fn framing(headers: &HeaderMap, version: Version) -> Result<(Framing, bool), Ref
         if version == Version::HTTP_10 {
             return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
         }
-        let last = headers
+        let codings: Vec<&[u8]> = headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
             .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .next_back()
-            .map(<[u8]>::trim_ascii);
-        if !last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")) {
+            .map(<[u8]>::trim_ascii)
+            .collect();
+        let chunked = |c: &&[u8]| c.eq_ignore_ascii_case(b"chunked");
+        if !codings.last().is_some_and(chunked) {
             return Err(bad("a Transfer-Encoding that does not end with chunked"));
+        }
+        // Only chunked is decoded here: a body coded otherwise besides (gzip, chunked) would
+        // go upstream without the header that says so (RFC 9112 section 6.1: 501).
+        if codings.len() > 1 {
+            return Err(refused(
+                StatusCode::NOT_IMPLEMENTED,
+                "a transfer coding other than chunked is not supported",
+            ));
         }
         return Ok((Framing::Chunked, has_length));
     }
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for n in value.as_bytes().split(|b| *b == b',') {
-            let n = std::str::from_utf8(n.trim_ascii()).ok().and_then(|n| n.parse::<u64>().ok());
+            // 1*DIGIT: `parse` alone would also take a sign ("+5").
+            let n = Some(n.trim_ascii())
+                .filter(|n| !n.is_empty() && n.iter().all(u8::is_ascii_digit))
+                .and_then(|n| std::str::from_utf8(n).ok()?.parse::<u64>().ok());
             let Some(n) = n.filter(|n| length.is_none_or(|l| l == *n)) else {
                 return Err(bad("an invalid Content-Length"));
             };
@@ -223,7 +240,8 @@ fn line(buf: &mut BytesMut) -> Result<Option<BytesMut>, BadChunk> {
 /// A chunk-size line's size (hex digits, then optional whitespace and `;extensions`).
 fn chunk_size(line: &[u8]) -> Result<u64, BadChunk> {
     let digits = line.split(|b| *b == b';').next().unwrap_or_default().trim_ascii_end();
-    if digits.is_empty() || digits.len() > 16 {
+    // 1*HEXDIG: `from_str_radix` alone would also take a sign ("+5").
+    if digits.is_empty() || digits.len() > 16 || !digits.iter().all(u8::is_ascii_hexdigit) {
         return Err(BadChunk("an invalid chunk size"));
     }
     let text = std::str::from_utf8(digits).map_err(|_| BadChunk("an invalid chunk size"))?;
@@ -400,8 +418,12 @@ mod tests {
             ("POST / HTTP/1.1\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n", Err(400)),
             ("POST / HTTP/1.1\r\ncontent-length: -1\r\n\r\n", Err(400)),
             ("POST / HTTP/1.1\r\ncontent-length: 1x\r\n\r\n", Err(400)),
+            ("POST / HTTP/1.1\r\ncontent-length: +5\r\n\r\n", Err(400)),
+            ("POST / HTTP/1.1\r\ncontent-length: 5,\r\n\r\n", Err(400)),
             ("POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n", Ok(Framing::Chunked)),
-            ("POST / HTTP/1.1\r\ntransfer-encoding: gzip, Chunked\r\n\r\n", Ok(Framing::Chunked)),
+            ("POST / HTTP/1.1\r\ntransfer-encoding: Chunked\r\n\r\n", Ok(Framing::Chunked)),
+            ("POST / HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\n", Err(501)),
+            ("POST / HTTP/1.1\r\ntransfer-encoding: chunked, chunked\r\n\r\n", Err(501)),
             ("POST / HTTP/1.1\r\ntransfer-encoding: chunked, gzip\r\n\r\n", Err(400)),
             ("POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n", Err(400)),
             (
@@ -422,6 +444,11 @@ mod tests {
         assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
         let both = "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n";
         assert!(!head(both).keep_alive, "an ambiguous head closes its connection");
+        let forwarded = head(both).request;
+        assert!(
+            !forwarded.headers().contains_key(header::CONTENT_LENGTH),
+            "and its Content-Length is not forwarded beside the decoded chunks"
+        );
         let expect = "POST / HTTP/1.1\r\nexpect: 100-Continue\r\ncontent-length: 3\r\n\r\n";
         assert!(head(expect).expect_continue);
         assert!(!head("GET / HTTP/1.1\r\nexpect: 100-continue\r\n\r\n").expect_continue);
@@ -471,7 +498,15 @@ mod tests {
 
     #[test]
     fn bad_chunked_bodies_are_errors() {
-        for wire in [&b"x\r\n"[..], b"3\r\nabcd\r\n0\r\n\r\n", b"11111111111111111\r\n", b";\r\n"] {
+        let bad: [&[u8]; 6] = [
+            b"x\r\n",
+            b"3\r\nabcd\r\n0\r\n\r\n",
+            b"11111111111111111\r\n",
+            b";\r\n",
+            b"+3\r\nabc\r\n0\r\n\r\n",
+            b" 3\r\nabc\r\n0\r\n\r\n",
+        ];
+        for wire in bad {
             assert!(dechunk(wire, wire.len()).is_err(), "{}", String::from_utf8_lossy(wire));
         }
         let long = vec![b'1'; MAX_LINE + 1];
