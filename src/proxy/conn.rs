@@ -53,15 +53,48 @@ pub fn fill(
 ) -> Poll<std::io::Result<usize>> {
     if buf.capacity() == 0 {
         ready!(io.poll_read_ready(cx))?;
+        *buf = spare::take();
     }
     if buf.capacity() - buf.len() < READ_SIZE / 4 {
         buf.reserve(READ_SIZE);
     }
     let read = tokio_util::io::poll_read_buf(Pin::new(io), cx, buf);
     if read.is_pending() && buf.is_empty() {
-        *buf = BytesMut::new();
+        spare::give(std::mem::take(buf));
     }
     read
+}
+
+/// A few empty read buffers kept per thread: a connection gives its buffer back whenever it
+/// waits for its client, which on a busy connection is once a request, and 8 KiB from the
+/// allocator each time cost about 4% of a proxied request's instructions (a large allocation
+/// consolidates the allocator's small free lists first). At most `KEPT` per thread, 64 KiB.
+mod spare {
+    use super::READ_SIZE;
+    use bytes::BytesMut;
+    use std::cell::RefCell;
+
+    const KEPT: usize = 8;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take() -> BytesMut {
+        SPARE.with_borrow_mut(Vec::pop).unwrap_or_else(|| BytesMut::with_capacity(READ_SIZE))
+    }
+
+    /// Keeps `buf` (empty) if its whole memory is free again, it did not grow for a large
+    /// head, and there is room.
+    pub fn give(mut buf: BytesMut) {
+        if buf.try_reclaim(READ_SIZE) && buf.capacity() <= 2 * READ_SIZE {
+            SPARE.with_borrow_mut(|kept| {
+                if kept.len() < KEPT {
+                    kept.push(buf);
+                }
+            });
+        }
+    }
 }
 
 /// Serves `reader`/`writer` until the client closes, the connection has been idle for `idle`

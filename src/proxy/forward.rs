@@ -295,10 +295,11 @@ impl Proxy {
     }
 }
 
-/// The upstream's response as it came, minus its hop-by-hop headers; the body streams.
+/// The upstream's response as it came; the body streams. Its hop-by-hop headers are left out
+/// as its head is written (`wire::response_head`): removing them from the map cost about 6%
+/// of a proxied request's instructions (callgrind), as most upstreams send `Connection`.
 fn pass(resp: Response<UpstreamBody>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
     parts.version = hyper::Version::HTTP_11;
     Response::from_parts(parts, Either::Left(body))
 }

@@ -15,7 +15,8 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// Removes the hop-by-hop headers: the fixed list, every `Proxy-*` header and whatever the
-/// `Connection` header names.
+/// `Connection` header names. (An answer's are left out as its head is written instead: see
+/// `Connection::named` and `wire::response_head`.)
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // The usual request has none: one pass over the names, no hashing, no removal. (A header
     // that `Connection` names only counts when `Connection` itself is there.)
@@ -36,11 +37,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     let name = name.as_str();
     // Called for every header both ways: most names are told apart by their first byte.
     matches!(name.as_bytes().first(), Some(b'c' | b'k' | b't' | b'u' | b'p'))
         && (HOP_BY_HOP.contains(&name) || name.starts_with("proxy-"))
+}
+
+/// The header names a `Connection` header lists (lowercase ASCII compared), if there is one:
+/// they are hop-by-hop too.
+pub struct ConnectionNamed<'a>(Vec<&'a [u8]>);
+
+impl<'a> ConnectionNamed<'a> {
+    pub fn of(headers: &'a HeaderMap) -> Self {
+        let values = headers.get_all(header::CONNECTION).iter();
+        Self(
+            values
+                .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+                .map(<[u8]>::trim_ascii)
+                .collect(),
+        )
+    }
+
+    /// Whether `name` is hop-by-hop in a message with these headers.
+    pub fn drops(&self, name: &HeaderName) -> bool {
+        is_hop_by_hop(name)
+            || self.0.iter().any(|n| n.eq_ignore_ascii_case(name.as_str().as_bytes()))
+    }
 }
 
 #[cfg(test)]
