@@ -92,6 +92,11 @@ fn head_of(parsed: &httparse::Request<'_, '_>) -> Result<Head, Refused> {
         // RFC 9112 section 6.3: an intermediary forwarding such a message MUST first remove
         // the Content-Length (the body goes on decoded from its chunks).
         headers.remove(header::CONTENT_LENGTH);
+    } else if seen.lengths > 1 {
+        // A length sent as a list or repeated ("3, 3"; RFC 9110 section 8.6 lets a recipient
+        // take it as one) goes on as that one value: an upstream may refuse the list, or read
+        // another length from it.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(seen.length.unwrap_or(0)));
     }
     let keep_alive = version == Version::HTTP_11 && !ambiguous && !seen.close;
     let expect_continue = version == Version::HTTP_11 && framing != Framing::Empty && seen.expect;
@@ -108,6 +113,8 @@ fn head_of(parsed: &httparse::Request<'_, '_>) -> Result<Head, Refused> {
 #[derive(Default)]
 struct Seen {
     length: Option<u64>,
+    /// How many values the `Content-Length` fields held (one length, all of them equal).
+    lengths: usize,
     /// `Transfer-Encoding` present: how many codings, and whether the last is chunked.
     codings: usize,
     chunked_last: bool,
@@ -128,6 +135,7 @@ impl Seen {
                     return Err(refused(StatusCode::BAD_REQUEST, "an invalid Content-Length"));
                 };
                 self.length = Some(n);
+                self.lengths += 1;
             }
         } else if is("transfer-encoding") {
             // A later field's codings come after this one's.
