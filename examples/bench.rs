@@ -33,6 +33,25 @@ struct Args {
     sinks_tmpfs: Option<PathBuf>,
 }
 
+const USAGE: &str = "usage: bench [--idle SECONDS] [--tokens N,M] [--only rounds] [--settle SECONDS] [--sinks tmpfs|disk]
+
+Prints the performance table of the README: propagation, publish, `tokend token`, RSS and idle
+CPU of one token, then for each token count a bootstrap and a SIGUSR1 refresh round with their
+floors (the same durable writes by a few lines of Rust, after a --settle pause, default 70 s),
+RSS and idle CPU (--idle, default 20 s), and the spread of token requests after a tick.
+--only rounds: just the bootstrap and round rows. --sinks: the json sinks on a tmpfs (/run or
+/dev/shm, as installed; the default) or on disk beside the state files.";
+
+/// A usage error: the usage on stderr, exit 2.
+fn usage_error(what: &str) -> ! {
+    eprintln!("bench: {what}\n{USAGE}");
+    std::process::exit(2)
+}
+
+fn number<T: std::str::FromStr>(flag: &str, v: &str) -> T {
+    v.parse().unwrap_or_else(|_| usage_error(&format!("{flag}: {v:?} is not a number")))
+}
+
 fn args() -> Args {
     let mut a = Args {
         idle_secs: 20,
@@ -45,16 +64,18 @@ fn args() -> Args {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
         match (pair[0].as_str(), pair.get(1)) {
-            ("--idle", Some(v)) => a.idle_secs = v.parse().expect("--idle SECONDS"),
+            ("-h" | "--help", _) => {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
+            ("--idle", Some(v)) => a.idle_secs = number("--idle", v),
             ("--tokens", Some(v)) => {
-                a.tokens = v.split(',').map(|n| n.parse().expect("--tokens N,M")).collect();
+                a.tokens = v.split(',').map(|n| number("--tokens", n)).collect();
             }
             ("--only", Some(v)) if v == "rounds" => a.rounds_only = true,
-            ("--settle", Some(v)) => a.settle_secs = v.parse().expect("--settle SECONDS"),
+            ("--settle", Some(v)) => a.settle_secs = number("--settle", v),
             ("--sinks", Some(v)) if v == "disk" || v == "tmpfs" => sinks_on_disk = v == "disk",
-            _ => panic!(
-                "usage: bench [--idle SECONDS] [--tokens N,M] [--only rounds] [--settle SECONDS] [--sinks tmpfs|disk]"
-            ),
+            (flag, _) => usage_error(&format!("unknown or incomplete option {flag:?}")),
         }
     }
     if !sinks_on_disk {
