@@ -301,22 +301,36 @@ pub fn response_head(out: &mut Vec<u8>, parts: &hyper::http::response::Parts, r:
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut length = None;
+    let mut length: Option<u64> = None;
     let mut dated = false;
     // Usually none: no allocation unless the answer has a `Connection` header.
     let hop = ConnectionNamed::of(&parts.headers);
+    // Transfer-Encoding beside a length: the body came as chunks, and the length is not its
+    // length (RFC 9112 section 6.3: a proxy MUST remove it).
+    let mut coded = false;
     for (name, value) in &parts.headers {
         if name == header::CONTENT_LENGTH {
+            // Written after the others, as one value: a list ("5, 5") is not parsed here, and
+            // the body's own length is written in its place.
             length = std::str::from_utf8(value.as_bytes()).ok().and_then(|v| v.trim().parse().ok());
-            if status == StatusCode::NO_CONTENT || status.is_informational() {
-                continue;
-            }
-        } else if hop.drops(name) {
+            continue;
+        }
+        if hop.drops(name) {
             // The connection's own (RFC 9110 section 7.6.1): the proxy sets its own.
+            coded |= name == header::TRANSFER_ENCODING;
             continue;
         }
         dated |= name == header::DATE;
         field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if coded {
+        length = None;
+    }
+    if let Some(n) = length
+        && status != StatusCode::NO_CONTENT
+        && !status.is_informational()
+    {
+        field(out, b"content-length", n.to_string().as_bytes());
     }
     if !dated {
         date(out);

@@ -69,6 +69,12 @@ async fn upstream_conn(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n".to_vec(),
                 true,
             ),
+            "/te-cl" => {
+                let a =
+                    "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n";
+                (format!("{a}5\r\nhello\r\n0\r\n\r\n").into_bytes(), false)
+            }
+            "/cl-list" => (b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello".to_vec(), false),
             "/304" => (b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n".to_vec(), false),
             "/big" => {
                 let mut a = b"HTTP/1.1 200 OK\r\ncontent-length: 8388608\r\n\r\n".to_vec();
@@ -366,4 +372,28 @@ async fn connections_dropped_in_any_state_leave_no_descriptor_behind() {
     }
     // Upstream connections in use when their client left are not reused: allow a few pooled.
     wait_until("descriptors back to their count before", T, || fds() <= base + 4).await;
+}
+
+/// An upstream answer framed by both chunks and a Content-Length reaches the client as its
+/// chunks say (RFC 9112 section 6.3: Transfer-Encoding overrides the length, and an
+/// intermediary MUST remove it), and a length sent as a list goes on as one value.
+#[tokio::test]
+async fn an_upstream_answer_is_framed_one_way_to_the_client() {
+    let w = World::new().await;
+    let up = Upstream::start().await;
+    let (_d, port) = started(&w, &up.url).await;
+    let mut s = connect(port).await;
+    for path in ["/te-cl", "/cl-list", "/next"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let (head, body) = answer(&mut s, false).await;
+        let framings = head.matches("\r\ncontent-length:").count()
+            + head.matches("\r\ntransfer-encoding:").count();
+        assert_eq!(framings, 1, "{path}: {head}");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        let want = if path == "/next" { "ok" } else { "hello" };
+        assert!(
+            body == want || body == format!("5\r\n{want}\r\n0\r\n\r\n"),
+            "{path}: {head}{body}"
+        );
+    }
 }
