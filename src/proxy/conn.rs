@@ -481,6 +481,13 @@ mod tests {
         let all = read_until(&mut s.client, "HTTP/1.1 200", 3).await;
         let (two, three, four) = (all.find("GET /2 "), all.find("POST /3 hi"), all.find("GET /4 "));
         assert!(two < three && three < four && two.is_some(), "{all}");
+        // An HTTP/1.0 client keeps its connection only when it asks to.
+        s.client.write_all(b"GET /5 HTTP/1.0\r\nconnection: keep-alive\r\n\r\n").await.unwrap();
+        let kept = read_until(&mut s.client, "GET /5 ", 1).await;
+        assert!(kept.contains("\r\nconnection: keep-alive\r\n"), "{kept}");
+        s.client.write_all(b"GET /6 HTTP/1.0\r\n\r\n").await.unwrap();
+        let last = read_to_close(&mut s.client).await;
+        assert!(last.contains("\r\nconnection: close\r\n") && last.ends_with("GET /6 "), "{last}");
     }
 
     #[tokio::test]

@@ -98,7 +98,9 @@ fn head_of(parsed: &httparse::Request<'_, '_>) -> Result<Head, Refused> {
         // another length from it.
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(seen.length.unwrap_or(0)));
     }
-    let keep_alive = version == Version::HTTP_11 && !ambiguous && !seen.close;
+    // HTTP/1.0 keeps a connection only when asked to (RFC 9112 section 9.3).
+    let asked = version == Version::HTTP_11 || seen.keep_alive;
+    let keep_alive = asked && !ambiguous && !seen.close;
     let expect_continue = version == Version::HTTP_11 && framing != Framing::Empty && seen.expect;
     let mut request = Request::new(());
     *request.method_mut() = method;
@@ -110,7 +112,9 @@ fn head_of(parsed: &httparse::Request<'_, '_>) -> Result<Head, Refused> {
 
 /// What the head's fields say about the connection and the body, gathered as they are parsed
 /// (looking each up in the header map again cost a hash per lookup).
+/// (Four independent facts of a head, not a state: bools read best.)
 #[derive(Default)]
+#[allow(clippy::struct_excessive_bools)]
 struct Seen {
     length: Option<u64>,
     /// How many values the `Content-Length` fields held (one length, all of them equal).
@@ -119,6 +123,8 @@ struct Seen {
     codings: usize,
     chunked_last: bool,
     close: bool,
+    /// `Connection: keep-alive`: an HTTP/1.0 client's way to keep its connection.
+    keep_alive: bool,
     expect: bool,
 }
 
@@ -144,8 +150,10 @@ impl Seen {
                 self.chunked_last = coding.trim_ascii().eq_ignore_ascii_case(b"chunked");
             }
         } else if is("connection") {
-            let mut tokens = value.split(|b| *b == b',');
-            self.close |= tokens.any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
         } else if is("expect") {
             self.expect = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
@@ -354,6 +362,8 @@ pub fn response_head(out: &mut Vec<u8>, parts: &hyper::http::response::Parts, r:
     };
     if r.close || how == Out::UntilClose {
         field(out, b"connection", b"close");
+    } else if r.http10 {
+        field(out, b"connection", b"keep-alive");
     }
     out.extend_from_slice(b"\r\n");
     how
@@ -480,6 +490,7 @@ mod tests {
         let head = |t: &str| parse(t).unwrap().unwrap();
         assert!(!head("GET / HTTP/1.1\r\nconnection: keep-alive, Close\r\n\r\n").keep_alive);
         assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nconnection: Keep-Alive\r\n\r\n").keep_alive);
         let both = "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n";
         assert!(!head(both).keep_alive, "an ambiguous head closes its connection");
         let forwarded = head(both).request;
@@ -579,6 +590,14 @@ mod tests {
         assert_eq!(
             (text.as_str(), how),
             ("HTTP/1.1 200 OK\r\ndate: x\r\ntransfer-encoding: chunked\r\n\r\n", Out::Chunked)
+        );
+        let (text, how) = head_text(200, &[("date", "x")], &r(false, true, false, Some(2)));
+        assert_eq!(
+            (text.as_str(), how),
+            (
+                "HTTP/1.1 200 OK\r\ndate: x\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\n",
+                Out::Length(2)
+            )
         );
         let (text, how) = head_text(200, &[("date", "x")], &r(false, true, false, None));
         assert_eq!(
