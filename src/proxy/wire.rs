@@ -185,6 +185,9 @@ impl Seen {
     }
 }
 
+/// The most a chunked body's trailer fields may take.
+const MAX_TRAILERS: usize = 16 * 1024;
+
 /// Where a chunked body's decoder is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Chunked {
@@ -194,8 +197,10 @@ pub enum Chunked {
     Data(u64),
     /// After a chunk's data: its CRLF.
     DataEnd,
-    /// After the last chunk: trailer lines (dropped) up to an empty line.
-    Trailers,
+    /// After the last chunk: trailer lines (dropped) up to an empty line; the bytes they took
+    /// so far (at most `MAX_TRAILERS`, as hyper's server allowed: they are not bounded by
+    /// anything else).
+    Trailers(usize),
     Done,
 }
 
@@ -220,7 +225,7 @@ impl Chunked {
                 Self::Size => {
                     let Some(line) = line(buf)? else { return Ok(Decoded::More) };
                     let size = chunk_size(&line)?;
-                    *self = if size == 0 { Self::Trailers } else { Self::Data(size) };
+                    *self = if size == 0 { Self::Trailers(0) } else { Self::Data(size) };
                 }
                 Self::Data(left) => {
                     if buf.is_empty() {
@@ -241,11 +246,13 @@ impl Chunked {
                     buf.advance(2);
                     *self = Self::Size;
                 }
-                Self::Trailers => {
+                Self::Trailers(taken) => {
                     let Some(line) = line(buf)? else { return Ok(Decoded::More) };
-                    if line.is_empty() {
-                        *self = Self::Done;
+                    let taken = taken + line.len() + 2;
+                    if taken > MAX_TRAILERS {
+                        return Err(BadChunk("trailer fields over 16 KiB"));
                     }
+                    *self = if line.is_empty() { Self::Done } else { Self::Trailers(taken) };
                 }
                 Self::Done => return Ok(Decoded::End),
             }

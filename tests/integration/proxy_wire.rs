@@ -397,3 +397,26 @@ async fn an_upstream_answer_is_framed_one_way_to_the_client() {
         );
     }
 }
+
+/// A chunked body's trailer fields (dropped by the proxy) are bounded as hyper's server bounded
+/// them (16 KiB): past that the request fails and never reaches the upstream whole, and one
+/// within the bound goes through.
+#[tokio::test]
+async fn trailer_fields_are_bounded() {
+    let w = World::new().await;
+    let up = Upstream::start().await;
+    let (_d, port) = started(&w, &up.url).await;
+    let head = "POST /trailers HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n";
+    let line = format!("x-t: {}\r\n", "a".repeat(100));
+    let mut s = connect(port).await;
+    let small = format!("{head}5\r\nhello\r\n0\r\n{}\r\n", line.repeat(10));
+    s.write_all(small.as_bytes()).await.unwrap();
+    assert_eq!(answer(&mut s, false).await.1, b"ok");
+    let mut s = connect(port).await;
+    let big = format!("{head}5\r\nhello\r\n0\r\n{}\r\n", line.repeat(1000));
+    // The proxy may close before all of it is written.
+    let _ = s.write_all(big.as_bytes()).await;
+    let all = to_close(&mut s).await;
+    assert!(!all.starts_with("HTTP/1.1 200 "), "{all}");
+    assert_eq!(received(&up, "/trailers").len(), 1, "the 100 KiB of trailers were taken");
+}
