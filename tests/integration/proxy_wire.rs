@@ -420,3 +420,28 @@ async fn trailer_fields_are_bounded() {
     assert!(!all.starts_with("HTTP/1.1 200 "), "{all}");
     assert_eq!(received(&up, "/trailers").len(), 1, "the 100 KiB of trailers were taken");
 }
+
+/// `Expect: 100-continue` gets its interim answer and then the body goes upstream; a head
+/// with bare LF line ends (which RFC 9112 section 2.2 lets a recipient take) goes upstream
+/// with CRLF ones, as a request of its own.
+#[tokio::test]
+async fn expect_continue_and_bare_lf_heads() {
+    let w = World::new().await;
+    let up = Upstream::start().await;
+    let (_d, port) = started(&w, &up.url).await;
+    let mut s = connect(port).await;
+    let expect =
+        b"POST /expect HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n";
+    s.write_all(expect).await.unwrap();
+    let mut interim = vec![0; 25];
+    tokio::time::timeout(T, s.read_exact(&mut interim)).await.expect("100 Continue").unwrap();
+    assert_eq!(interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"abc").await.unwrap();
+    assert_eq!(answer(&mut s, false).await.1, b"ok");
+    assert!(received(&up, "/expect")[0].ends_with("\r\n\r\nabc"));
+    s.write_all(b"GET /lf HTTP/1.1\nhost: x\n\n").await.unwrap();
+    assert_eq!(answer(&mut s, false).await.1, b"ok");
+    let lf = &received(&up, "/lf");
+    assert_eq!(lf.len(), 1, "{lf:?}");
+    assert!(lf[0].starts_with("GET /lf HTTP/1.1\r\n"), "{lf:?}");
+}
