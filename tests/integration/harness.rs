@@ -33,6 +33,14 @@ pub fn require(ok: bool, missing: &str) {
     assert!(ok, "{missing}: run scripts/test, which installs it");
 }
 
+/// The longest time without a watchdog ping from `from` to now, given when each ping came
+/// (those before `from` are skipped).
+pub fn longest_gap(from: Instant, pings: impl Iterator<Item = Instant>) -> Duration {
+    let at: Vec<Instant> =
+        std::iter::once(from).chain(pings.filter(|t| *t >= from)).chain([Instant::now()]).collect();
+    at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+}
+
 /// Polls `cond` every 10 ms until it holds or `timeout` passes; panics with `what` on timeout.
 pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     wait_for(what, timeout, || std::future::ready(cond())).await;

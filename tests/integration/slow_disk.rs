@@ -110,10 +110,10 @@ fn listen(socket: UnixDatagram, done: Arc<std::sync::atomic::AtomicBool>) -> Log
 /// The longest gap between two watchdog pings after `from` (and up to now).
 fn longest_ping_gap(log: &Log, from: Instant) -> Duration {
     let msgs = log.lock().unwrap();
-    let pings = msgs.iter().filter(|(t, m)| *t >= from && m.contains("WATCHDOG=1"));
-    let at: Vec<Instant> =
-        std::iter::once(from).chain(pings.map(|m| m.0)).chain([Instant::now()]).collect();
-    at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+    crate::harness::longest_gap(
+        from,
+        msgs.iter().filter(|m| m.1.contains("WATCHDOG=1")).map(|m| m.0),
+    )
 }
 
 /// The daemon with `TOKENS` tokens whose files are all on `fs`, and the notify socket's log
