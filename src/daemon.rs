@@ -196,7 +196,11 @@ pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result
         tokio::select! {
             c = control.recv() => match c {
                 None | Some(Control::Stop) => break,
-                Some(Control::Reload) => reload_fed(&mut daemon, &mut watchdog).await,
+                Some(Control::Reload) => {
+                    if !reload_fed(&mut daemon, &mut watchdog, &mut control).await {
+                        break;
+                    }
+                }
                 Some(Control::RefreshAll) => daemon.refresh_all(),
             },
             () = watchdog.tick() => {}
@@ -214,16 +218,54 @@ pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result
 /// A reload, with the watchdog pinged while it runs: it waits for the changed tokens' in-flight
 /// refreshes (up to `STOP_GRACE` each) and for the added tokens' first publish, which a slow
 /// server or disk stretches past `WatchdogSec=`; systemd would then kill the daemon mid-reload.
-/// Control messages (SIGTERM) wait in the channel until the reload ends.
-async fn reload_fed(daemon: &mut Daemon, watchdog: &mut crate::systemd::Watchdog) {
-    let reload = daemon.reload();
-    tokio::pin!(reload);
+/// While it waits for the added tokens, SIGTERM stops the daemon at once (the tokens that have
+/// not begun their first login then never begin it) and SIGUSR1 is served; a second SIGHUP
+/// reloads again once this reload is over. Returns `false` when the daemon is to stop.
+async fn reload_fed(
+    daemon: &mut Daemon,
+    watchdog: &mut crate::systemd::Watchdog,
+    control: &mut mpsc::Receiver<Control>,
+) -> bool {
     loop {
-        tokio::select! {
-            () = &mut reload => return,
-            () = watchdog.tick() => {}
+        let reloading = {
+            let started = daemon.reload();
+            tokio::pin!(started);
+            loop {
+                tokio::select! {
+                    r = &mut started => break r,
+                    () = watchdog.tick() => {}
+                }
+            }
+        };
+        let Some(Reloading { readies, config }) = reloading else { return true };
+        let mut again = false;
+        let added = futures_util::future::join_all(readies);
+        tokio::pin!(added);
+        loop {
+            tokio::select! {
+                _ = &mut added => break,
+                () = watchdog.tick() => {}
+                c = control.recv() => match c {
+                    None | Some(Control::Stop) => {
+                        info!("stop asked during a reload: the added tokens still logging in stop after it");
+                        return false;
+                    }
+                    Some(Control::Reload) => again = true,
+                    Some(Control::RefreshAll) => daemon.refresh_all(),
+                },
+            }
+        }
+        daemon.reloaded(config);
+        if !again {
+            return true;
         }
     }
+}
+
+/// A reload that has started the added tokens and waits for their first publish.
+struct Reloading {
+    readies: Vec<oneshot::Receiver<()>>,
+    config: Config,
 }
 
 impl Daemon {
@@ -436,12 +478,14 @@ impl Daemon {
     }
 
     /// SIGHUP: a new config replaces the old only if it is valid; tokens that changed restart.
-    async fn reload(&mut self) {
+    /// Returns the added tokens' first publishes to wait for (`reloaded` then ends the reload),
+    /// or `None` when the new config was refused.
+    async fn reload(&mut self) -> Option<Reloading> {
         let mut new = match Config::load_resolved(&self.config.path) {
             Ok(c) => c,
             Err(e) => {
                 error!(error = %e, "config reload failed; keeping the running config");
-                return;
+                return None;
             }
         };
         // Everything that can be checked is checked before anything stops: a reload that
@@ -450,7 +494,7 @@ impl Daemon {
             Ok(locks) => locks,
             Err(e) => {
                 error!(error = %e, "config reload refused; keeping the running config");
-                return;
+                return None;
             }
         };
         self.stop_changed(&new, &mut locks).await;
@@ -472,9 +516,11 @@ impl Daemon {
                 Err(e) => error!(token = %name, error = %e, "cannot start token after reload"),
             }
         }
-        for ready in readies {
-            let _ = ready.await;
-        }
+        Some(Reloading { readies, config: new })
+    }
+
+    /// Ends a reload once the added tokens have published (or failed their first login).
+    fn reloaded(&mut self, new: Config) {
         if new.log_format != self.config.log_format
             || new.metrics != self.config.metrics
             || new.cluster != self.config.cluster

@@ -80,7 +80,17 @@ impl Refresher {
         // Each step is boxed, so that this future holds the wait, and a step's larger future
         // exists only while it runs (measured with heaptrack: 6.3 kB per task with the steps
         // inline).
-        let starting = start_ups.acquire_owned().await.expect("never closed");
+        // A token still waiting for its turn when the daemon stops (a SIGTERM during the
+        // bootstrap of many tokens, or during a reload that added them) never begins its
+        // first login: that would be a session for a daemon that is going away.
+        let starting = tokio::select! {
+            biased;
+            () = stop.cancelled() => {
+                info!(token = %self.cfg.name, "refresher stopped before its start-up");
+                return;
+            }
+            permit = start_ups.acquire_owned() => permit.expect("never closed"),
+        };
         Box::pin(self.start_up()).await;
         drop(starting);
         let _ = ready.send(());

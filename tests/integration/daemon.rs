@@ -458,3 +458,37 @@ async fn on_refresh_hook_gets_facts_not_the_token_and_its_failures_do_not_matter
     d.wait_log("timed out and was killed", 1, T).await;
     assert!(d.stop().await.success());
 }
+
+/// SIGTERM during a reload that added many tokens, whose logins hang: the daemon stops without
+/// waiting for the reload, and the added tokens still waiting for their turn never log in
+/// (before, the SIGTERM waited in line until every added token had made its first login).
+#[tokio::test]
+async fn sigterm_during_a_reload_stops_without_the_added_tokens_logins() {
+    const ADDED: usize = 300;
+    // The start-ups allowed at once (the default 16 requests, and those beyond them).
+    const AT_ONCE: u64 = 16 + 2 * tokend::store::MAX_WRITES as u64; // task::START_UPS_BEYOND_REQUESTS
+    let w = World::new().await;
+    w.write_config(&[TokenSpec::new("main")]);
+    let mut d = w.daemon();
+    d.wait_ready().await;
+    let (before, requests) = (w.stats().logins, w.stats().token_requests);
+    w.server.inject(format!("hang,ms=300,count={ADDED}").parse().unwrap());
+    let mut tokens = vec![TokenSpec::new("main")];
+    tokens.extend((0..ADDED).map(|i| TokenSpec::new(&format!("added{i}"))));
+    w.write_config(&tokens);
+    d.signal(libc::SIGHUP);
+    wait_until(
+        "the added tokens' first logins to reach the server",
+        Duration::from_secs(30),
+        || w.stats().token_requests > requests,
+    )
+    .await;
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(60)).await.success(), "{}", d.output());
+    assert_eq!(d.count("stop asked during a reload"), 1, "{}", d.output());
+    assert_eq!(d.count("config reloaded"), 0, "the reload ended before the stop");
+    // Those that had their turn finish their login (a session the server made is kept); at
+    // most the start-ups allowed at once had it.
+    let logins = w.stats().logins - before;
+    assert!(logins <= AT_ONCE, "{logins} of {ADDED} added tokens logged in (at most {AT_ONCE})");
+}
