@@ -9,9 +9,13 @@
 //! written, the reply read to its Content-Length), cheap enough that the proxies, not the
 //! client, set the pace on a 2-core machine; each row also gives the target's CPU time per
 //! request (its processes' user and system time from /proc, all threads). Each round runs every target once per
-//! connection count; the table gives the median over the rounds, ratios to nginx from the same
-//! run. `TOKEND_BEFORE_BIN=path` adds a second tokend (an older build) to compare in one run.
-//! `BENCH_ROUNDS` (default 3) and `BENCH_SECS` (seconds per row, default 3) set the length.
+//! connection count, in the reverse order of the round before (A B, B A: no target is always
+//! measured first, or right after the same other); the table gives the median over the rounds,
+//! ratios to nginx from the same run, and each round's throughput ratio.
+//! `TOKEND_BEFORE_BIN=path` adds a second tokend (an older build) to compare in one run.
+//! `BENCH_ROUNDS` (default 6) and `BENCH_SECS` (seconds per row, default 1.5) set the length:
+//! on a shared machine many short rounds gave steadier medians than a few long ones (the
+//! README's "Performance" section).
 #![allow(clippy::too_many_lines, clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 
 use std::path::Path;
@@ -38,8 +42,10 @@ struct Target {
 }
 
 async fn run() {
-    let rounds = env_num("BENCH_ROUNDS", 3).max(1) as usize;
-    let secs = Duration::from_secs(env_num("BENCH_SECS", 3).max(1));
+    let rounds = env_num("BENCH_ROUNDS", 6).max(1) as usize;
+    let secs = Duration::from_secs_f64(
+        std::env::var("BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(1.5f64).max(0.5),
+    );
     let dir = tempfile::tempdir().unwrap();
     let upstream = start_upstream().await;
     let fake = FakeServer::start(FakeConfig::for_tests()).await.unwrap();
@@ -81,41 +87,40 @@ async fn run() {
     }
     println!(
         "proxy benchmark: GET with a small reply, {secs:?} per row, {rounds} rounds, loopback, this machine (load {})",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .next()
-            .unwrap_or("?")
+        load_average()
     );
     println!(
         "{:<16} {:>6} {:>10} {:>10} {:>12} {:>12}",
         "target", "conns", "p50 us", "p99 us", "req/s", "CPU us/req"
     );
-    let mut rows: Vec<(&str, usize, Load)> = Vec::new();
+    let mut rows: Vec<(&str, usize, usize, Load)> = Vec::new();
     for round in 0..rounds {
-        for conns in [1usize, 64] {
-            for t in &targets {
-                let cpu = cpu_ticks(&t.pids);
-                let mut r = load(t.port, conns, secs).await;
-                let requests = r.rps * secs.as_secs_f64();
-                r.cpu_us = (cpu_ticks(&t.pids) - cpu) as f64 * 1e6 / USER_HZ / requests;
-                println!(
-                    "{:<16} {conns:>6} {:>10} {:>10} {:>12.0} {:>12.1}   round {}",
-                    t.name,
-                    r.p50,
-                    r.p99,
-                    r.rps,
-                    r.cpu_us,
-                    round + 1
-                );
-                rows.push((t.name, conns, r));
-            }
+        for (conns, t) in round_order(&targets, round) {
+            // The previous row's connections close and its target settles before this one.
+            tokio::time::sleep(SETTLE).await;
+            let cpu = cpu_ticks(&t.pids);
+            let mut r = load(t.port, conns, secs).await;
+            let requests = r.rps * secs.as_secs_f64();
+            r.cpu_us = (cpu_ticks(&t.pids) - cpu) as f64 * 1e6 / USER_HZ / requests;
+            println!(
+                "{:<16} {conns:>6} {:>10} {:>10} {:>12.0} {:>12.1}   round {}",
+                t.name,
+                r.p50,
+                r.p99,
+                r.rps,
+                r.cpu_us,
+                round + 1
+            );
+            rows.push((t.name, conns, round, r));
         }
     }
-    println!("\nmedians over {rounds} rounds; added latency over direct, and ratios to nginx:");
+    println!(
+        "\nmedians over {rounds} rounds (order reversed every other round; load {} at the end); added latency over direct, and ratios to nginx:",
+        load_average()
+    );
     for conns in [1usize, 64] {
         let med = |n: &str| {
-            median_load(rows.iter().filter(|(name, c, _)| *name == n && *c == conns).map(|r| &r.2))
+            median_load(rows.iter().filter(|(name, c, ..)| *name == n && *c == conns).map(|r| &r.3))
         };
         let (d, n) = (med("direct (floor)"), med("nginx"));
         let added = |x: &Load| (x.p50.saturating_sub(d.p50), x.p99.saturating_sub(d.p99));
@@ -138,11 +143,44 @@ async fn run() {
                 x.cpu_us / n.cpu_us,
                 n.cpu_us
             );
+            let by_round: Vec<String> = (0..rounds)
+                .filter_map(|round| {
+                    let rps = |n: &str| {
+                        rows.iter()
+                            .find(|(name, c, r, _)| *name == n && *c == conns && *r == round)
+                            .map(|r| r.3.rps)
+                    };
+                    Some(format!("{:.2}x", rps(t.name)? / rps("nginx")?))
+                })
+                .collect();
+            println!("        throughput round by round: {}", by_round.join(" "));
         }
     }
     for mut c in children {
         stop(&mut c);
     }
+}
+
+/// The one-minute load average: the machine's other work, beside the figures.
+fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace().next().unwrap_or("?").to_string()
+}
+
+/// A pause before each row, so that the connections of the row before have closed.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// The rows of round `round`: every target at 1, then at 64 connections, and the whole
+/// sequence reversed every other round (A B, B A, A B, ...), so that no target is always
+/// measured first or right after the same other (a warm cache, a CPU's clock, the load
+/// client's state): an even number of rounds gives each order equally often.
+fn round_order(targets: &[Target], round: usize) -> Vec<(usize, &Target)> {
+    let mut order: Vec<(usize, &Target)> =
+        [1usize, 64].into_iter().flat_map(|c| targets.iter().map(move |t| (c, t))).collect();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
 }
 
 fn tokend_bin() -> std::path::PathBuf {
