@@ -1,10 +1,13 @@
 //! Request bodies: kept whole up to the replay limit (so a 401 can be sent again), streamed
 //! beyond it (an upload is never held in memory whole).
 
-use super::forward::{BoxError, UpBody};
+use super::forward::BoxError;
 use super::inbody::ClientBody;
-use http_body_util::{BodyExt, Either, Full, StreamBody};
-use hyper::body::{Bytes, Frame};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Body, Bytes, Frame, SizeHint};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 /// A client's request body, as far as the proxy has read it.
 pub enum RequestBody {
@@ -45,7 +48,7 @@ impl RequestBody {
                 let frames = futures_util::StreamExt::map(stream, |d| {
                     d.map(Frame::data).map_err(|e| Box::new(e) as BoxError)
                 });
-                (Either::Right(StreamBody::new(frames).boxed()), None)
+                (UpBody::Streaming(StreamBody::new(frames).boxed()), None)
             }
         }
     }
@@ -53,7 +56,46 @@ impl RequestBody {
 
 /// A body held whole (the usual small request, or a replay).
 pub fn whole(b: Bytes) -> UpBody {
-    Either::Left(Full::new(b))
+    UpBody::Whole(b)
+}
+
+/// What the proxy sends upstream: a body held whole (replayable; a plain-HTTP connection
+/// writes it with the head, and again on a fresh connection if need be), or one too large to
+/// hold that streams through.
+pub enum UpBody {
+    /// Empty once sent.
+    Whole(Bytes),
+    Streaming(BoxBody<Bytes, BoxError>),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut *self {
+            Self::Whole(b) if b.is_empty() => Poll::Ready(None),
+            Self::Whole(b) => Poll::Ready(Some(Ok(Frame::data(std::mem::take(b))))),
+            Self::Streaming(s) => Pin::new(s).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Whole(b) => b.is_empty(),
+            Self::Streaming(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Whole(b) => SizeHint::with_exact(b.len() as u64),
+            Self::Streaming(s) => s.size_hint(),
+        }
+    }
 }
 
 fn concat(parts: Vec<Bytes>, len: usize) -> Bytes {

@@ -2,7 +2,7 @@
 //! the current token, send it upstream, and replay it once if the token was replaced under it.
 
 use super::Upstream;
-use super::body::{RequestBody, whole};
+use super::body::{RequestBody, UpBody, whole};
 use super::gate::{Current, FORCED_REFRESH_EVERY, Gate};
 use super::headers::strip_hop_by_hop;
 use super::inbody::ClientBody;
@@ -23,9 +23,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type UpstreamBody = Either<Incoming, PlainBody>;
 /// What the proxy answers: the upstream's body as it streams in, or an answer of its own.
 pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
-/// What the proxy sends upstream: a body held whole (replayable), or one too large to hold
-/// that streams through.
-pub type UpBody = Either<Full<Bytes>, http_body_util::combinators::BoxBody<Bytes, BoxError>>;
 
 /// How long a 401 waits for a newer token that may be on its way (a refresh made elsewhere,
 /// a cluster follower's mirror) before the proxy asks for a refresh itself.
@@ -327,6 +324,9 @@ fn upstream_error(e: &plain::Error) -> Response<ProxyBody> {
             StatusCode::BAD_GATEWAY,
             "the request failed (the upstream closed or reset the connection, or the client's body broke off)".to_string(),
         ),
+        plain::Error::Answer(why) => {
+            (StatusCode::BAD_GATEWAY, format!("the upstream's answer was refused: {why}"))
+        }
         plain::Error::Busy { max, waited } => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(

@@ -6,7 +6,7 @@
 //! - `forward`: one request (token, replay), `body`: replay buffering, `headers`: hop-by-hop
 //! - `server`: listeners; `conn`: a client connection's HTTP/1.1 loop, `wire`: its parsing
 //!   and framing, `inbody`: request bodies read off it, `idle`: its idle timeout
-//! - `plain`: plain-HTTP upstream connections
+//! - `plain`: plain-HTTP upstream connections, `upwire`: their requests' and answers' heads
 
 mod body;
 mod conn;
@@ -17,6 +17,7 @@ mod idle;
 mod inbody;
 mod plain;
 mod server;
+mod upwire;
 mod wire;
 
 pub use gate::Gate;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 /// platform's roots (as reqwest does for the token requests), plain HTTP for a loopback upstream.
 pub type Upstream = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    forward::UpBody,
+    body::UpBody,
 >;
 
 /// One HTTP client for every proxy of a daemon: its pool keeps upstream connections (HTTP/2

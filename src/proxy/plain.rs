@@ -1,23 +1,28 @@
-//! Plain-HTTP upstreams (`upstream = "http://..."`) over HTTP/1.1 connections that run in the
-//! task of the request using them, not in a task of their own: the request is written, the
-//! answer read and its body streamed by whoever polls them, and the connection goes back to an
-//! idle list when its body is done. hyper's pooled client (kept for HTTPS, where HTTP/2 shares
-//! one connection) hands each request to the connection's task and back and spawns a task to
-//! return the connection to its pool: per request that cost about as much CPU as the rest of
-//! the proxy together (issue 13's benchmark). At most `max` connections are open at once; a
+//! Plain-HTTP upstreams (`upstream = "http://..."`) over HTTP/1.1 connections of the proxy's
+//! own, driven by the request using them: the request is written and the answer read by
+//! whoever polls them, its body streamed by whoever polls the body, and the connection goes
+//! back to an idle list when the body is done. hyper's pooled client (kept for HTTPS, where
+//! HTTP/2 shares one connection) hands each request to the connection's task and back; hyper's
+//! connection driven inline still cost about 19k of the 41.6k instructions of a proxied
+//! request (callgrind, issue 13's benchmark). At most `max` connections are open at once; a
 //! request that finds them all busy waits for one (at most `CONNECTION_WAIT`).
 
-use super::forward::UpBody;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use std::future::Future;
+use super::body::UpBody;
+use super::forward::BoxError;
+use super::upwire::{self, Answer, Framing, Sending};
+use super::wire::{Chunked, Decoded};
+use bytes::BytesMut;
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Body, Bytes, Frame, SizeHint};
+use hyper::{Method, Request, Response};
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 /// Idle connections kept beyond this many are closed (a burst's extra connections).
@@ -26,17 +31,43 @@ const MAX_IDLE: usize = 256;
 /// How long a request waits for a connection when all `max` are busy, before a 503.
 pub const CONNECTION_WAIT: Duration = Duration::from_secs(5);
 
-type Conn = http1::Connection<TokioIo<tokio::net::TcpStream>, UpBody>;
+/// What a read takes at least room for.
+const READ_SIZE: usize = 16 * 1024;
 
-/// One upstream connection: the sender and the connection's I/O, polled by their user.
+/// One upstream connection.
 struct Upstream {
-    send: http1::SendRequest<UpBody>,
-    conn: Conn,
+    io: TcpStream,
+    /// Read from the upstream and not used yet (empty between requests; its memory is kept).
+    buf: BytesMut,
     /// Its place under the cap, given back when the connection closes (is dropped).
     _slot: Slot,
     /// The worker whose runtime its socket is registered with: it goes back to that
     /// worker's idle list.
     home: usize,
+}
+
+impl Upstream {
+    /// An idle connection is still open and has nothing to read (a close, a reset, or bytes
+    /// no request asked for make it unusable). A system call only when the socket became
+    /// readable since its last read.
+    fn still_open(&self, cx: &mut Context<'_>) -> bool {
+        match self.io.poll_read_ready(cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => matches!(
+                self.io.try_read(&mut [0; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+
+    /// Reads more into `buf`: `Ok(0)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
+            self.buf.reserve(READ_SIZE);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
 }
 
 /// The count of open connections and the wake-up of a request waiting for one. Separate from
@@ -72,9 +103,8 @@ impl Drop for Slot {
 pub struct Shared {
     /// `host:port`, as `TcpStream::connect` takes it.
     addr: String,
-    /// Each worker's idle connections. Boxed: hyper's connection state is large, and a
-    /// request moves its connection several times (out of this list, into the answer's body,
-    /// which hyper moves again).
+    /// Each worker's idle connections. Boxed: a request moves its connection several times
+    /// (out of this list, into the answer's body, which the proxy moves again).
     #[allow(clippy::vec_box)]
     idle: Vec<Mutex<Vec<Box<Upstream>>>>,
     slots: Arc<Slots>,
@@ -104,6 +134,8 @@ pub struct Pool {
 pub enum Error {
     Connect,
     Request,
+    /// The answer is not HTTP/1.1 the proxy can pass on: why.
+    Answer(&'static str),
     /// All `max` connections stayed busy for the whole wait.
     Busy {
         max: usize,
@@ -117,40 +149,70 @@ impl Pool {
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one when none
-    /// is idle or the idle one turns out closed before the request went out.
+    /// is idle. A reused connection that the upstream closed before answering (its close
+    /// crossed the request) gets the request again on a fresh one, if it was not written yet
+    /// or is idempotent (RFC 9110 section 9.2.2), and its body is all still here.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<UpBody>,
     ) -> Result<Response<PlainBody>, Error> {
-        let mut req = req;
+        let (parts, body) = req.into_parts();
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let (whole, mut stream) = match body {
+            UpBody::Whole(b) => (b, None),
+            UpBody::Streaming(s) => (Bytes::new(), Some(s)),
+        };
+        let mut head = Vec::with_capacity(512);
+        let whole_len = stream.is_none().then_some(whole.len());
+        let sending =
+            upwire::request_head(&mut head, &parts.method, target, &parts.headers, whole_len);
+        let head_request = parts.method == Method::HEAD;
+        let mut retried = false;
         loop {
             let (mut up, reused) = self.acquire().await?;
-            let sent = std::pin::pin!(up.send.try_send_request(req));
-            match (Drive { conn: &mut up.conn, sent, closed: false }).await {
-                Ok(resp) => {
-                    let pool = self.clone();
-                    let mut resp = resp.map(|body| PlainBody { body, up: Some((up, pool)) });
-                    // No body (a 204, a HEAD): the connection is free already.
-                    resp.body_mut().release_if_done();
-                    return Ok(resp);
+            let mut ex = Exchange::new(&mut up, [&head[..], &whole[..]], stream.as_mut(), sending);
+            let answer = std::future::poll_fn(|cx| ex.poll(cx, head_request)).await;
+            let (sent, taken) = (ex.sent && !ex.broken, ex.taken);
+            match answer {
+                Ok(answer) => return Ok(self.answer(up, answer, sent)),
+                Err(Failure::NoAnswer { wrote })
+                    if reused && !retried && !taken && (!wrote || idempotent(&parts.method)) =>
+                {
+                    retried = true;
                 }
-                // Never written: a reused connection closed under it; try a fresh one.
-                Err(mut e) if reused => match e.take_message() {
-                    Some(r) => req = r,
-                    None => return Err(Error::Request),
-                },
+                Err(Failure::Bad(why)) => return Err(Error::Answer(why)),
                 Err(_) => return Err(Error::Request),
             }
         }
     }
 
-    /// An idle connection of worker `worker`'s that is still open and ready for a request.
+    /// The answer, its body reading on from `up`.
+    fn answer(
+        self: &Arc<Self>,
+        up: Box<Upstream>,
+        answer: Answer,
+        sent: bool,
+    ) -> Response<PlainBody> {
+        let Answer { head, framing, keep_alive } = answer;
+        let decoder = match framing {
+            Framing::Empty => Decoder::Length(0),
+            Framing::Length(n) => Decoder::Length(n),
+            Framing::Chunked => Decoder::Chunked(Chunked::Size),
+            Framing::UntilClose => Decoder::UntilClose,
+        };
+        // Reused only if the request went out whole and the answer says the upstream keeps it.
+        let reuse = keep_alive && sent;
+        let mut body = PlainBody { up: Some((up, self.clone())), decoder, reuse };
+        // No body (a 204, a HEAD): the connection is free already.
+        body.release_if_done();
+        head.map(|()| body)
+    }
+
+    /// An idle connection of worker `worker`'s that is still open.
     async fn checkout(&self, worker: usize) -> Option<Box<Upstream>> {
         loop {
-            let mut up = self.shared.idle[worker].lock().expect("upstream pool lock").pop()?;
-            // One poll finishes the last answer's bookkeeping and notices a close (no system
-            // call unless the socket became readable while idle).
-            if StillOpen(&mut up.conn).await && up.send.is_ready() {
+            let up = self.shared.idle[worker].lock().expect("upstream pool lock").pop()?;
+            if std::future::poll_fn(|cx| Poll::Ready(up.still_open(cx))).await {
                 return Some(up);
             }
         }
@@ -212,13 +274,10 @@ impl Pool {
     }
 
     async fn connect(&self, slot: Slot) -> Result<Box<Upstream>, Error> {
-        let tcp =
-            tokio::net::TcpStream::connect(&self.shared.addr).await.map_err(|_| Error::Connect)?;
+        let io = TcpStream::connect(&self.shared.addr).await.map_err(|_| Error::Connect)?;
         // Small requests and answers: no Nagle delay on top of the upstream's latency.
-        let _ = tcp.set_nodelay(true);
-        let (send, conn) =
-            http1::Builder::new().handshake(TokioIo::new(tcp)).await.map_err(|_| Error::Connect)?;
-        Ok(Box::new(Upstream { send, conn, _slot: slot, home: self.worker }))
+        let _ = io.set_nodelay(true);
+        Ok(Box::new(Upstream { io, buf: BytesMut::new(), _slot: slot, home: self.worker }))
     }
 
     fn put(&self, up: Box<Upstream>) {
@@ -237,93 +296,309 @@ impl Pool {
     }
 }
 
-/// Polls an idle connection once: false if it has closed.
-struct StillOpen<'a>(&'a mut Conn);
-
-impl Future for StillOpen<'_> {
-    type Output = bool;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
-        Poll::Ready(Pin::new(&mut *self.0).poll(cx).is_pending())
-    }
+/// Methods a client may send again after a connection failed under them (RFC 9110
+/// section 9.2.2).
+fn idempotent(method: &Method) -> bool {
+    [Method::GET, Method::HEAD, Method::PUT, Method::DELETE, Method::OPTIONS, Method::TRACE]
+        .contains(method)
 }
 
-/// Polls the connection (writes the request, reads the answer) and the answer's future
-/// together until the answer's head is in.
-struct Drive<'a, F> {
-    conn: &'a mut Conn,
-    sent: Pin<&'a mut F>,
-    /// The connection's future has completed: it is not polled again.
-    closed: bool,
+/// Why a request got no answer.
+enum Failure {
+    /// The upstream closed or reset the connection before any byte of an answer; `wrote`:
+    /// some of the request had gone out.
+    NoAnswer { wrote: bool },
+    /// An answer that is not valid HTTP/1.1, or a framing the proxy cannot pass on.
+    Bad(&'static str),
+    /// Anything else: the connection failed inside an answer's head, the request body broke.
+    Other,
 }
 
-impl<F: Future> Future for Drive<'_, F> {
-    type Output = F::Output;
+/// One request written and its answer's head read, both as far as they can go at each poll:
+/// an upstream may answer (a 401, a 413) before a streamed body is all sent.
+/// (Four independent facts about the exchange so far, not a state: bools read best.)
+#[allow(clippy::struct_excessive_bools)]
+struct Exchange<'a> {
+    up: &'a mut Upstream,
+    /// The head and a whole body, written from `written` on.
+    out: [&'a [u8]; 2],
+    written: usize,
+    /// A streamed body, framed into `chunk` a piece at a time.
+    stream: Option<&'a mut BoxBody<Bytes, BoxError>>,
+    sending: Sending,
+    /// A streamed body's declared length not sent yet.
+    left: u64,
+    chunk: Vec<u8>,
+    chunk_written: usize,
+    /// The request is all written.
+    sent: bool,
+    /// A write failed: the rest of the request is not sent, an answer may still be there.
+    broken: bool,
+    /// Some of a streamed body was taken from it: it cannot be sent again.
+    taken: bool,
+    /// Bytes of an answer (interim ones too) came in.
+    answered: bool,
+}
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        // The connection first: it moves the request out and the answer in.
-        if !self.closed && Pin::new(&mut *self.conn).poll(cx).is_ready() {
-            // A closed connection has failed the request: the future says so.
-            self.closed = true;
+impl<'a> Exchange<'a> {
+    fn new(
+        up: &'a mut Upstream,
+        out: [&'a [u8]; 2],
+        stream: Option<&'a mut BoxBody<Bytes, BoxError>>,
+        sending: Sending,
+    ) -> Self {
+        let left = if let Sending::Length(n) = sending { n } else { 0 };
+        Self {
+            up,
+            out,
+            written: 0,
+            stream,
+            sending,
+            left,
+            chunk: Vec::new(),
+            chunk_written: 0,
+            sent: false,
+            broken: false,
+            taken: false,
+            answered: false,
         }
-        self.sent.as_mut().poll(cx)
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>, head_request: bool) -> Poll<Result<Answer, Failure>> {
+        if !self.sent && !self.broken {
+            match self.poll_send(cx) {
+                Ok(()) => {}
+                Err(SendError::Write) => self.broken = true,
+                Err(SendError::Body) => return Poll::Ready(Err(Failure::Other)),
+            }
+        }
+        self.poll_answer(cx, head_request)
+    }
+
+    /// Writes as much of the request as the socket takes.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Result<(), SendError> {
+        let total = self.out[0].len() + self.out[1].len();
+        loop {
+            if self.written < total {
+                let (a, b) = (self.out[0], self.out[1]);
+                let slices = if self.written < a.len() {
+                    [IoSlice::new(&a[self.written..]), IoSlice::new(b)]
+                } else {
+                    [IoSlice::new(&b[self.written - a.len()..]), IoSlice::new(&[])]
+                };
+                let io = Pin::new(&mut self.up.io);
+                match io.poll_write_vectored(cx, &slices) {
+                    Poll::Ready(Ok(n)) if n > 0 => self.written += n,
+                    Poll::Ready(_) => return Err(SendError::Write),
+                    Poll::Pending => return Ok(()),
+                }
+            } else if self.chunk_written < self.chunk.len() {
+                let io = Pin::new(&mut self.up.io);
+                match io.poll_write(cx, &self.chunk[self.chunk_written..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => self.chunk_written += n,
+                    Poll::Ready(_) => return Err(SendError::Write),
+                    Poll::Pending => return Ok(()),
+                }
+            } else if let Some(stream) = self.stream.as_mut() {
+                let Poll::Ready(frame) = Pin::new(&mut **stream).poll_frame(cx) else {
+                    return Ok(());
+                };
+                self.chunk.clear();
+                self.chunk_written = 0;
+                match frame {
+                    None => self.end_stream()?,
+                    Some(Ok(frame)) => {
+                        self.taken = true;
+                        if let Ok(data) = frame.into_data() {
+                            self.frame(&data)?;
+                        }
+                    }
+                    Some(Err(_)) => return Err(SendError::Body),
+                }
+            } else {
+                self.sent = true;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Frames a piece of a streamed body into `chunk`.
+    fn frame(&mut self, data: &[u8]) -> Result<(), SendError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if self.sending == Sending::Chunked {
+            self.chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            self.chunk.extend_from_slice(data);
+            self.chunk.extend_from_slice(b"\r\n");
+            return Ok(());
+        }
+        // Longer than declared: the upstream would read the rest as a request of its own.
+        self.left = self.left.checked_sub(data.len() as u64).ok_or(SendError::Body)?;
+        self.chunk.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// The streamed body ended: the last chunk, or a check that it had its declared length.
+    fn end_stream(&mut self) -> Result<(), SendError> {
+        self.stream = None;
+        match self.sending {
+            Sending::Chunked => self.chunk.extend_from_slice(b"0\r\n\r\n"),
+            Sending::Length(_) if self.left > 0 => return Err(SendError::Body),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Reads until a final answer's head is in.
+    fn poll_answer(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+    ) -> Poll<Result<Answer, Failure>> {
+        loop {
+            if !self.up.buf.is_empty() {
+                match upwire::parse_answer(&mut self.up.buf, head_request) {
+                    Ok(Some(answer)) => return Poll::Ready(Ok(answer)),
+                    Ok(None) => {}
+                    Err(bad) => return Poll::Ready(Err(Failure::Bad(bad.0))),
+                }
+            }
+            match ready!(self.up.poll_fill(cx)) {
+                Ok(1..) => self.answered = true,
+                Ok(0) | Err(_) if !self.answered => {
+                    let wrote = self.written > 0 || self.taken;
+                    return Poll::Ready(Err(Failure::NoAnswer { wrote }));
+                }
+                Ok(0) | Err(_) => return Poll::Ready(Err(Failure::Other)),
+            }
+        }
     }
 }
 
-/// The upstream's answer body; polling it drives its connection, which goes back to the pool
+enum SendError {
+    /// The socket refused the write (the upstream closed or reset it).
+    Write,
+    /// The client's body broke off, or was longer or shorter than it said.
+    Body,
+}
+
+/// How an answer's body is read off the connection.
+enum Decoder {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+    /// An answer read until its close has ended.
+    Closed,
+}
+
+/// The upstream's answer body; polling it reads its connection, which goes back to the pool
 /// once the body is done (dropped before that, the connection closes).
 pub struct PlainBody {
-    body: Incoming,
     up: Option<(Box<Upstream>, Arc<Pool>)>,
+    decoder: Decoder,
+    /// The connection may carry another request after this body.
+    reuse: bool,
 }
 
 impl PlainBody {
+    fn done(&self) -> bool {
+        match self.decoder {
+            Decoder::Length(left) => left == 0,
+            Decoder::Chunked(state) => state == Chunked::Done,
+            Decoder::UntilClose => false,
+            Decoder::Closed => true,
+        }
+    }
+
+    /// At the body's end, the connection goes back to the pool if nothing more was read from
+    /// it than the answer (bytes past the answer's end mean the upstream and the proxy
+    /// disagree on where it ended: never reused).
     fn release_if_done(&mut self) {
-        if self.body.is_end_stream()
+        if self.done()
             && let Some((up, pool)) = self.up.take()
+            && self.reuse
+            && up.buf.is_empty()
         {
             pool.put(up);
+        }
+    }
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<std::io::Result<Bytes>>> {
+        loop {
+            let Some((up, _)) = self.up.as_mut() else { return Poll::Ready(None) };
+            let decoded = decode(&mut self.decoder, &mut up.buf)?;
+            match decoded {
+                Decoded::Data(d) => {
+                    self.release_if_done();
+                    return Poll::Ready(Some(Ok(d)));
+                }
+                Decoded::End => {
+                    self.release_if_done();
+                    return Poll::Ready(None);
+                }
+                Decoded::More => {}
+            }
+            if ready!(up.poll_fill(cx))? == 0 {
+                if let Decoder::UntilClose = self.decoder {
+                    self.decoder = Decoder::Closed;
+                    self.up = None;
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the upstream closed the connection inside the answer's body",
+                ))));
+            }
+        }
+    }
+}
+
+/// The next piece of an answer's body from what `buf` holds.
+fn decode(decoder: &mut Decoder, buf: &mut BytesMut) -> std::io::Result<Decoded> {
+    match decoder {
+        Decoder::Length(0) | Decoder::Closed => Ok(Decoded::End),
+        Decoder::Length(left) => {
+            if buf.is_empty() {
+                return Ok(Decoded::More);
+            }
+            let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+            *left -= n as u64;
+            Ok(Decoded::Data(buf.split_to(n).freeze()))
+        }
+        Decoder::UntilClose if buf.is_empty() => Ok(Decoded::More),
+        Decoder::UntilClose => Ok(Decoded::Data(buf.split().freeze())),
+        Decoder::Chunked(state) => {
+            state.decode(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.0))
         }
     }
 }
 
 impl Body for PlainBody {
-    type Data = hyper::body::Bytes;
-    type Error = hyper::Error;
+    type Data = Bytes;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        let mut polled = Pin::new(&mut this.body).poll_frame(cx);
-        if polled.is_pending()
-            && let Some((up, _)) = this.up.as_mut()
-        {
-            // The connection reads on for the body; a close shows in the body's next poll.
-            if Pin::new(&mut up.conn).poll(cx).is_ready() {
-                this.up = None;
-            }
-            polled = Pin::new(&mut this.body).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let polled = self.poll_data(cx);
+        if let Poll::Ready(Some(Err(_))) = polled {
+            // A broken body: its connection is not reused.
+            self.up = None;
         }
-        match &polled {
-            Poll::Ready(None) => {
-                if let Some((up, pool)) = this.up.take() {
-                    pool.put(up);
-                }
-            }
-            Poll::Ready(Some(Ok(_))) => this.release_if_done(),
-            Poll::Ready(Some(Err(_))) => this.up = None,
-            Poll::Pending => {}
-        }
-        polled
+        polled.map(|d| d.map(|d| d.map(Frame::data)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self.decoder {
+            Decoder::Length(n) => SizeHint::with_exact(n),
+            Decoder::Closed => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
     }
 }

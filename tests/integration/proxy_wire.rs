@@ -6,6 +6,7 @@
 
 use crate::harness::{Daemon, TokenSpec, World, wait_until};
 use crate::proxy::{assert_no_token_in, write_proxy_config};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,10 +16,19 @@ const T: Duration = Duration::from_secs(30);
 
 /// An upstream that records each whole request it receives (head and body, as sent) and
 /// answers by path: `/short` and `/short-chunked` end their answer early and close, `/304`
-/// and HEAD answer a head with a length and no body, `/big` sends 8 MiB, others `ok`.
+/// and HEAD answer a head with a length and no body, `/big` sends 8 MiB, others `ok`. For the
+/// proxy's client side: `/chunked-trailers` answers in chunks with trailer fields, `/until-close` with
+/// a body ended by the close, `/interim` with a 103 and a 100 before its answer, `/says-close`
+/// with `Connection: close` while it keeps the connection (and answers `500 reused` to any
+/// request on it after), `/lying` with a Content-Length shorter than what it sends (a second
+/// answer), `/close-idle` closes the connection after its answer, and `/drop-next` closes the
+/// connection when the next request on it arrives, without an answer.
 struct Upstream {
     url: String,
     seen: Arc<Mutex<Vec<String>>>,
+    /// Connections accepted, and closed.
+    opened: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -26,13 +36,19 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
+        let (opened, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (log, o, c) = (seen.clone(), opened.clone(), closed.clone());
         tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(upstream_conn(s, log.clone()));
+                o.fetch_add(1, SeqCst);
+                let (log, c) = (log.clone(), c.clone());
+                tokio::spawn(async move {
+                    upstream_conn(s, log).await;
+                    c.fetch_add(1, SeqCst);
+                });
             }
         });
-        Self { url, seen }
+        Self { url, seen, opened, closed }
     }
 
     fn seen(&self) -> Vec<String> {
@@ -40,9 +56,21 @@ impl Upstream {
     }
 }
 
+/// What an upstream connection does after an answer.
+#[derive(PartialEq)]
+enum After {
+    Next,
+    Close,
+    /// Answers `500 reused` to every later request.
+    Refuse,
+    /// Closes when the next request arrives.
+    DropNext,
+}
+
 /// Serves one upstream connection until it closes or a request ends it.
 async fn upstream_conn(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
     let mut buf = Vec::new();
+    let mut after = After::Next;
     // Bounded: each turn takes a request or ends the connection.
     for _ in 0..1000 {
         let Some(len) = whole_request(&mut s, &mut buf).await else { return };
@@ -61,6 +89,23 @@ async fn upstream_conn(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
         let path = req.split(' ').nth(1).unwrap_or("").to_string();
         let head_request = req.starts_with("HEAD ");
         seen.lock().unwrap().push(req);
+        if after == After::DropNext {
+            return;
+        }
+        if after == After::Refuse {
+            let _ = s
+                .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 6\r\n\r\nreused")
+                .await;
+            continue;
+        }
+        let (answer, then) = client_side_answer(&path);
+        if let Some(answer) = answer {
+            if s.write_all(answer.as_bytes()).await.is_err() || then == After::Close {
+                return;
+            }
+            after = then;
+            continue;
+        }
         let (answer, close): (Vec<u8>, bool) = match path.as_str() {
             "/short" => {
                 (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789".to_vec(), true)
@@ -87,6 +132,39 @@ async fn upstream_conn(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
         if s.write_all(&answer).await.is_err() || close {
             return;
         }
+    }
+}
+
+/// The answers for the proxy's client side (see `Upstream`), and what follows them.
+fn client_side_answer(path: &str) -> (Option<&'static str>, After) {
+    let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    match path {
+        "/chunked-trailers" => (
+            Some(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n5\r\nhello\r\n6;x=1\r\n world\r\n0\r\nx-sum: 1\r\nx-more: 2\r\n\r\n",
+            ),
+            After::Next,
+        ),
+        "/until-close" => (Some("HTTP/1.1 200 OK\r\nx-a: 1\r\n\r\nuntil the close"), After::Close),
+        "/interim" => (
+            Some(
+                "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 5\r\n\r\nfinal",
+            ),
+            After::Next,
+        ),
+        "/says-close" => (
+            Some("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"),
+            After::Refuse,
+        ),
+        "/lying" => (
+            Some(
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled",
+            ),
+            After::Next,
+        ),
+        "/close-idle" => (Some(ok), After::Close),
+        "/drop-next" => (Some(ok), After::DropNext),
+        _ => (None, After::Next),
     }
 }
 
@@ -444,4 +522,92 @@ async fn expect_continue_and_bare_lf_heads() {
     let lf = &received(&up, "/lf");
     assert_eq!(lf.len(), 1, "{lf:?}");
     assert!(lf[0].starts_with("GET /lf HTTP/1.1\r\n"), "{lf:?}");
+}
+
+/// One request on `s` (a POST carries a small body); its answer's head and body, a chunked
+/// body decoded.
+async fn call(s: &mut TcpStream, method: &str, path: &str) -> (String, String) {
+    let body = if method == "POST" { "content-length: 4\r\n\r\nbody" } else { "\r\n" };
+    let req = format!("{method} {path} HTTP/1.1\r\nhost: x\r\n{body}");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (head, body) = answer(s, false).await;
+    let body = if head.contains("transfer-encoding: chunked") { dechunked(&body) } else { body };
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A chunked body's data (no extensions, no trailers: the proxy writes none).
+fn dechunked(mut body: &[u8]) -> Vec<u8> {
+    let mut data = Vec::new();
+    // Bounded: each turn takes a chunk or ends.
+    for _ in 0..body.len() {
+        let end = body.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&body[..end]).unwrap(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        data.extend_from_slice(&body[end + 2..end + 2 + size]);
+        body = &body[end + 2 + size + 2..];
+    }
+    data
+}
+
+/// The proxy's HTTP/1.1 client reads an upstream's answer however it is framed (chunks with
+/// extensions and trailer fields, a body ended by the close, interim answers before the final
+/// one) and reuses the connection only after an answer read to its end that did not say close
+/// and did not run past its length (bytes after it are never taken as the next answer).
+#[tokio::test]
+async fn upstream_answers_are_read_whatever_their_framing_and_reused_only_when_clean() {
+    let w = World::new().await;
+    let up = Upstream::start().await;
+    let (_d, port) = started(&w, &up.url).await;
+    let mut s = connect(port).await;
+    let (head, body) = call(&mut s, "GET", "/chunked-trailers").await;
+    assert!(head.starts_with("http/1.1 200 ") && !head.contains("x-sum"), "{head}");
+    assert_eq!(body, "hello world");
+    assert_eq!(call(&mut s, "GET", "/next").await.1, "ok");
+    assert_eq!(up.opened.load(SeqCst), 1, "the connection was not reused after the trailers");
+
+    let (head, body) = call(&mut s, "GET", "/until-close").await;
+    assert!(head.starts_with("http/1.1 200 ") && head.contains("x-a: 1"), "{head}");
+    assert_eq!(body, "until the close");
+    let (head, body) = call(&mut s, "POST", "/interim").await;
+    assert!(head.starts_with("http/1.1 201 ") && !head.contains("link"), "{head}");
+    assert_eq!(body, "final");
+
+    for path in ["/says-close", "/lying"] {
+        assert_eq!(call(&mut s, "GET", path).await.1, "ok", "{path}");
+        let (head, body) = call(&mut s, "GET", "/next").await;
+        assert!(head.starts_with("http/1.1 200 ") && body == "ok", "after {path}: {head}{body}");
+    }
+    // The first connection, then a new one after each of the three.
+    assert_eq!(up.opened.load(SeqCst), 4);
+    assert_eq!(received(&up, "/next").len(), 3);
+}
+
+/// An idle pooled connection that the upstream closed is not used (a POST, which is never
+/// sent twice, goes through on a new one); a reused connection closed as a request arrives
+/// (the close crossed it) has an idempotent request sent again on a new one, and a POST
+/// answered 502, sent once.
+#[tokio::test]
+async fn upstream_connections_closed_under_a_request_are_retried_only_when_safe() {
+    let w = World::new().await;
+    let up = Upstream::start().await;
+    let (d, port) = started(&w, &up.url).await;
+    let mut s = connect(port).await;
+    assert_eq!(call(&mut s, "POST", "/close-idle").await.1, "ok");
+    wait_until("the upstream closed its connection", T, || up.closed.load(SeqCst) == 1).await;
+    let (head, body) = call(&mut s, "POST", "/after-close").await;
+    assert!(head.starts_with("http/1.1 200 ") && body == "ok", "{head}{body}");
+    assert_eq!(received(&up, "/after-close").len(), 1);
+
+    assert_eq!(call(&mut s, "GET", "/drop-next").await.1, "ok");
+    let (head, body) = call(&mut s, "GET", "/crossed").await;
+    assert!(head.starts_with("http/1.1 200 ") && body == "ok", "{head}{body}");
+    assert_eq!(received(&up, "/crossed").len(), 2, "sent on the closed connection and again");
+
+    assert_eq!(call(&mut s, "POST", "/drop-next").await.1, "ok");
+    let (head, _) = call(&mut s, "POST", "/crossed-post").await;
+    assert!(head.starts_with("http/1.1 502 "), "{head}");
+    assert_eq!(received(&up, "/crossed-post").len(), 1, "a POST was sent twice");
+    assert_no_token_in(&w, &d.output());
 }
