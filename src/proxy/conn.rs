@@ -99,7 +99,8 @@ mod spare {
 
 /// Serves `reader`/`writer` until the client closes, the connection has been idle for `idle`
 /// (up to twice that; see `idle`), a request head is refused, or `shutdown`: then a request in
-/// progress is answered (with `Connection: close`), an idle connection closes at once.
+/// progress is answered (with `Connection: close`), an idle connection closes at once. A client
+/// that takes none of an answer for `idle` is closed too (see `write_within`).
 pub async fn serve<S, F, B>(
     reader: Box<dyn Reader>,
     writer: Writer,
@@ -121,6 +122,7 @@ pub async fn serve<S, F, B>(
         activity: &activity,
         shutdown,
         stopping,
+        stall: idle,
     };
     tokio::select! {
         biased;
@@ -138,6 +140,8 @@ struct Conn<'a, 's> {
     activity: &'a Activity,
     shutdown: &'a CancellationToken,
     stopping: Pin<&'s mut WaitForCancellationFuture<'a>>,
+    /// How long a write of an answer may wait for the client to take any of it.
+    stall: std::time::Duration,
 }
 
 /// What the wait for a request head ended with (a value passed back once per request, never
@@ -225,7 +229,7 @@ impl Conn<'_, '_> {
         let mut out = Vec::with_capacity(512);
         let how = wire::response_head(&mut out, &parts, &reply);
         drop(parts);
-        let sent = send_body(&mut self.writer, out, body, how).await;
+        let sent = send_body(&mut self.writer, out, body, how, self.stall).await;
         sent && !close && how != Out::UntilClose
     }
 
@@ -277,13 +281,20 @@ impl Conn<'_, '_> {
 }
 
 /// Writes the head in `out` and the body framed as `how`, gathering what the body has ready
-/// into one write; false if the body failed or the client went away.
-async fn send_body<B>(writer: &mut Writer, mut out: Vec<u8>, mut body: B, how: Out) -> bool
+/// into one write; false if the body failed, or the client went away or took none of it for
+/// `stall`.
+async fn send_body<B>(
+    writer: &mut Writer,
+    mut out: Vec<u8>,
+    mut body: B,
+    how: Out,
+    stall: std::time::Duration,
+) -> bool
 where
     B: Body<Data = Bytes> + Unpin,
 {
     let mut left = match how {
-        Out::None => return writer.write_all(&out).await.is_ok(),
+        Out::None => return write_within(writer, &out, stall).await,
         Out::Length(n) => Some(n),
         Out::Chunked | Out::UntilClose => None,
     };
@@ -295,7 +306,7 @@ where
         });
         match next.await {
             None => {
-                if writer.write_all(&out).await.is_err() {
+                if !write_within(writer, &out, stall).await {
                     return false;
                 }
                 out.clear();
@@ -303,17 +314,17 @@ where
             Some(None) => break,
             Some(Some(Err(_))) => {
                 // A chunked answer stays without its last chunk: the client sees it cut off.
-                let _ = writer.write_all(&out).await;
+                write_within(writer, &out, stall).await;
                 return false;
             }
             Some(Some(Ok(frame))) => {
                 let Ok(data) = frame.into_data() else { continue };
                 if !frame_out(&mut out, &data, how, &mut left) {
-                    let _ = writer.write_all(&out).await;
+                    write_within(writer, &out, stall).await;
                     return false;
                 }
                 if out.len() >= MAX_BUF {
-                    if writer.write_all(&out).await.is_err() {
+                    if !write_within(writer, &out, stall).await {
                         return false;
                     }
                     out.clear();
@@ -325,7 +336,30 @@ where
         out.extend_from_slice(b"0\r\n\r\n");
     }
     // A body shorter than its Content-Length: the connection cannot carry another answer.
-    writer.write_all(&out).await.is_ok() && left.is_none_or(|n| n == 0)
+    write_within(writer, &out, stall).await && left.is_none_or(|n| n == 0)
+}
+
+/// Writes all of `buf`; false if a write fails, or the client takes none of it for `stall`: a
+/// client that stopped reading would otherwise hold its answer, and the upstream connection
+/// behind it, for as long as it stays connected (the idle check spares a request in
+/// progress, which may be a long download). No timer for a write the socket takes at once.
+async fn write_within(writer: &mut Writer, mut buf: &[u8], stall: std::time::Duration) -> bool {
+    use futures_util::FutureExt;
+    while !buf.is_empty() {
+        let mut write = std::pin::pin!(writer.write(buf));
+        let written = match write.as_mut().now_or_never() {
+            Some(w) => w,
+            None => match tokio::time::timeout(stall, write).await {
+                Ok(w) => w,
+                Err(_) => return false,
+            },
+        };
+        match written {
+            Ok(n @ 1..) => buf = &buf[n..],
+            Ok(0) | Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// Adds `data` to `out` framed as `how`; false if it goes past the answer's Content-Length
@@ -393,9 +427,23 @@ mod tests {
         Response::new(Either::Right(StreamBody::new(frames).boxed_unsync()))
     }
 
+    /// An answer of 1 GiB in 64 KiB pieces (far more than socket buffers take), which sets
+    /// `dropped` when dropped.
+    fn endless(dropped: Arc<AtomicBool>) -> Response<TestBody> {
+        use futures_util::StreamExt;
+        let guard = Dropped(dropped);
+        let piece = Bytes::from(vec![b'x'; 64 * 1024]);
+        let frames = futures_util::stream::iter(0..16_384).map(move |_| {
+            let _alive = &guard;
+            Ok(hyper::body::Frame::data(piece.clone()))
+        });
+        Response::new(Either::Right(StreamBody::new(frames).boxed_unsync()))
+    }
+
     /// The test service, by path: `/echo` answers the method, path and whole body; `/stream`
     /// streams two pieces `gap` apart; `/204`; `/hang` never answers (and sets `dropped` when
-    /// dropped); `/unread` answers without reading the body.
+    /// dropped); `/unread` answers without reading the body; `/endless` streams 1 GiB (and
+    /// sets `dropped` when dropped).
     async fn service(
         req: Request<ClientBody>,
         gap: Duration,
@@ -410,6 +458,7 @@ mod tests {
                 std::future::pending().await
             }
             "/unread" => full(200, "unread".into()),
+            "/endless" => endless(dropped),
             _ => {
                 let method = req.method().clone();
                 match req.into_body().collect().await {
@@ -617,5 +666,20 @@ mod tests {
             .await
             .expect("silent kept")
             .unwrap();
+    }
+
+    /// A client that stops reading its answer is closed once it has taken none of it for the
+    /// idle timeout, and the answer (with what feeds it, an upstream connection) is dropped.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_its_answer_is_closed() {
+        let idle = Duration::from_millis(200);
+        let mut s = served(idle).await;
+        s.client.write_all(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        // Reads nothing; the connection must end long before the 1 GiB could be taken.
+        tokio::time::timeout(Duration::from_secs(30), s.task)
+            .await
+            .expect("a client reading nothing kept its answer for 30 s")
+            .unwrap();
+        assert!(s.dropped.load(SeqCst), "the answer's body was not dropped");
     }
 }
