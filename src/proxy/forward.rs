@@ -7,6 +7,7 @@ use super::gate::{Current, FORCED_REFRESH_EVERY, Gate};
 use super::headers::strip_hop_by_hop;
 use super::inbody::ClientBody;
 use super::plain::{self, PlainBody};
+use super::upwire::Outgoing;
 use crate::config::ProxyConfig;
 use http_body_util::{Either, Full};
 use hyper::body::{Bytes, Incoming};
@@ -191,14 +192,25 @@ impl Proxy {
                 "tokend has no valid access token for this token now; see `tokend status`",
             )));
         };
-        let request = self.request(parts, body, &current)?;
         let result = match &self.route {
             Route::Pooled(client) => {
+                let request = self.request(parts, body, &current)?;
                 client.request(request).await.map(|r| r.map(Either::Left)).map_err(|e| {
                     if e.is_connect() { plain::Error::Connect } else { plain::Error::Request }
                 })
             }
-            Route::Plain { pool, .. } => pool.send(request).await.map(|r| r.map(Either::Right)),
+            Route::Plain { pool, host } => {
+                let target = self.target(&parts.uri)?;
+                let auth = auth_of(&current)?;
+                let req = Outgoing {
+                    method: &parts.method,
+                    target: target.as_str(),
+                    headers: &parts.headers,
+                    host,
+                    auth: &auth,
+                };
+                pool.send(&req, body).await.map(|r| r.map(Either::Right))
+            }
         };
         // The upstream has judged the token once the response head is here: a refresh may go.
         drop(admitted);
@@ -214,18 +226,8 @@ impl Proxy {
         body: UpBody,
         current: &Current,
     ) -> Result<Request<UpBody>, Box<Response<ProxyBody>>> {
-        let Some(uri) = self.uri(&parts.uri) else {
-            return Err(Box::new(local_error(
-                StatusCode::BAD_REQUEST,
-                "the request target is not a valid path",
-            )));
-        };
-        let Some(auth) = current.auth.clone() else {
-            return Err(Box::new(local_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the access token is not a valid header value",
-            )));
-        };
+        let Some(uri) = self.uri(&parts.uri) else { return Err(bad_target()) };
+        let auth = auth_of(current)?;
         // Kept for a replay, so copied: a handful of shared `Bytes`, no copy of their text,
         // into a map with room for the two the proxy sets (added to a clone, they made it
         // grow, a reallocation on most requests).
@@ -237,9 +239,6 @@ impl Proxy {
         }
         strip_hop_by_hop(&mut headers);
         // hyper's client sets the upstream's own `Host`.
-        if let Route::Plain { host, .. } = &self.route {
-            headers.insert(header::HOST, host.clone());
-        }
         headers.insert(header::AUTHORIZATION, auth);
         let mut request = Request::new(body);
         *request.method_mut() = parts.method.clone();
@@ -248,25 +247,29 @@ impl Proxy {
         Ok(request)
     }
 
-    /// The upstream URI for a client's request target (origin form; an absolute form is
-    /// reduced to its path and query: the proxy only ever talks to its upstream). Absolute for
-    /// the pooled client, which picks its connection by it; origin form on a plain connection.
-    fn uri(&self, target: &Uri) -> Option<Uri> {
+    /// The upstream's path and query for a client's request target (an absolute form is
+    /// reduced to its path and query: the proxy only ever talks to its upstream).
+    fn path_and_query(&self, target: &Uri) -> Option<PathAndQuery> {
         let pq = target.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let pq = if self.prefix.is_empty() {
-            pq
-        } else {
-            PathAndQuery::try_from(format!("{}{pq}", self.prefix)).ok()?
-        };
-        if let Route::Plain { .. } = self.route {
-            return Some(Uri::from(pq));
+        if self.prefix.is_empty() {
+            return Some(pq);
         }
+        PathAndQuery::try_from(format!("{}{pq}", self.prefix)).ok()
+    }
+
+    /// The absolute upstream URI, by which the pooled client picks its connection.
+    fn uri(&self, target: &Uri) -> Option<Uri> {
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(pq)
+            .path_and_query(self.path_and_query(target)?)
             .build()
             .ok()
+    }
+
+    /// The origin-form target on a plain-HTTP connection.
+    fn target(&self, target: &Uri) -> Result<PathAndQuery, Box<Response<ProxyBody>>> {
+        self.path_and_query(target).ok_or_else(bad_target)
     }
 
     fn account(&self, parts: &Parts, status: StatusCode, started: Instant, outcome: &Outcome) {
@@ -290,6 +293,20 @@ impl Proxy {
             );
         }
     }
+}
+
+fn bad_target() -> Box<Response<ProxyBody>> {
+    Box::new(local_error(StatusCode::BAD_REQUEST, "the request target is not a valid path"))
+}
+
+/// The `Authorization` value of the current token.
+fn auth_of(current: &Current) -> Result<HeaderValue, Box<Response<ProxyBody>>> {
+    current.auth.clone().ok_or_else(|| {
+        Box::new(local_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the access token is not a valid header value",
+        ))
+    })
 }
 
 /// The upstream's response as it came; the body streams. Its hop-by-hop headers are left out

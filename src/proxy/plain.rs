@@ -9,12 +9,12 @@
 
 use super::body::UpBody;
 use super::forward::BoxError;
-use super::upwire::{self, Answer, Framing, Sending};
+use super::upwire::{self, Answer, Framing, Outgoing, Sending};
 use super::wire::{Chunked, Decoded};
 use bytes::BytesMut;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body, Bytes, Frame, SizeHint};
-use hyper::{Method, Request, Response};
+use hyper::{Method, Response};
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -148,25 +148,22 @@ impl Pool {
         Arc::new(Self { shared: shared.clone(), worker })
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one when none
-    /// is idle. A reused connection that the upstream closed before answering (its close
+    /// Sends `req` with `body` on an idle connection, or a new one when none is idle. A reused connection that the upstream closed before answering (its close
     /// crossed the request) gets the request again on a fresh one, if it was not written yet
     /// or is idempotent (RFC 9110 section 9.2.2), and its body is all still here.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<UpBody>,
+        req: &Outgoing<'_>,
+        body: UpBody,
     ) -> Result<Response<PlainBody>, Error> {
-        let (parts, body) = req.into_parts();
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let (whole, mut stream) = match body {
             UpBody::Whole(b) => (b, None),
             UpBody::Streaming(s) => (Bytes::new(), Some(s)),
         };
         let mut head = Vec::with_capacity(512);
         let whole_len = stream.is_none().then_some(whole.len());
-        let sending =
-            upwire::request_head(&mut head, &parts.method, target, &parts.headers, whole_len);
-        let head_request = parts.method == Method::HEAD;
+        let sending = upwire::request_head(&mut head, req, whole_len);
+        let head_request = *req.method == Method::HEAD;
         let mut retried = false;
         loop {
             let (mut up, reused) = self.acquire().await?;
@@ -176,7 +173,7 @@ impl Pool {
             match answer {
                 Ok(answer) => return Ok(self.answer(up, answer, sent)),
                 Err(Failure::NoAnswer { wrote })
-                    if reused && !retried && !taken && (!wrote || idempotent(&parts.method)) =>
+                    if reused && !retried && !taken && (!wrote || idempotent(req.method)) =>
                 {
                     retried = true;
                 }
