@@ -235,9 +235,10 @@ impl Refresher {
 
     fn bootstrap(&mut self, why: &str) {
         // The bootstrap from a configured refresh token was in flight when tokend stopped:
-        // sent again only where the provider allows a replay.
+        // sent again only where the provider allows a replay. For other grants a marker
+        // does not count here, so it is not read (a failed open per token at a first start).
         let configured_rt = matches!(self.cfg.grant, crate::config::Grant::RefreshToken { .. });
-        if let Some(age) = intent_age(&self.cfg, None).filter(|_| configured_rt) {
+        if let Some(age) = configured_rt.then(|| intent_age(&self.cfg, None)).flatten() {
             self.resume_lost(age);
             if self.policy.needs_login() {
                 return;
