@@ -156,7 +156,7 @@ impl Pool {
         req: &Outgoing<'_>,
         body: UpBody,
     ) -> Result<Response<PlainBody>, Error> {
-        let (whole, mut stream) = match body {
+        let (whole, stream) = match body {
             UpBody::Whole(b) => (b, None),
             UpBody::Streaming(s) => (Bytes::new(), Some(s)),
         };
@@ -164,18 +164,22 @@ impl Pool {
         let whole_len = stream.is_none().then_some(whole.len());
         let sending = upwire::request_head(&mut head, req, whole_len);
         let head_request = *req.method == Method::HEAD;
+        let mut sender = Sender::new(head, whole, stream, sending);
         let mut retried = false;
         loop {
             let (mut up, reused) = self.acquire().await?;
-            let mut ex = Exchange::new(&mut up, [&head[..], &whole[..]], stream.as_mut(), sending);
+            let mut ex = Exchange { up: &mut up, sender: &mut sender, answered: false, interim: 0 };
             let answer = std::future::poll_fn(|cx| ex.poll(cx, head_request)).await;
-            let (sent, taken) = (ex.sent && !ex.broken, ex.taken);
             match answer {
-                Ok(answer) => return Ok(self.answer(up, answer, sent)),
+                Ok(answer) => return Ok(self.answer(up, answer, sender)),
                 Err(Failure::NoAnswer { wrote })
-                    if reused && !retried && !taken && (!wrote || idempotent(req.method)) =>
+                    if reused
+                        && !retried
+                        && !sender.taken
+                        && (!wrote || idempotent(req.method)) =>
                 {
                     retried = true;
+                    sender.again();
                 }
                 Err(Failure::Bad(why)) => return Err(Error::Answer(why)),
                 Err(_) => return Err(Error::Request),
@@ -183,12 +187,13 @@ impl Pool {
         }
     }
 
-    /// The answer, its body reading on from `up`.
+    /// The answer, its body reading on from `up`, and the rest of the request (an answer that
+    /// came before it was all sent) still going out as the body is read.
     fn answer(
         self: &Arc<Self>,
         up: Box<Upstream>,
         answer: Answer,
-        sent: bool,
+        sender: Sender,
     ) -> Response<PlainBody> {
         let Answer { head, framing, keep_alive } = answer;
         let decoder = match framing {
@@ -198,8 +203,10 @@ impl Pool {
             Framing::UntilClose => Decoder::UntilClose,
         };
         // Reused only if the request went out whole and the answer says the upstream keeps it.
+        let sent = sender.sent && !sender.broken;
         let reuse = keep_alive && sent;
-        let mut body = PlainBody { up: Some((up, self.clone())), decoder, reuse };
+        let rest = (!sender.sent && !sender.broken).then(|| Box::new(sender));
+        let mut body = PlainBody { up: Some((up, self.clone())), decoder, reuse, rest };
         // No body (a 204, a HEAD): the connection is free already.
         body.release_if_done();
         head.map(|()| body)
@@ -311,17 +318,15 @@ enum Failure {
     Other,
 }
 
-/// One request written and its answer's head read, both as far as they can go at each poll:
-/// an upstream may answer (a 401, a 413) before a streamed body is all sent.
-/// (Four independent facts about the exchange so far, not a state: bools read best.)
-#[allow(clippy::struct_excessive_bools)]
-struct Exchange<'a> {
-    up: &'a mut Upstream,
+/// A request going upstream, written as far as the socket takes at each poll: an upstream may
+/// answer (a 401, a 413, or a 200 it streams while it reads) before a streamed body is all sent.
+struct Sender {
     /// The head and a whole body, written from `written` on.
-    out: [&'a [u8]; 2],
+    head: Vec<u8>,
+    whole: Bytes,
     written: usize,
     /// A streamed body, framed into `chunk` a piece at a time.
-    stream: Option<&'a mut BoxBody<Bytes, BoxError>>,
+    stream: Option<BoxBody<Bytes, BoxError>>,
     sending: Sending,
     /// A streamed body's declared length not sent yet.
     left: u64,
@@ -333,21 +338,29 @@ struct Exchange<'a> {
     broken: bool,
     /// Some of a streamed body was taken from it: it cannot be sent again.
     taken: bool,
-    /// Bytes of an answer (interim ones too) came in.
-    answered: bool,
 }
 
-impl<'a> Exchange<'a> {
+/// One request written and its answer's head read, both as far as they can go at each poll.
+struct Exchange<'a> {
+    up: &'a mut Upstream,
+    sender: &'a mut Sender,
+    /// Bytes of an answer (interim ones too) came in.
+    answered: bool,
+    /// The bytes of interim answers dropped so far (bounded with the head).
+    interim: usize,
+}
+
+impl Sender {
     fn new(
-        up: &'a mut Upstream,
-        out: [&'a [u8]; 2],
-        stream: Option<&'a mut BoxBody<Bytes, BoxError>>,
+        head: Vec<u8>,
+        whole: Bytes,
+        stream: Option<BoxBody<Bytes, BoxError>>,
         sending: Sending,
     ) -> Self {
         let left = if let Sending::Length(n) = sending { n } else { 0 };
         Self {
-            up,
-            out,
+            head,
+            whole,
             written: 0,
             stream,
             sending,
@@ -357,47 +370,42 @@ impl<'a> Exchange<'a> {
             sent: false,
             broken: false,
             taken: false,
-            answered: false,
         }
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>, head_request: bool) -> Poll<Result<Answer, Failure>> {
-        if !self.sent && !self.broken {
-            match self.poll_send(cx) {
-                Ok(()) => {}
-                Err(SendError::Write) => self.broken = true,
-                Err(SendError::Body) => return Poll::Ready(Err(Failure::Other)),
-            }
-        }
-        self.poll_answer(cx, head_request)
+    /// From the start, on a new connection (nothing of a streamed body was taken).
+    fn again(&mut self) {
+        self.written = 0;
+        self.chunk.clear();
+        self.chunk_written = 0;
+        self.sent = false;
+        self.broken = false;
     }
 
     /// Writes as much of the request as the socket takes.
-    fn poll_send(&mut self, cx: &mut Context<'_>) -> Result<(), SendError> {
-        let total = self.out[0].len() + self.out[1].len();
+    fn poll_send(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Result<(), SendError> {
+        let total = self.head.len() + self.whole.len();
         loop {
             if self.written < total {
-                let (a, b) = (self.out[0], self.out[1]);
+                let (a, b) = (&self.head[..], &self.whole[..]);
                 let slices = if self.written < a.len() {
                     [IoSlice::new(&a[self.written..]), IoSlice::new(b)]
                 } else {
                     [IoSlice::new(&b[self.written - a.len()..]), IoSlice::new(&[])]
                 };
-                let io = Pin::new(&mut self.up.io);
-                match io.poll_write_vectored(cx, &slices) {
+                match Pin::new(&mut *io).poll_write_vectored(cx, &slices) {
                     Poll::Ready(Ok(n)) if n > 0 => self.written += n,
                     Poll::Ready(_) => return Err(SendError::Write),
                     Poll::Pending => return Ok(()),
                 }
             } else if self.chunk_written < self.chunk.len() {
-                let io = Pin::new(&mut self.up.io);
-                match io.poll_write(cx, &self.chunk[self.chunk_written..]) {
+                match Pin::new(&mut *io).poll_write(cx, &self.chunk[self.chunk_written..]) {
                     Poll::Ready(Ok(n)) if n > 0 => self.chunk_written += n,
                     Poll::Ready(_) => return Err(SendError::Write),
                     Poll::Pending => return Ok(()),
                 }
             } else if let Some(stream) = self.stream.as_mut() {
-                let Poll::Ready(frame) = Pin::new(&mut **stream).poll_frame(cx) else {
+                let Poll::Ready(frame) = Pin::new(stream).poll_frame(cx) else {
                     return Ok(());
                 };
                 self.chunk.clear();
@@ -446,6 +454,20 @@ impl<'a> Exchange<'a> {
         }
         Ok(())
     }
+}
+
+impl Exchange<'_> {
+    fn poll(&mut self, cx: &mut Context<'_>, head_request: bool) -> Poll<Result<Answer, Failure>> {
+        let sender = &mut *self.sender;
+        if !sender.sent && !sender.broken {
+            match sender.poll_send(&mut self.up.io, cx) {
+                Ok(()) => {}
+                Err(SendError::Write) => sender.broken = true,
+                Err(SendError::Body) => return Poll::Ready(Err(Failure::Other)),
+            }
+        }
+        self.poll_answer(cx, head_request)
+    }
 
     /// Reads until a final answer's head is in.
     fn poll_answer(
@@ -455,7 +477,7 @@ impl<'a> Exchange<'a> {
     ) -> Poll<Result<Answer, Failure>> {
         loop {
             if !self.up.buf.is_empty() {
-                match upwire::parse_answer(&mut self.up.buf, head_request) {
+                match upwire::parse_answer(&mut self.up.buf, head_request, &mut self.interim) {
                     Ok(Some(answer)) => return Poll::Ready(Ok(answer)),
                     Ok(None) => {}
                     Err(bad) => return Poll::Ready(Err(Failure::Bad(bad.0))),
@@ -464,7 +486,7 @@ impl<'a> Exchange<'a> {
             match ready!(self.up.poll_fill(cx)) {
                 Ok(1..) => self.answered = true,
                 Ok(0) | Err(_) if !self.answered => {
-                    let wrote = self.written > 0 || self.taken;
+                    let wrote = self.sender.written > 0 || self.sender.taken;
                     return Poll::Ready(Err(Failure::NoAnswer { wrote }));
                 }
                 Ok(0) | Err(_) => return Poll::Ready(Err(Failure::Other)),
@@ -496,6 +518,9 @@ pub struct PlainBody {
     decoder: Decoder,
     /// The connection may carry another request after this body.
     reuse: bool,
+    /// The rest of a request that was answered before it was all sent: it still goes out as
+    /// the body is read (the upstream may read it all before it ends its answer).
+    rest: Option<Box<Sender>>,
 }
 
 impl PlainBody {
@@ -512,6 +537,9 @@ impl PlainBody {
     /// it than the answer (bytes past the answer's end mean the upstream and the proxy
     /// disagree on where it ended: never reused).
     fn release_if_done(&mut self) {
+        if self.done() {
+            self.rest = None;
+        }
         if self.done()
             && let Some((up, pool)) = self.up.take()
             && self.reuse
@@ -521,7 +549,26 @@ impl PlainBody {
         }
     }
 
+    /// Sends more of the rest of the request, as far as the socket takes it.
+    fn poll_rest(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        let (Some(rest), Some((up, _))) = (self.rest.as_mut(), self.up.as_mut()) else {
+            return Ok(());
+        };
+        match rest.poll_send(&mut up.io, cx) {
+            Ok(()) if !rest.sent => {}
+            // All sent, or the upstream stopped reading it: its answer may still come whole.
+            Ok(()) | Err(SendError::Write) => self.rest = None,
+            Err(SendError::Body) => {
+                return Err(std::io::Error::other(
+                    "the request body broke off after the upstream's answer began",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<std::io::Result<Bytes>>> {
+        self.poll_rest(cx)?;
         loop {
             let Some((up, _)) = self.up.as_mut() else { return Poll::Ready(None) };
             let decoded = decode(&mut self.decoder, &mut up.buf)?;

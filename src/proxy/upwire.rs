@@ -118,27 +118,40 @@ pub struct Answer {
 pub struct BadAnswer(pub &'static str);
 
 /// Parses the answer at the start of `buf` and removes its head (the body stays); interim
-/// (1xx) answers before it are dropped, as hyper's client dropped them. `Ok(None)`: not all
-/// here yet.
-pub fn parse_answer(buf: &mut BytesMut, head_request: bool) -> Result<Option<Answer>, BadAnswer> {
+/// (1xx) answers before it are dropped, as hyper's client dropped them, and counted in
+/// `interim` (the bytes they took, kept by the caller across calls): they count against
+/// `MAX_HEAD`, or an upstream sending them without end would hold the request for ever.
+/// `Ok(None)`: not all here yet.
+pub fn parse_answer(
+    buf: &mut BytesMut,
+    head_request: bool,
+    interim: &mut usize,
+) -> Result<Option<Answer>, BadAnswer> {
     loop {
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut []);
         let config = httparse::ParserConfig::default();
         let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
-            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+            Ok(httparse::Status::Complete(len)) if *interim + len <= MAX_HEAD => len,
+            Ok(httparse::Status::Complete(_)) if *interim > 0 => {
+                return Err(BadAnswer("interim (1xx) answers and a head over 64 KiB"));
+            }
             Ok(httparse::Status::Complete(_)) => {
                 return Err(BadAnswer("an answer head over 64 KiB"));
             }
-            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+            Ok(httparse::Status::Partial) if *interim + buf.len() >= MAX_HEAD => {
                 return Err(BadAnswer("an answer head over 64 KiB"));
             }
             Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(BadAnswer("an answer head with over 100 header fields"));
+            }
             Err(_) => return Err(BadAnswer("an answer that is not HTTP/1.1")),
         };
         let code = parsed.code.unwrap_or_default();
         if (100..200).contains(&code) && code != 101 {
             buf.advance(len);
+            *interim += len;
             continue;
         }
         let (status, version) = status_of(&parsed)?;
@@ -201,9 +214,10 @@ fn answer_of(
         head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let framing = if no_body { Framing::Empty } else { seen.framing()? };
     // HTTP/1.0 keeps a connection only when it says so (RFC 9112 section 9.3); a body framed
-    // by both chunks and a length may be an attempt at smuggling: not trusted for another.
+    // by both chunks and a length may be an attempt at smuggling, and chunks in HTTP/1.0 are
+    // framing to take as faulty (RFC 9112 section 6.1): not trusted for another request.
     let asked = if version == Version::HTTP_10 { seen.keep_alive } else { !seen.close };
-    let ambiguous = seen.codings > 0 && seen.length.is_some();
+    let ambiguous = seen.codings > 0 && (seen.length.is_some() || version == Version::HTTP_10);
     let keep_alive = asked && framing != Framing::UntilClose && !ambiguous;
     let mut head = Response::new(());
     *head.status_mut() = status;
@@ -321,7 +335,7 @@ mod tests {
 
     fn parse(text: &str, head_request: bool) -> Result<Option<(Answer, String)>, BadAnswer> {
         let mut buf = BytesMut::from(text);
-        let answer = parse_answer(&mut buf, head_request)?;
+        let answer = parse_answer(&mut buf, head_request, &mut 0)?;
         Ok(answer.map(|a| (a, String::from_utf8(buf.to_vec()).unwrap())))
     }
 
@@ -353,6 +367,9 @@ mod tests {
         );
         let kept = "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n";
         assert_eq!(framing(kept), (Framing::Length(1), true));
+        let chunks =
+            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert_eq!(framing(chunks), (Framing::Chunked, false));
         for no_body in [
             "HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
             "HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n",
@@ -389,5 +406,28 @@ mod tests {
         }
         let long = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD));
         assert_eq!(parse(&long, false).err(), Some(BadAnswer("an answer head over 64 KiB")));
+        let many = format!("HTTP/1.1 200 OK\r\n{}\r\n", "x-a: 1\r\n".repeat(MAX_HEADERS + 1));
+        assert_eq!(
+            parse(&many, false).err(),
+            Some(BadAnswer("an answer head with over 100 header fields"))
+        );
+    }
+
+    #[test]
+    fn interim_answers_count_against_the_head_bound_across_reads() {
+        let (mut interim, mut buf) = (0, BytesMut::new());
+        let one = b"HTTP/1.1 100 Continue\r\n\r\n";
+        // Bounded: the bound is reached after MAX_HEAD / 25 answers.
+        for _ in 0..MAX_HEAD {
+            buf.extend_from_slice(one);
+            match parse_answer(&mut buf, false, &mut interim) {
+                Ok(None) => assert!(buf.is_empty()),
+                Err(e) => {
+                    return assert_eq!(e, BadAnswer("interim (1xx) answers and a head over 64 KiB"));
+                }
+                Ok(Some(_)) => panic!("an interim answer taken as final"),
+            }
+        }
+        panic!("interim answers without end were taken");
     }
 }

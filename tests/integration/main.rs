@@ -20,6 +20,7 @@ mod proxy_connections;
 mod proxy_https;
 mod proxy_lifecycle;
 mod proxy_upstream;
+mod proxy_upstream_wire;
 mod proxy_wire;
 mod rotation;
 mod slow_disk;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const T: Duration = Duration::from_secs(30);
+pub(crate) const T: Duration = Duration::from_secs(30);
 
 /// An upstream that records each whole request it receives (head and body, as sent) and
 /// answers by path: `/short` and `/short-chunked` end their answer early and close, `/304`
@@ -169,7 +169,7 @@ fn client_side_answer(path: &str) -> (Option<&'static str>, After) {
 }
 
 /// Reads until `buf` starts with a whole request (Content-Length or chunked); its length.
-async fn whole_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+pub(crate) async fn whole_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
     loop {
         if let Some(len) = request_len(buf) {
             return Some(len);
@@ -198,7 +198,7 @@ fn request_len(buf: &[u8]) -> Option<usize> {
 }
 
 /// A daemon whose loopback TCP proxy forwards to `upstream`; its port.
-async fn started(w: &World, upstream: &str) -> (Daemon, u16) {
+pub(crate) async fn started(w: &World, upstream: &str) -> (Daemon, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let proxy = format!("listen = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"");
     write_proxy_config(w, &TokenSpec::new("main"), "", &proxy);
@@ -207,13 +207,13 @@ async fn started(w: &World, upstream: &str) -> (Daemon, u16) {
     (d, port)
 }
 
-async fn connect(port: u16) -> TcpStream {
+pub(crate) async fn connect(port: u16) -> TcpStream {
     TcpStream::connect(("127.0.0.1", port)).await.unwrap()
 }
 
 /// Reads one answer: its head (lower-cased) and body, framed by Content-Length or chunked;
 /// a HEAD's or 304's answer has no body. Panics if the connection closes first.
-async fn answer(s: &mut TcpStream, no_body: bool) -> (String, Vec<u8>) {
+pub(crate) async fn answer(s: &mut TcpStream, no_body: bool) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -248,7 +248,7 @@ async fn answer(s: &mut TcpStream, no_body: bool) -> (String, Vec<u8>) {
 }
 
 /// Everything until the proxy closes the connection (30 s at most).
-async fn to_close(s: &mut TcpStream) -> String {
+pub(crate) async fn to_close(s: &mut TcpStream) -> String {
     let mut got = Vec::new();
     let read = tokio::time::timeout(T, s.read_to_end(&mut got)).await;
     read.expect("the proxy closed the connection within 30 s").unwrap();
@@ -536,7 +536,7 @@ async fn call(s: &mut TcpStream, method: &str, path: &str) -> (String, String) {
 }
 
 /// A chunked body's data (no extensions, no trailers: the proxy writes none).
-fn dechunked(mut body: &[u8]) -> Vec<u8> {
+pub(crate) fn dechunked(mut body: &[u8]) -> Vec<u8> {
     let mut data = Vec::new();
     // Bounded: each turn takes a chunk or ends.
     for _ in 0..body.len() {
