@@ -423,7 +423,10 @@ mod tests {
             match parse_answer(&mut buf, false, &mut interim) {
                 Ok(None) => assert!(buf.is_empty()),
                 Err(e) => {
-                    return assert_eq!(e, BadAnswer("interim (1xx) answers and a head over 64 KiB"));
+                    return assert_eq!(
+                        e,
+                        BadAnswer("interim (1xx) answers and a head over 64 KiB")
+                    );
                 }
                 Ok(Some(_)) => panic!("an interim answer taken as final"),
             }
