@@ -196,7 +196,11 @@ impl Proxy {
             Route::Pooled(client) => {
                 let request = self.request(parts, body, &current)?;
                 client.request(request).await.map(|r| r.map(Either::Left)).map_err(|e| {
-                    if e.is_connect() { plain::Error::Connect } else { plain::Error::Request }
+                    if e.is_connect() {
+                        plain::Error::Connect
+                    } else {
+                        plain::Error::Request("the upstream closed or reset the connection, or the client's body broke off")
+                    }
                 })
             }
             Route::Plain { pool, host } => {
@@ -337,10 +341,9 @@ fn upstream_error(e: &plain::Error) -> Response<ProxyBody> {
         plain::Error::Connect => {
             (StatusCode::BAD_GATEWAY, "cannot connect to the upstream".to_string())
         }
-        plain::Error::Request => (
-            StatusCode::BAD_GATEWAY,
-            "the request failed (the upstream closed or reset the connection, or the client's body broke off)".to_string(),
-        ),
+        plain::Error::Request(why) => {
+            (StatusCode::BAD_GATEWAY, format!("the request failed: {why}"))
+        }
         plain::Error::Answer(why) => {
             (StatusCode::BAD_GATEWAY, format!("the upstream's answer was refused: {why}"))
         }

@@ -133,7 +133,8 @@ pub struct Pool {
 /// Why the upstream gave no answer.
 pub enum Error {
     Connect,
-    Request,
+    /// The request got no answer: why (never a header or the target: they may be private).
+    Request(&'static str),
     /// The answer is not HTTP/1.1 the proxy can pass on: why.
     Answer(&'static str),
     /// All `max` connections stayed busy for the whole wait.
@@ -182,7 +183,12 @@ impl Pool {
                     sender.again();
                 }
                 Err(Failure::Bad(why)) => return Err(Error::Answer(why)),
-                Err(_) => return Err(Error::Request),
+                Err(Failure::NoAnswer { .. }) => {
+                    return Err(Error::Request(
+                        "the upstream closed the connection without an answer",
+                    ));
+                }
+                Err(Failure::Other(why)) => return Err(Error::Request(why)),
             }
         }
     }
@@ -314,8 +320,9 @@ enum Failure {
     NoAnswer { wrote: bool },
     /// An answer that is not valid HTTP/1.1, or a framing the proxy cannot pass on.
     Bad(&'static str),
-    /// Anything else: the connection failed inside an answer's head, the request body broke.
-    Other,
+    /// Anything else (the connection failed inside an answer's head, the request body broke):
+    /// why.
+    Other(&'static str),
 }
 
 /// A request going upstream, written as far as the socket takes at each poll: an upstream may
@@ -463,7 +470,10 @@ impl Exchange<'_> {
             match sender.poll_send(&mut self.up.io, cx) {
                 Ok(()) => {}
                 Err(SendError::Write) => sender.broken = true,
-                Err(SendError::Body) => return Poll::Ready(Err(Failure::Other)),
+                Err(SendError::Body) => {
+                    let why = "the client's request body broke off, or was not its declared length";
+                    return Poll::Ready(Err(Failure::Other(why)));
+                }
             }
         }
         self.poll_answer(cx, head_request)
@@ -489,7 +499,11 @@ impl Exchange<'_> {
                     let wrote = self.sender.written > 0 || self.sender.taken;
                     return Poll::Ready(Err(Failure::NoAnswer { wrote }));
                 }
-                Ok(0) | Err(_) => return Poll::Ready(Err(Failure::Other)),
+                Ok(0) | Err(_) => {
+                    let why =
+                        "the upstream closed or reset the connection inside its answer's head";
+                    return Poll::Ready(Err(Failure::Other(why)));
+                }
             }
         }
     }
@@ -627,8 +641,10 @@ impl Body for PlainBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let polled = self.poll_data(cx);
-        if let Poll::Ready(Some(Err(_))) = polled {
-            // A broken body: its connection is not reused.
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            // A broken body: its connection is not reused, and the client's connection closes
+            // without the answer's end (the only way to tell it the answer is not whole).
+            tracing::warn!(error = %e, "the upstream's answer broke off; the client's connection is closed");
             self.up = None;
         }
         polled.map(|d| d.map(|d| d.map(Frame::data)))

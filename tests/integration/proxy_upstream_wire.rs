@@ -1,10 +1,11 @@
 //! The proxy's HTTP/1.1 client against a hostile raw upstream (RFC 9112): interim answers
 //! without end, heads with too many fields, answers that disagree with their connection on
-//! where they end, and an upstream that answers before it has read the request body.
+//! where they end, an upstream that answers before it has read the request body, and
+//! malformed heads and chunks.
 
-use crate::harness::World;
+use crate::harness::{World, wait_until};
 use crate::proxy::assert_no_token_in;
-use crate::proxy_wire::{T, answer, connect, dechunked, started, whole_request};
+use crate::proxy_wire::{T, answer, connect, dechunked, started, to_close, whole_request};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -214,5 +215,81 @@ async fn a_body_goes_upstream_whole_after_an_early_answer() {
     let got = String::from_utf8_lossy(&got);
     assert!(!timed_out && got.ends_with(&want), "the whole answer within 30 s: {got}");
     assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    assert_no_token_in(&w, &d.output());
+}
+
+fn malformed(_method: &str, path: &str) -> Vec<u8> {
+    let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+    let a = match path {
+        "/half-head" => "HTTP/1.1 200 OK\r\ncontent-le",
+        "/obs-fold" => "HTTP/1.1 200 OK\r\nx-a: 1\r\n folded\r\ncontent-length: 2\r\n\r\nok",
+        "/nul" => "HTTP/1.1 200 OK\r\nx-a: a\0b\r\ncontent-length: 2\r\n\r\nok",
+        "/length-sign" => "HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
+        "/lengths" => "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+        "/size-sign" => &format!("{chunked}+5\r\nhello\r\n0\r\n\r\n"),
+        "/size-overflow" => &format!("{chunked}10000000000000005\r\nhello\r\n0\r\n\r\n"),
+        "/size-bare-lf" => &format!("{chunked}5\nhello\r\n0\r\n\r\n"),
+        "/data-no-crlf" => &format!("{chunked}5\r\nhello0\r\n\r\n"),
+        _ => "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    };
+    let mut a = a.as_bytes().to_vec();
+    if path == "/half-head" {
+        // Never in a head: the upstream closes after the rest.
+        a.push(0xff);
+    }
+    a
+}
+
+/// Malformed answers, each on a connection that was reused: a head the proxy cannot read is a
+/// 502 naming why (a head cut by the close too), a body that is not valid chunked coding ends
+/// the client's connection without the last chunk (never an answer that looks whole) with a
+/// warning in the log; the next request goes on a new connection and gets its own answer.
+#[tokio::test]
+async fn malformed_answers_are_a_502_or_a_broken_answer_never_a_whole_one() {
+    let w = World::new().await;
+    let up = Raw::start(|mut s| async move {
+        let mut buf = Vec::new();
+        // Bounded: each turn takes a request or ends the connection.
+        for _ in 0..1000 {
+            let Some(len) = whole_request(&mut s, &mut buf).await else { return };
+            let req = String::from_utf8_lossy(&buf[..len]).into_owned();
+            buf.drain(..len);
+            let mut a = malformed("GET", req.split(' ').nth(1).unwrap_or(""));
+            // 0xff (never in a head): close after the rest.
+            let close = a.last() == Some(&0xff);
+            a.truncate(a.len() - usize::from(close));
+            if s.write_all(&a).await.is_err() || close {
+                return;
+            }
+        }
+    })
+    .await;
+    let (d, port) = started(&w, &up.url).await;
+    let heads = [
+        ("/half-head", "closed or reset the connection inside its answer's head"),
+        ("/obs-fold", "refused"),
+        ("/nul", "refused"),
+        ("/length-sign", "an invalid content-length"),
+        ("/lengths", "an invalid content-length"),
+    ];
+    // One client connection: idle upstream connections are each worker's own.
+    let mut s = connect(port).await;
+    assert_eq!(call(&mut s, "GET", "/warm").await.1, "ok");
+    for (i, (path, why)) in heads.into_iter().enumerate() {
+        let (head, body) = call(&mut s, "GET", path).await;
+        let body = body.to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 502 ") && body.contains(why), "{path}: {head}{body}");
+        assert_eq!(call(&mut s, "GET", "/next").await.1, "ok", "after {path}");
+        assert_eq!(up.opened.load(SeqCst), i + 2, "after {path}");
+    }
+    for path in ["/size-sign", "/size-overflow", "/size-bare-lf", "/data-no-crlf"] {
+        let mut s = connect(port).await;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let all = to_close(&mut s).await;
+        assert!(all.starts_with("HTTP/1.1 200 "), "{path}: {all}");
+        assert!(!all.ends_with("0\r\n\r\n"), "{path}: a broken answer looks whole: {all}");
+    }
+    let broke = "the upstream's answer broke off";
+    wait_until("a warning per broken answer", T, || d.output().matches(broke).count() >= 4).await;
     assert_no_token_in(&w, &d.output());
 }
