@@ -293,3 +293,46 @@ async fn malformed_answers_are_a_502_or_a_broken_answer_never_a_whole_one() {
     wait_until("a warning per broken answer", T, || d.output().matches(broke).count() >= 4).await;
     assert_no_token_in(&w, &d.output());
 }
+
+/// A streamed body (over the replay limit) that its client cuts off midway never reaches the
+/// upstream whole, with a length or in chunks: the upstream would act on a body the client did
+/// not send.
+#[tokio::test]
+async fn a_streamed_body_cut_off_midway_never_reaches_the_upstream_whole() {
+    let w = World::new().await;
+    let whole = Arc::new(AtomicUsize::new(0));
+    let (counted, upstream_gone) = (whole.clone(), Arc::new(AtomicUsize::new(0)));
+    let gone = upstream_gone.clone();
+    let up = Raw::start(move |mut s| {
+        let (whole, gone) = (counted.clone(), gone.clone());
+        async move {
+            let mut buf = Vec::new();
+            if whole_request(&mut s, &mut buf).await.is_some() {
+                whole.fetch_add(1, SeqCst);
+                let _ = s.write_all(OK).await;
+            }
+            gone.fetch_add(1, SeqCst);
+        }
+    })
+    .await;
+    let (d, port) = started(&w, &up.url).await;
+    let piece = vec![b'b'; 64 * 1024];
+    let chunk = [format!("{:x}\r\n", piece.len()).as_bytes(), &piece, b"\r\n"].concat();
+    let heads = [
+        format!("POST /cut HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", 4 << 20),
+        "POST /cut HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_string(),
+    ];
+    for (i, head) in heads.iter().enumerate() {
+        let mut s = connect(port).await;
+        s.write_all(head.as_bytes()).await.unwrap();
+        // 2 MiB of the body, then the client is gone.
+        for _ in 0..32 {
+            s.write_all(if i == 0 { &piece } else { &chunk }).await.unwrap();
+        }
+        wait_until("the request reached the upstream", T, || up.opened.load(SeqCst) > i).await;
+        drop(s);
+        wait_until("the upstream connection closed", T, || upstream_gone.load(SeqCst) > i).await;
+    }
+    assert_eq!(whole.load(SeqCst), 0, "a body cut off reached the upstream whole");
+    assert_no_token_in(&w, &d.output());
+}
