@@ -101,8 +101,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// A token's entry is made once: its name is copied only then, not for each update (a
+    /// login or refresh makes five or six, under the lock every token's task takes).
     pub fn update(&self, token: &str, f: impl FnOnce(&mut TokenMetrics)) {
-        f(lock(&self.tokens).entry(token.to_string()).or_default());
+        let mut tokens = lock(&self.tokens);
+        match tokens.get_mut(token) {
+            Some(m) => f(m),
+            None => f(tokens.entry(token.to_string()).or_default()),
+        }
+        drop(tokens);
         self.changed.notify_one();
     }
 
