@@ -472,7 +472,7 @@ async fn sigterm_during_a_reload_stops_without_the_added_tokens_logins() {
     let mut d = w.daemon();
     d.wait_ready().await;
     let (before, requests) = (w.stats().logins, w.stats().token_requests);
-    w.server.inject(format!("hang,ms=300,count={ADDED}").parse().unwrap());
+    w.server.inject(format!("hang,ms=500,count={ADDED}").parse().unwrap());
     let mut tokens = vec![TokenSpec::new("main")];
     tokens.extend((0..ADDED).map(|i| TokenSpec::new(&format!("added{i}"))));
     w.write_config(&tokens);
@@ -487,8 +487,15 @@ async fn sigterm_during_a_reload_stops_without_the_added_tokens_logins() {
     assert!(d.wait_exit(Duration::from_secs(60)).await.success(), "{}", d.output());
     assert_eq!(d.count("stop asked during a reload"), 1, "{}", d.output());
     assert_eq!(d.count("config reloaded"), 0, "the reload ended before the stop");
-    // Those that had their turn finish their login (a session the server made is kept); at
-    // most the start-ups allowed at once had it.
+    // Those that had their turn finish their login (a session the server made is kept): at
+    // most the start-ups allowed at once, plus those whose turn came as the first logins
+    // ended before the SIGTERM was handled (a number that depends on the machine's speed);
+    // every other added token never began one.
     let logins = w.stats().logins - before;
-    assert!(logins <= AT_ONCE, "{logins} of {ADDED} added tokens logged in (at most {AT_ONCE})");
+    let never = d.count("refresher stopped before its start-up") as u64;
+    assert_eq!(logins + never, ADDED as u64, "every added token logged in or never began");
+    assert!(
+        never > 0 && logins < ADDED as u64,
+        "{logins} of {ADDED} added tokens logged in (the start-ups allowed at once: {AT_ONCE})"
+    );
 }
